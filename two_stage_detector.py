@@ -402,14 +402,16 @@ def reassign_proposals_to_fpn_levels(
 
 
 def _check_gt_boxes(gt_boxes: torch.Tensor, batch_size: int | None = None) -> None:
-    if gt_boxes.dim() not in (2, 3) or gt_boxes.shape[-1] != 5:
+    """Raise a ValueError naming the expected shape when ``gt_boxes`` does not have it."""
+    if batch_size is None:
+        ok, expected = gt_boxes.dim() in (2, 3) and gt_boxes.shape[-1] == 5, "(M, 5) or (B, M, 5)"
+    else:
+        ok = gt_boxes.dim() == 3 and gt_boxes.shape[0] == batch_size and gt_boxes.shape[-1] == 5
+        expected = f"(B={batch_size}, M, 5)"
+    if not ok:
         raise ValueError(
-            "gt_boxes must have shape (M, 5) or (B, M, 5) with rows (x1, y1, x2, y2, class), "
+            f"gt_boxes must have shape {expected} with rows (x1, y1, x2, y2, class), "
             f"got {tuple(gt_boxes.shape)}"
-        )
-    if batch_size is not None and (gt_boxes.dim() != 3 or gt_boxes.shape[0] != batch_size):
-        raise ValueError(
-            f"gt_boxes must have shape (B={batch_size}, M, 5), got {tuple(gt_boxes.shape)}"
         )
 
 

@@ -1,0 +1,20 @@
+"""Shared test settings and fixtures."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def flush_denormal():
+    """Flush subnormal floats to zero for the duration of a training test.
+
+    A freshly initialised RegNet produces subnormal floats in its first iterations, which can
+    make CPU convolutions ~100x slower. Not set globally: hypothesis needs subnormals.
+    """
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)

@@ -1,0 +1,173 @@
+"""Tests of common.py: backbone + FPN, location coordinates, NMS."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import common
+from common import (
+    DetectorBackboneWithFPN,
+    box_iou,
+    class_spec_nms,
+    get_fpn_location_coords,
+    hello_common,
+    nms,
+)
+
+
+def random_boxes(n: int, generator: torch.Generator, max_xy=500.0, max_wh=100.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * max_xy
+    wh = torch.rand(n, 2, generator=generator) * max_wh + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_hello(capsys):
+    hello_common()
+    assert capsys.readouterr().out == "Hello from common.py!\n"
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return DetectorBackboneWithFPN(out_channels=64, pretrained=False).eval()
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((224, 224), {"p3": (28, 28), "p4": (14, 14), "p5": (7, 7)}),
+        ((224, 298), {"p3": (28, 38), "p4": (14, 19), "p5": (7, 10)}),
+        ((250, 333), {"p3": (32, 42), "p4": (16, 21), "p5": (8, 11)}),
+    ],
+)
+def test_backbone_shapes_any_size(backbone, size, expected):
+    with torch.no_grad():
+        feats = backbone(torch.randn(2, 3, *size))
+    assert list(feats) == ["p3", "p4", "p5"]
+    for level, hw in expected.items():
+        assert feats[level].shape == (2, 64, *hw)
+    assert backbone.out_channels == 64
+    assert backbone.fpn_strides == {"p3": 8, "p4": 16, "p5": 32}
+
+
+def test_backbone_rejects_bad_rank(backbone):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        backbone(torch.randn(3, 224, 224))
+
+
+def test_pretrained_failure_warns_once_and_continues(monkeypatch):
+    def offline(*args, **kwargs):
+        if kwargs.get("weights") is not None:
+            raise OSError("no network")
+        return original(*args, **kwargs)
+
+    original = torchvision.models.regnet_x_400mf
+    monkeypatch.setattr(torchvision.models, "regnet_x_400mf", offline)
+    monkeypatch.setattr(common, "_PRETRAINED_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="RANDOM initialisation"):
+        model = DetectorBackboneWithFPN(out_channels=16, pretrained=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DetectorBackboneWithFPN(out_channels=16, pretrained=True)  # no second warning
+    assert model(torch.randn(1, 3, 64, 64))["p5"].shape == (1, 16, 2, 2)
+
+
+def test_location_coords_notebook_p5():
+    locations = get_fpn_location_coords({"p5": (2, 64, 2, 2)}, {"p5": 32})
+    expected = torch.tensor([[16.0, 16.0], [48.0, 16.0], [16.0, 48.0], [48.0, 48.0]])
+    assert torch.equal(locations["p5"], expected)
+
+
+def test_location_order_matches_head_flattening():
+    """A map whose channels hold each location's own centre flattens onto the coordinates."""
+    height, width, stride = 3, 5, 16
+    coords = get_fpn_location_coords({"p4": (1, 2, height, width)}, {"p4": stride})["p4"]
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    centre_map = torch.stack([(xs + 0.5) * stride, (ys + 0.5) * stride])[None].float()
+    flattened = centre_map.permute(0, 2, 3, 1).reshape(1, height * width, 2)[0]
+    assert torch.equal(flattened, coords)
+
+
+def test_location_coords_dtype_device():
+    out = get_fpn_location_coords({"p3": (1, 1, 2, 2)}, {"p3": 8}, dtype=torch.float64)
+    assert out["p3"].dtype == torch.float64
+
+
+def test_box_iou_matches_torchvision():
+    g = torch.Generator().manual_seed(1)
+    a, b = random_boxes(50, g), random_boxes(70, g)
+    assert torch.allclose(box_iou(a, b), torchvision.ops.box_iou(a, b), atol=1e-6)
+
+
+def test_box_iou_batched_and_degenerate():
+    g = torch.Generator().manual_seed(2)
+    a, b = random_boxes(12, g).view(3, 4, 4), random_boxes(15, g).view(3, 5, 4)
+    batched = box_iou(a, b)
+    for i in range(3):
+        assert torch.equal(batched[i], box_iou(a[i], b[i]))
+    zero = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    assert box_iou(zero, zero).item() == 0.0
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_matches_torchvision_5000_boxes(threshold):
+    g = torch.Generator().manual_seed(int(threshold * 10))
+    boxes = random_boxes(5000, g)
+    scores = torch.rand(5000, generator=g)
+    ours = nms(boxes, scores, threshold)
+    theirs = torchvision.ops.nms(boxes, scores, threshold)
+    assert torch.equal(ours, theirs)
+    assert torch.all(scores[ours][:-1] >= scores[ours][1:])
+
+
+def test_nms_empty_and_default_threshold():
+    empty = nms(torch.zeros(0, 4), torch.zeros(0))
+    assert empty.dtype == torch.long and empty.numel() == 0
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]])
+    assert nms(boxes, torch.tensor([0.9, 0.8, 0.7])).tolist() == [0, 2]
+
+
+def test_nms_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        nms(torch.zeros(3, 5), torch.zeros(3))
+    with pytest.raises(ValueError, match="scores"):
+        nms(torch.zeros(3, 4), torch.zeros(4))
+
+
+def test_class_spec_nms_matches_torchvision_batched():
+    g = torch.Generator().manual_seed(3)
+    boxes = random_boxes(800, g, max_xy=200)
+    scores = torch.rand(800, generator=g)
+    classes = torch.randint(0, 5, (800,), generator=g)
+    ours = class_spec_nms(boxes, scores, classes, 0.5)
+    theirs = torchvision.ops.batched_nms(boxes, scores, classes, 0.5)
+    assert torch.equal(ours, theirs)
+
+
+box_lists = st.lists(
+    st.tuples(
+        st.floats(0, 100, width=32),
+        st.floats(0, 100, width=32),
+        st.floats(0, 60, width=32),
+        st.floats(0, 60, width=32),
+        st.floats(0, 1, width=32),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=box_lists, threshold=st.sampled_from([0.3, 0.5, 0.7]))
+def test_nms_property_matches_torchvision(rows, threshold):
+    t = torch.tensor(rows)
+    boxes = torch.cat([t[:, :2], t[:, :2] + t[:, 2:4]], dim=1)  # zero-size boxes included
+    # Distinct scores: with ties torchvision's order is unspecified.
+    scores = t[:, 4] + torch.arange(len(t)) * 1e-3
+    assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
