@@ -442,6 +442,10 @@ class MeanAPAccumulator:
             det_boxes: ``(M, 4)``.
             det_classes: ``(M,)`` int class indices.
             det_scores: ``(M,)`` confidences (finite).
+
+        Raises:
+            ValueError: The id was added before, sizes differ, a class index is not a key of
+                ``class_names``, or a score is not finite.
         """
         if image_id in self._image_index:
             raise ValueError(f"image {image_id!r} was already added")
@@ -797,7 +801,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (default 0.5)")
     parser.add_argument("--plot", default=None, help="write a per-class AP bar chart (PNG)")
     args = parser.parse_args(argv)
-    result = evaluate_folder(args.input_dir, iou_threshold=args.iou, use_11_point=args.use_11_point)
+    try:
+        result = evaluate_folder(
+            args.input_dir, iou_threshold=args.iou, use_11_point=args.use_11_point
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(result.summary())
     if args.plot:
         plot_ap(result, args.plot)
