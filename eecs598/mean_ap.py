@@ -179,7 +179,9 @@ def average_precision(
 # ----------------------------------------------------------------------------------------------
 
 
-def _best_match(det_boxes: np.ndarray, gt_padded: np.ndarray, gt_valid: np.ndarray) -> tuple:
+def _best_match(
+    det_boxes: np.ndarray, gt_padded: np.ndarray, gt_valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Best-IoU GT box of each detection, with the +1-pixel convention.
 
     Args:
@@ -417,6 +419,7 @@ class MeanAPAccumulator:
         return list(self._image_index)
 
     def _check_labels(self, labels: np.ndarray, what: str, image_id: Hashable) -> None:
+        """Raise ValueError when a ``(K,)`` array of class indices has one not in the mapping."""
         unknown = set(np.unique(labels).tolist()) - set(self.idx_to_class)
         if unknown:
             raise ValueError(f"image {image_id!r}: unknown {what} class index {sorted(unknown)}")
