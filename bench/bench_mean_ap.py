@@ -1,0 +1,134 @@
+"""Times the mAP evaluator on synthetic VOC-sized data.
+
+Default workload: 5000 images x 100 detections each over 20 classes, 1-8 GT boxes per image
+(about 10% difficult). About a third of the detections are jittered copies of GT boxes, the
+rest are random boxes. Reports the median over several runs of:
+
+- ``compute``: ``MeanAPAccumulator.compute()`` (concatenation, sorting, IoU, matching, AP);
+- ``add``: feeding all images one by one through ``MeanAPAccumulator.add`` (for reference).
+
+Usage::
+
+    python bench/bench_mean_ap.py [--images 5000] [--dets 100] [--classes 20] [--repeats 7]
+                                  [--out bench/results/mean_ap.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from eecs598.mean_ap import MeanAPAccumulator  # noqa: E402
+
+
+def make_data(
+    n_images: int, n_dets: int, n_classes: int, seed: int = 0
+) -> list[tuple[np.ndarray, ...]]:
+    """Synthetic per-image data.
+
+    Returns:
+        A list with one tuple per image: ``gt_boxes (N, 4)``, ``gt_classes (N,)``,
+        ``gt_difficult (N,)``, ``det_boxes (M, 4)``, ``det_classes (M,)``, ``det_scores (M,)``.
+    """
+    rng = np.random.default_rng(seed)
+    size = 500.0
+    images = []
+    for _ in range(n_images):
+        n_gt = int(rng.integers(1, 9))
+        xy = rng.uniform(0, size * 0.7, (n_gt, 2))
+        wh = rng.uniform(20, size * 0.3, (n_gt, 2))
+        gt_boxes = np.concatenate([xy, xy + wh], axis=1)
+        gt_classes = rng.integers(0, n_classes, n_gt)
+        gt_difficult = rng.random(n_gt) < 0.1
+
+        n_true = n_dets // 3
+        src = rng.integers(0, n_gt, n_true)
+        jitter = rng.normal(0.0, 8.0, (n_true, 4))
+        true_boxes = gt_boxes[src] + jitter
+        true_classes = np.where(
+            rng.random(n_true) < 0.8, gt_classes[src], rng.integers(0, n_classes, n_true)
+        )
+        n_rand = n_dets - n_true
+        rxy = rng.uniform(0, size * 0.8, (n_rand, 2))
+        rwh = rng.uniform(10, size * 0.4, (n_rand, 2))
+        det_boxes = np.concatenate([true_boxes, np.concatenate([rxy, rxy + rwh], axis=1)])
+        det_classes = np.concatenate([true_classes, rng.integers(0, n_classes, n_rand)])
+        det_scores = np.concatenate([rng.uniform(0.3, 1.0, n_true), rng.uniform(0, 0.7, n_rand)])
+        images.append((gt_boxes, gt_classes, gt_difficult, det_boxes, det_classes, det_scores))
+    return images
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--dets", type=int, default=100)
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default=os.path.join("bench", "results", "mean_ap.json"))
+    args = parser.parse_args(argv)
+
+    names = [f"class{i:02d}" for i in range(args.classes)]
+    data = make_data(args.images, args.dets, args.classes)
+
+    add_times, compute_times = [], []
+    result = None
+    for _ in range(args.repeats):
+        acc = MeanAPAccumulator(names)
+        t0 = time.perf_counter()
+        for i, item in enumerate(data):
+            acc.add(i, *item)
+        t1 = time.perf_counter()
+        result = acc.compute()
+        t2 = time.perf_counter()
+        add_times.append(t1 - t0)
+        compute_times.append(t2 - t1)
+    assert result is not None
+
+    rows = [
+        ("compute (median)", statistics.median(compute_times)),
+        ("compute (min)", min(compute_times)),
+        ("add all images (median)", statistics.median(add_times)),
+    ]
+    workload = f"{args.images} images x {args.dets} dets x {args.classes} classes"
+    print(f"mean_ap benchmark: {workload}, {args.repeats} runs, mAP = {100 * result.map:.2f}%")
+    print(f"{'step':<28}{'seconds':>10}")
+    for label, seconds in rows:
+        print(f"{label:<28}{seconds:>10.4f}")
+
+    record = {
+        "workload": {
+            "images": args.images,
+            "detections_per_image": args.dets,
+            "classes": args.classes,
+            "total_detections": args.images * args.dets,
+        },
+        "repeats": args.repeats,
+        "compute_seconds_median": statistics.median(compute_times),
+        "compute_seconds_all": compute_times,
+        "add_seconds_median": statistics.median(add_times),
+        "map": result.map,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,808 @@
+"""PASCAL VOC mean Average Precision, evaluated in-process.
+
+This module is the project's own evaluator. It follows the VOC devkit protocol in the form used
+by the widely used ``mAP`` command-line tool that reads ``ground-truth/`` and
+``detection-results/`` text folders (called "the folder tool" below), and reports the same
+per-class APs on the same files.
+
+Protocol, per class:
+
+1. All detections of the class, over the whole dataset, are sorted by confidence, highest first.
+   The sort is **stable**: detections with equal scores keep their input order (the order of
+   :meth:`MeanAPAccumulator.add` calls and, within one image, row order; for folders, files in
+   sorted file-name order and lines in file order, which is what the folder tool does).
+2. Each detection is compared with the ground-truth (GT) boxes of the same class in the same
+   image by IoU with the devkit's +1-pixel convention (``w = x2 - x1 + 1``, ``h = y2 - y1 + 1``,
+   boxes that do not overlap by at least one "pixel" in each direction are no candidates). Its
+   match is the GT box with the largest IoU (the first one on ties).
+3. If that IoU is ``>= iou_threshold``: when the GT box is marked *difficult* the detection is
+   ignored (neither TP nor FP); otherwise it is a true positive if that GT box is still unmatched
+   (the box then becomes matched) and a false positive if it was already matched (duplicate).
+   Below the threshold, or with no candidate GT box, the detection is a false positive.
+4. Precision ``tp / (tp + fp)`` and recall ``tp / n_pos`` are accumulated in score order, where
+   ``n_pos`` counts non-difficult GT boxes. Precision is ``0`` while ``tp + fp == 0`` (only
+   ignored detections so far), as in the devkit.
+5. AP is the all-point interpolated area (VOC2010 and later, the default) or the VOC2007
+   11-point average (``use_11_point=True``).
+
+Which classes count, and edge cases:
+
+- mAP is the mean AP over the classes that have at least one non-difficult GT box, listed in
+  sorted name order. A class whose GT boxes are **all** difficult has ``n_pos == 0``; like the
+  folder tool (which only registers a class when it counts a non-difficult box) it is left out
+  of ``ap`` and of the mean, so there is never a division by zero. Its name is listed in
+  :attr:`MeanAPResult.skipped_classes`.
+- A class with GT but no detections scores ``0.0``.
+- Detections of a class that has no GT box anywhere are ignored (the folder tool ignores them
+  too).
+- With no evaluated class at all, ``map`` is ``0.0``.
+
+Folder format (:func:`evaluate_folder`, :func:`write_tool_files`):
+
+- ``INPUT_DIR/ground-truth/<id>.txt``: one line per box, ``class x1 y1 x2 y2`` with the literal
+  word ``difficult`` as an optional sixth token.
+- ``INPUT_DIR/detection-results/<id>.txt``: one line per detection, ``class score x1 y1 x2 y2``.
+- Class names contain no whitespace. Coordinates and scores are read as floats. Blank lines are
+  skipped. A malformed line raises :class:`ValueError` naming the file and the 1-based line.
+- A detection file without a matching GT file is an error (:class:`FileNotFoundError`), as in
+  the folder tool. A GT file without a detection file means "no detections for that image"
+  (the folder tool stops with an error there instead).
+
+Command line::
+
+    python -m eecs598.mean_ap INPUT_DIR [--11-point] [--iou 0.5] [--plot out.png]
+
+prints ``xx.xx% = <class> AP`` for every evaluated class in sorted order, then
+``mAP = xx.xx%``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "MeanAPAccumulator",
+    "MeanAPResult",
+    "average_precision",
+    "evaluate_detections",
+    "evaluate_folder",
+    "main",
+    "plot_ap",
+    "read_folder",
+    "write_tool_files",
+]
+
+GT_DIR = "ground-truth"
+DET_DIR = "detection-results"
+
+# Largest number of (detection, GT) IoU values computed in one batch; bounds peak memory.
+_IOU_CHUNK = 1 << 22
+
+
+@dataclass
+class MeanAPResult:
+    """Outcome of an evaluation. Every dict is keyed by class name, in sorted name order.
+
+    Attributes:
+        ap: AP of each evaluated class, in ``[0, 1]``.
+        map: Mean of ``ap`` over the evaluated classes (``0.0`` when there are none).
+        precision: Per class, a float64 array of shape ``(D_c,)``: precision after each of the
+            class's ``D_c`` detections in score order (ignored detections included).
+        recall: Per class, a float64 array of shape ``(D_c,)``: recall at the same points.
+        num_gt: Per class, the number of non-difficult GT boxes (``n_pos``).
+        num_tp: Per class, the number of true positives.
+        num_fp: Per class, the number of false positives.
+        num_ignored: Per class, detections matched to a difficult GT box (neither TP nor FP).
+        iou_threshold: The IoU threshold used.
+        use_11_point: ``True`` for VOC2007 11-point AP, ``False`` for all-point AP.
+        skipped_classes: Classes with GT boxes that are all difficult (left out of the mean).
+    """
+
+    ap: dict[str, float]
+    map: float
+    precision: dict[str, np.ndarray]
+    recall: dict[str, np.ndarray]
+    num_gt: dict[str, int]
+    num_tp: dict[str, int]
+    num_fp: dict[str, int]
+    num_ignored: dict[str, int]
+    iou_threshold: float
+    use_11_point: bool
+    skipped_classes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Text in the folder tool's form: ``xx.xx% = <class> AP`` lines, then ``mAP = xx.xx%``."""
+        lines = [f"{100.0 * ap:.2f}% = {name} AP" for name, ap in self.ap.items()]
+        lines.append(f"mAP = {100.0 * self.map:.2f}%")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# AP from a precision/recall curve
+# ----------------------------------------------------------------------------------------------
+
+
+def average_precision(
+    recall: np.ndarray, precision: np.ndarray, use_11_point: bool = False
+) -> float:
+    """AP of one class from its cumulative recall/precision curve.
+
+    All-point mode (default): recall gets a leading ``0`` and a trailing ``1``, precision a
+    leading and trailing ``0``; precision is made non-increasing from the right, and AP is the
+    sum of ``(r[i] - r[i-1]) * p[i]`` over the points ``i`` where recall changes.
+
+    11-point mode (VOC2007): the mean over ``t`` in ``np.arange(0.0, 1.1, 0.1)`` of the largest
+    precision at recall ``>= t`` (``0`` where no point reaches ``t``). The thresholds are the
+    devkit's ``np.arange`` values, so e.g. the third from last is ``0.7000000000000001``.
+
+    Args:
+        recall: ``(D,)`` non-decreasing recall after each detection in score order.
+        precision: ``(D,)`` precision at the same points.
+        use_11_point: Select the VOC2007 11-point average.
+
+    Returns:
+        AP as a python float in ``[0, 1]``. An empty curve gives ``0.0``.
+    """
+    rec = np.asarray(recall, dtype=np.float64).reshape(-1)
+    prec = np.asarray(precision, dtype=np.float64).reshape(-1)
+    if rec.shape != prec.shape:
+        raise ValueError(f"recall {rec.shape} and precision {prec.shape} differ in shape")
+    if use_11_point:
+        if rec.size == 0:
+            return 0.0
+        thresholds = np.arange(0.0, 1.1, 0.1)
+        # Largest precision from position i to the end; recall is sorted, so the points with
+        # recall >= t are exactly a suffix starting at searchsorted(rec, t).
+        suffix_max = np.maximum.accumulate(prec[::-1])[::-1]
+        start = np.searchsorted(rec, thresholds, side="left")
+        padded = np.append(suffix_max, 0.0)
+        return float(np.sum(padded[start]) / 11.0)
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    idx = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[idx] - mrec[idx - 1]) * mpre[idx]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Core evaluation on flat arrays (shared by every entry point)
+# ----------------------------------------------------------------------------------------------
+
+
+def _best_match(det_boxes: np.ndarray, gt_padded: np.ndarray, gt_valid: np.ndarray) -> tuple:
+    """Best-IoU GT box of each detection, with the +1-pixel convention.
+
+    Args:
+        det_boxes: ``(D, 4)`` float64 ``x1, y1, x2, y2``.
+        gt_padded: ``(D, G, 4)`` float64, the padded GT boxes of each detection's image.
+        gt_valid: ``(D, G)`` bool, which padded entries are real boxes.
+
+    Returns:
+        ``(ovmax, argmax)``: ``(D,)`` float64 best IoU (``-1`` when no GT box overlaps) and
+        ``(D,)`` int64 index of that GT box within the image (first one on ties).
+    """
+    d = det_boxes[:, None, :]
+    iw = np.minimum(d[..., 2], gt_padded[..., 2]) - np.maximum(d[..., 0], gt_padded[..., 0]) + 1.0
+    ih = np.minimum(d[..., 3], gt_padded[..., 3]) - np.maximum(d[..., 1], gt_padded[..., 1]) + 1.0
+    candidate = (iw > 0) & (ih > 0) & gt_valid
+    inter = iw * ih
+    area_d = (d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
+    area_g = (gt_padded[..., 2] - gt_padded[..., 0] + 1.0) * (
+        gt_padded[..., 3] - gt_padded[..., 1] + 1.0
+    )
+    union = np.where(candidate, area_d + area_g - inter, 1.0)
+    iou = np.where(candidate, inter / union, -1.0)
+    iou[~gt_valid] = -np.inf
+    arg = np.argmax(iou, axis=1)
+    ovmax = np.take_along_axis(iou, arg[:, None], axis=1)[:, 0]
+    return np.maximum(ovmax, -1.0), arg
+
+
+def _evaluate_class(
+    gt_img: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_difficult: np.ndarray,
+    det_img: np.ndarray,
+    det_boxes: np.ndarray,
+    iou_threshold: float,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """TP/FP flags of one class's detections.
+
+    Args:
+        gt_img: ``(G,)`` int64 image index of each GT box, sorted ascending (stable within an
+            image, i.e. file/row order is kept).
+        gt_boxes: ``(G, 4)`` float64 GT boxes in the same order.
+        gt_difficult: ``(G,)`` bool difficult flags.
+        det_img: ``(D,)`` int64 image index of each detection, already in score order.
+        det_boxes: ``(D, 4)`` float64 detection boxes in score order.
+        iou_threshold: Minimum IoU for a match.
+
+    Returns:
+        ``(tp, fp, n_ignored)``: ``(D,)`` bool flags and the count of ignored detections.
+    """
+    n_det = det_img.shape[0]
+    tp = np.zeros(n_det, dtype=bool)
+    fp = np.ones(n_det, dtype=bool)
+    if n_det == 0 or gt_img.shape[0] == 0:
+        return tp, fp, 0
+
+    # Group the GT boxes by image and pad each group to the largest group: (U, Gmax, 4).
+    uniq_img, start, counts = np.unique(gt_img, return_index=True, return_counts=True)
+    group = np.repeat(np.arange(uniq_img.shape[0]), counts)
+    rank = np.arange(gt_img.shape[0]) - start[group]
+    gmax = int(counts.max())
+    padded = np.zeros((uniq_img.shape[0], gmax, 4), dtype=np.float64)
+    padded[group, rank] = gt_boxes
+    valid = np.zeros((uniq_img.shape[0], gmax), dtype=bool)
+    valid[group, rank] = True
+
+    # Row of each detection's image in the padded table (-1: the image has no GT of this class).
+    pos = np.searchsorted(uniq_img, det_img)
+    pos_c = np.minimum(pos, uniq_img.shape[0] - 1)
+    has_gt = uniq_img[pos_c] == det_img
+    rows = np.flatnonzero(has_gt)
+
+    ovmax = np.full(n_det, -1.0)
+    gt_index = np.zeros(n_det, dtype=np.int64)
+    chunk = max(1, _IOU_CHUNK // gmax)
+    for lo in range(0, rows.shape[0], chunk):
+        sel = rows[lo : lo + chunk]
+        img_row = pos_c[sel]
+        ov, arg = _best_match(det_boxes[sel], padded[img_row], valid[img_row])
+        ovmax[sel] = ov
+        gt_index[sel] = start[img_row] + arg
+
+    # Greedy matching in score order. A detection only ever looks at its best-IoU GT box, so two
+    # detections interact only when they share that box: the first such detection (in score
+    # order) takes the box, every later one is a duplicate. np.unique(return_index=True) gives
+    # the first occurrence of each GT index among the matched detections.
+    matched = np.flatnonzero(ovmax >= iou_threshold)
+    keys = gt_index[matched]
+    first = np.zeros(matched.shape[0], dtype=bool)
+    first[np.unique(keys, return_index=True)[1]] = True
+    difficult = gt_difficult[keys]
+    tp[matched] = first & ~difficult
+    fp[matched] = ~first & ~difficult
+    return tp, fp, int(difficult.sum())
+
+
+def _evaluate_arrays(
+    gt_img: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_labels: np.ndarray,
+    gt_difficult: np.ndarray,
+    det_img: np.ndarray,
+    det_boxes: np.ndarray,
+    det_labels: np.ndarray,
+    det_scores: np.ndarray,
+    idx_to_class: Mapping[int, str],
+    iou_threshold: float,
+    use_11_point: bool,
+) -> MeanAPResult:
+    """Evaluate flat arrays; the one implementation behind every public entry point.
+
+    Args:
+        gt_img: ``(G,)`` int64 image index of each GT box.
+        gt_boxes: ``(G, 4)`` float64 ``x1, y1, x2, y2``.
+        gt_labels: ``(G,)`` int64 class index.
+        gt_difficult: ``(G,)`` bool.
+        det_img: ``(D,)`` int64 image index of each detection.
+        det_boxes: ``(D, 4)`` float64.
+        det_labels: ``(D,)`` int64 class index.
+        det_scores: ``(D,)`` float64 confidence.
+        idx_to_class: Class index -> name.
+        iou_threshold: Minimum IoU for a match.
+        use_11_point: VOC2007 11-point AP instead of all-point AP.
+    """
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    # GT: by class, then image, keeping row order (lexsort is stable).
+    g_order = np.lexsort((gt_img, gt_labels))
+    gt_img, gt_boxes = gt_img[g_order], gt_boxes[g_order]
+    gt_labels, gt_difficult = gt_labels[g_order], gt_difficult[g_order]
+    # Detections: by class, then score descending; ties keep input order (stable).
+    d_order = np.lexsort((-det_scores, det_labels))
+    det_img, det_boxes, det_labels = det_img[d_order], det_boxes[d_order], det_labels[d_order]
+
+    present = np.unique(gt_labels)
+    by_name = sorted((idx_to_class[int(c)], int(c)) for c in present)
+    result = MeanAPResult(
+        ap={},
+        map=0.0,
+        precision={},
+        recall={},
+        num_gt={},
+        num_tp={},
+        num_fp={},
+        num_ignored={},
+        iou_threshold=float(iou_threshold),
+        use_11_point=bool(use_11_point),
+    )
+    for name, c in by_name:
+        g_lo, g_hi = np.searchsorted(gt_labels, [c, c + 1])
+        n_pos = int(np.count_nonzero(~gt_difficult[g_lo:g_hi]))
+        if n_pos == 0:
+            result.skipped_classes.append(name)
+            continue
+        d_lo, d_hi = np.searchsorted(det_labels, [c, c + 1])
+        tp, fp, n_ignored = _evaluate_class(
+            gt_img[g_lo:g_hi],
+            gt_boxes[g_lo:g_hi],
+            gt_difficult[g_lo:g_hi],
+            det_img[d_lo:d_hi],
+            det_boxes[d_lo:d_hi],
+            iou_threshold,
+        )
+        tp_cum = np.cumsum(tp, dtype=np.float64)
+        fp_cum = np.cumsum(fp, dtype=np.float64)
+        rec = tp_cum / n_pos
+        prec = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+        result.ap[name] = average_precision(rec, prec, use_11_point)
+        result.precision[name] = prec
+        result.recall[name] = rec
+        result.num_gt[name] = n_pos
+        result.num_tp[name] = int(tp.sum())
+        result.num_fp[name] = int(fp.sum())
+        result.num_ignored[name] = n_ignored
+    if result.ap:
+        result.map = float(sum(result.ap.values()) / len(result.ap))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Array / tensor API
+# ----------------------------------------------------------------------------------------------
+
+
+def _np(x: Any, dtype: Any) -> np.ndarray:
+    """Tensor / array / list -> numpy array of ``dtype`` (tensors are detached, moved to CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _class_map(class_names: Sequence[str] | Mapping[int, str]) -> dict[int, str]:
+    """Class names as a list (index -> name) or dict -> ``{index: name}``; names must be unique."""
+    if isinstance(class_names, Mapping):
+        mapping = {int(k): str(v) for k, v in class_names.items()}
+    else:
+        mapping = {i: str(v) for i, v in enumerate(class_names)}
+    names = list(mapping.values())
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be unique")
+    return mapping
+
+
+class MeanAPAccumulator:
+    """Collects GT and detections image by image, then evaluates them in one vectorised pass.
+
+    Example::
+
+        acc = MeanAPAccumulator(class_names)
+        for image_id, gt, det in loader:
+            acc.add(image_id, gt_boxes, gt_classes, gt_difficult, det_boxes, det_classes, scores)
+        result = acc.compute()
+
+    Inputs may be torch tensors, numpy arrays or lists. Ties in detection scores keep the order
+    in which images were added (and row order within an image).
+    """
+
+    def __init__(self, class_names: Sequence[str] | Mapping[int, str]) -> None:
+        """
+        Args:
+            class_names: Class index -> name, as a list or a dict (e.g. ``idx_to_class``).
+        """
+        self.idx_to_class = _class_map(class_names)
+        self._image_index: dict[Hashable, int] = {}
+        self._gt: list[tuple[np.ndarray, ...]] = []
+        self._det: list[tuple[np.ndarray, ...]] = []
+
+    def __len__(self) -> int:
+        """Number of images added so far."""
+        return len(self._image_index)
+
+    @property
+    def image_ids(self) -> list[Hashable]:
+        """Image ids in the order they were added."""
+        return list(self._image_index)
+
+    def _check_labels(self, labels: np.ndarray, what: str, image_id: Hashable) -> None:
+        unknown = set(np.unique(labels).tolist()) - set(self.idx_to_class)
+        if unknown:
+            raise ValueError(f"image {image_id!r}: unknown {what} class index {sorted(unknown)}")
+
+    def add(
+        self,
+        image_id: Hashable,
+        gt_boxes: Any,
+        gt_classes: Any,
+        gt_difficult: Any | None,
+        det_boxes: Any,
+        det_classes: Any,
+        det_scores: Any,
+    ) -> None:
+        """Add one image's GT boxes and detections.
+
+        Args:
+            image_id: Any hashable id, unique per image (adding an id twice is an error).
+            gt_boxes: ``(N, 4)`` ``x1, y1, x2, y2`` pixel coordinates.
+            gt_classes: ``(N,)`` int class indices. Rows with a negative index (padding) are
+                dropped.
+            gt_difficult: ``(N,)`` bool, or ``None`` for "none are difficult".
+            det_boxes: ``(M, 4)``.
+            det_classes: ``(M,)`` int class indices.
+            det_scores: ``(M,)`` confidences (finite).
+        """
+        if image_id in self._image_index:
+            raise ValueError(f"image {image_id!r} was already added")
+        gb = _np(gt_boxes, np.float64).reshape(-1, 4)
+        gl = _np(gt_classes, np.int64).reshape(-1)
+        if gt_difficult is None:
+            gd = np.zeros(gl.shape[0], dtype=bool)
+        else:
+            gd = _np(gt_difficult, bool).reshape(-1)
+        if not gb.shape[0] == gl.shape[0] == gd.shape[0]:
+            raise ValueError(
+                f"image {image_id!r}: GT sizes differ: boxes {gb.shape[0]}, "
+                f"classes {gl.shape[0]}, difficult {gd.shape[0]}"
+            )
+        keep = gl >= 0
+        gb, gl, gd = gb[keep], gl[keep], gd[keep]
+        db = _np(det_boxes, np.float64).reshape(-1, 4)
+        dl = _np(det_classes, np.int64).reshape(-1)
+        ds = _np(det_scores, np.float64).reshape(-1)
+        if not db.shape[0] == dl.shape[0] == ds.shape[0]:
+            raise ValueError(
+                f"image {image_id!r}: detection sizes differ: boxes {db.shape[0]}, "
+                f"classes {dl.shape[0]}, scores {ds.shape[0]}"
+            )
+        if not np.all(np.isfinite(ds)):
+            raise ValueError(f"image {image_id!r}: detection scores must be finite")
+        self._check_labels(gl, "GT", image_id)
+        self._check_labels(dl, "detection", image_id)
+        idx = len(self._image_index)
+        self._image_index[image_id] = idx
+        self._gt.append((np.full(gl.shape[0], idx, dtype=np.int64), gb, gl, gd))
+        self._det.append((np.full(dl.shape[0], idx, dtype=np.int64), db, dl, ds))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """All data as flat arrays.
+
+        Returns:
+            ``(gt_img (G,), gt_boxes (G, 4), gt_labels (G,), gt_difficult (G,), det_img (D,),
+            det_boxes (D, 4), det_labels (D,), det_scores (D,))``; image indices count images in
+            the order they were added.
+        """
+
+        def cat(parts: list[tuple[np.ndarray, ...]], i: int, empty: np.ndarray) -> np.ndarray:
+            return np.concatenate([p[i] for p in parts]) if parts else empty
+
+        e_i, e_b = np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
+        return (
+            cat(self._gt, 0, e_i),
+            cat(self._gt, 1, e_b),
+            cat(self._gt, 2, e_i),
+            cat(self._gt, 3, np.zeros(0, bool)),
+            cat(self._det, 0, e_i),
+            cat(self._det, 1, e_b),
+            cat(self._det, 2, e_i),
+            cat(self._det, 3, np.zeros(0, np.float64)),
+        )
+
+    def compute(self, iou_threshold: float = 0.5, use_11_point: bool = False) -> MeanAPResult:
+        """Evaluate everything added so far (see the module docstring for the protocol).
+
+        Args:
+            iou_threshold: Minimum IoU (+1-pixel convention) for a match, in ``[0, 1]``.
+            use_11_point: VOC2007 11-point AP instead of all-point AP.
+        """
+        return _evaluate_arrays(
+            *self.arrays(),
+            idx_to_class=self.idx_to_class,
+            iou_threshold=iou_threshold,
+            use_11_point=use_11_point,
+        )
+
+
+def _split_gt(item: Any) -> tuple[Any, Any, Any]:
+    """One image's GT as a dict or an ``(N, 5)`` ``x1, y1, x2, y2, class`` array."""
+    if isinstance(item, Mapping):
+        return item["boxes"], item["classes"], item.get("difficult")
+    arr = _np(item, np.float64).reshape(-1, 5)
+    return arr[:, :4], arr[:, 4], None
+
+
+def _split_det(item: Any) -> tuple[Any, Any, Any]:
+    """One image's detections as a dict or an ``(M, 6)`` ``x1, y1, x2, y2, class, score`` array."""
+    if isinstance(item, Mapping):
+        return item["boxes"], item["classes"], item["scores"]
+    arr = _np(item, np.float64).reshape(-1, 6)
+    return arr[:, :4], arr[:, 4], arr[:, 5]
+
+
+def evaluate_detections(
+    gt: Sequence[Any],
+    detections: Sequence[Any],
+    class_names: Sequence[str] | Mapping[int, str],
+    iou_threshold: float = 0.5,
+    use_11_point: bool = False,
+    image_ids: Sequence[Hashable] | None = None,
+) -> MeanAPResult:
+    """Evaluate detections for a list of images held in memory.
+
+    Args:
+        gt: One entry per image, either a dict ``{"boxes": (N, 4), "classes": (N,) int,
+            "difficult": (N,) bool (optional)}`` or an ``(N, 5)`` array/tensor
+            ``x1, y1, x2, y2, class`` (rows with a negative class are padding and dropped).
+        detections: One entry per image, parallel to ``gt``: a dict ``{"boxes": (M, 4),
+            "classes": (M,) int, "scores": (M,)}`` or an ``(M, 6)`` array/tensor
+            ``x1, y1, x2, y2, class, score`` (the detector's output layout).
+        class_names: Class index -> name, as a list or a dict.
+        iou_threshold: Minimum IoU (+1-pixel convention) for a match.
+        use_11_point: VOC2007 11-point AP instead of all-point AP.
+        image_ids: Optional ids (default ``0..len(gt)-1``); only used in error messages.
+
+    Returns:
+        A :class:`MeanAPResult`.
+    """
+    if len(gt) != len(detections):
+        raise ValueError(f"{len(gt)} GT entries but {len(detections)} detection entries")
+    ids = list(range(len(gt))) if image_ids is None else list(image_ids)
+    if len(ids) != len(gt):
+        raise ValueError(f"{len(ids)} image ids for {len(gt)} images")
+    acc = MeanAPAccumulator(class_names)
+    for image_id, g, d in zip(ids, gt, detections, strict=True):
+        acc.add(image_id, *_split_gt(g), *_split_det(d))
+    return acc.compute(iou_threshold=iou_threshold, use_11_point=use_11_point)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder format
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_lines(path: str) -> list[tuple[int, list[str]]]:
+    """Non-blank lines of a text file as ``(1-based line number, tokens)``."""
+    with open(path, encoding="utf-8") as handle:
+        return [(n, line.split()) for n, line in enumerate(handle, start=1) if line.strip()]
+
+
+def _floats(tokens: list[str], path: str, lineno: int) -> list[float]:
+    try:
+        values = [float(t) for t in tokens]
+    except ValueError:
+        raise ValueError(f"{path}, line {lineno}: expected numbers, got {tokens}") from None
+    if not all(np.isfinite(values)):
+        raise ValueError(f"{path}, line {lineno}: values must be finite, got {tokens}")
+    return values
+
+
+def _txt_ids(folder: str) -> list[str]:
+    """Ids (file names without ``.txt``) of the ``.txt`` files in ``folder``, sorted."""
+    return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".txt"))
+
+
+def read_folder(input_dir: str | os.PathLike[str]) -> MeanAPAccumulator:
+    """Load a ``ground-truth/`` + ``detection-results/`` folder into an accumulator.
+
+    Images are added in sorted id order; class indices are assigned in sorted name order over
+    every class seen in either folder.
+
+    Args:
+        input_dir: Folder holding ``ground-truth/`` and ``detection-results/``.
+
+    Raises:
+        FileNotFoundError: A folder is missing, or a detection file has no GT file.
+        ValueError: A malformed line (the message names the file and the 1-based line).
+    """
+    root = os.fspath(input_dir)
+    gt_dir, det_dir = os.path.join(root, GT_DIR), os.path.join(root, DET_DIR)
+    if not os.path.isdir(gt_dir):
+        raise FileNotFoundError(f"ground-truth folder not found: {gt_dir}")
+    gt_ids = _txt_ids(gt_dir)
+    det_ids = _txt_ids(det_dir) if os.path.isdir(det_dir) else []
+    orphans = sorted(set(det_ids) - set(gt_ids))
+    if orphans:
+        missing = os.path.join(gt_dir, orphans[0] + ".txt")
+        raise FileNotFoundError(f"detection file without ground truth, missing: {missing}")
+
+    parsed: list[tuple[str, list, list]] = []
+    for image_id in gt_ids:
+        path = os.path.join(gt_dir, image_id + ".txt")
+        gts = []
+        for n, tok in _read_lines(path):
+            if len(tok) == 6 and tok[5] == "difficult":
+                gts.append((tok[0], _floats(tok[1:5], path, n), True))
+            elif len(tok) == 5:
+                gts.append((tok[0], _floats(tok[1:5], path, n), False))
+            else:
+                raise ValueError(
+                    f"{path}, line {n}: expected 'class x1 y1 x2 y2 [difficult]', got {tok}"
+                )
+        dets = []
+        dpath = os.path.join(det_dir, image_id + ".txt")
+        if os.path.isfile(dpath):
+            for n, tok in _read_lines(dpath):
+                if len(tok) != 6:
+                    raise ValueError(
+                        f"{dpath}, line {n}: expected 'class score x1 y1 x2 y2', got {tok}"
+                    )
+                values = _floats(tok[1:6], dpath, n)
+                dets.append((tok[0], values[0], values[1:]))
+        parsed.append((image_id, gts, dets))
+
+    names = sorted(
+        {g[0] for _, gts, _ in parsed for g in gts} | {d[0] for *_, ds in parsed for d in ds}
+    )
+    index = {name: i for i, name in enumerate(names)}
+    acc = MeanAPAccumulator(names)
+    for image_id, gts, dets in parsed:
+        acc.add(
+            image_id,
+            np.array([g[1] for g in gts], dtype=np.float64).reshape(-1, 4),
+            np.array([index[g[0]] for g in gts], dtype=np.int64),
+            np.array([g[2] for g in gts], dtype=bool),
+            np.array([d[2] for d in dets], dtype=np.float64).reshape(-1, 4),
+            np.array([index[d[0]] for d in dets], dtype=np.int64),
+            np.array([d[1] for d in dets], dtype=np.float64),
+        )
+    return acc
+
+
+def evaluate_folder(
+    input_dir: str | os.PathLike[str], iou_threshold: float = 0.5, use_11_point: bool = False
+) -> MeanAPResult:
+    """Evaluate a ``ground-truth/`` + ``detection-results/`` folder (format in the module doc).
+
+    Args:
+        input_dir: Folder holding ``ground-truth/`` and ``detection-results/``.
+        iou_threshold: Minimum IoU (+1-pixel convention) for a match.
+        use_11_point: VOC2007 11-point AP instead of all-point AP.
+    """
+    return read_folder(input_dir).compute(iou_threshold=iou_threshold, use_11_point=use_11_point)
+
+
+def _fmt(value: float) -> str:
+    """Shortest text that reads back as the same float64 (so files round-trip exactly)."""
+    return repr(float(value))
+
+
+def write_tool_files(
+    output_dir: str | os.PathLike[str],
+    image_id: str,
+    gt_boxes: Any,
+    gt_classes: Any,
+    gt_difficult: Any | None,
+    det_boxes: Any,
+    det_classes: Any,
+    det_scores: Any,
+    idx_to_class: Sequence[str] | Mapping[int, str],
+) -> tuple[str, str]:
+    """Write one image's ``ground-truth/<id>.txt`` and ``detection-results/<id>.txt``.
+
+    Numbers are written with full float64 precision, so evaluating the folder gives exactly the
+    result of evaluating the same arrays in memory. The detection file is always written, empty
+    when there are no detections. GT rows with a negative class index (padding) are skipped.
+
+    Args:
+        output_dir: Folder in which ``ground-truth/`` and ``detection-results/`` are created.
+        image_id: File stem; must not contain path separators or whitespace.
+        gt_boxes: ``(N, 4)`` ``x1, y1, x2, y2``.
+        gt_classes: ``(N,)`` int class indices.
+        gt_difficult: ``(N,)`` bool, or ``None``.
+        det_boxes: ``(M, 4)``.
+        det_classes: ``(M,)`` int class indices.
+        det_scores: ``(M,)``.
+        idx_to_class: Class index -> name (names without whitespace).
+
+    Returns:
+        Paths of the GT file and the detection file.
+    """
+    image_id = str(image_id)
+    if not image_id or image_id in {".", ".."} or any(c in image_id for c in "/\\ \t\n"):
+        raise ValueError(f"image id not usable as a file name: {image_id!r}")
+    names = _class_map(idx_to_class)
+    for name in names.values():
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"class names must be non-empty without whitespace: {name!r}")
+
+    gb = _np(gt_boxes, np.float64).reshape(-1, 4)
+    gl = _np(gt_classes, np.int64).reshape(-1)
+    gd = np.zeros(gl.shape[0], bool) if gt_difficult is None else _np(gt_difficult, bool)
+    db = _np(det_boxes, np.float64).reshape(-1, 4)
+    dl = _np(det_classes, np.int64).reshape(-1)
+    ds = _np(det_scores, np.float64).reshape(-1)
+
+    gt_lines = []
+    for box, c, diff in zip(gb.tolist(), gl.tolist(), gd.reshape(-1).tolist(), strict=True):
+        if c < 0:
+            continue
+        text = " ".join([names[c], *map(_fmt, box)])
+        gt_lines.append(text + (" difficult" if diff else ""))
+    det_lines = [
+        " ".join([names[c], _fmt(s), *map(_fmt, box)])
+        for box, c, s in zip(db.tolist(), dl.tolist(), ds.tolist(), strict=True)
+    ]
+
+    paths = []
+    for sub, lines in ((GT_DIR, gt_lines), (DET_DIR, det_lines)):
+        folder = os.path.join(os.fspath(output_dir), sub)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, image_id + ".txt")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot and command line
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_ap(result: MeanAPResult, path: str | os.PathLike[str] | None = None) -> Figure:
+    """Horizontal bar chart of the per-class APs (lowest at the bottom), titled with the mAP.
+
+    Built on a bare ``Figure`` (no pyplot state), so it works headless; in a notebook the
+    returned figure displays itself.
+
+    Args:
+        result: An evaluation result.
+        path: When given, the chart is also saved there (PNG by extension).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    items = sorted(result.ap.items(), key=lambda kv: (kv[1], kv[0]))
+    names = [k for k, _ in items]
+    values = np.array([v for _, v in items], dtype=np.float64)
+    fig = Figure(figsize=(8.0, max(2.5, 0.3 * len(items) + 1.2)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.barh(np.arange(len(items)), values, color="royalblue")
+    ax.set_yticks(np.arange(len(items)), labels=names)
+    for y, v in enumerate(values):
+        ax.text(min(v + 0.01, 0.9), y, f"{100.0 * v:.2f}%", va="center", fontsize=8)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("Average Precision")
+    mode = "11-point" if result.use_11_point else "all-point"
+    ax.set_title(f"mAP = {100.0 * result.map:.2f}% ({mode}, IoU >= {result.iou_threshold:g})")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=100)
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; prints the per-class APs and the mAP. Returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m eecs598.mean_ap",
+        description="PASCAL VOC mAP of a ground-truth/ + detection-results/ folder.",
+    )
+    parser.add_argument("input_dir", help="folder holding ground-truth/ and detection-results/")
+    parser.add_argument(
+        "--11-point", dest="use_11_point", action="store_true", help="VOC2007 11-point AP"
+    )
+    parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (default 0.5)")
+    parser.add_argument("--plot", default=None, help="write a per-class AP bar chart (PNG)")
+    args = parser.parse_args(argv)
+    result = evaluate_folder(args.input_dir, iou_threshold=args.iou, use_11_point=args.use_11_point)
+    print(result.summary())
+    if args.plot:
+        plot_ap(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
