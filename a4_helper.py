@@ -1253,16 +1253,6 @@ def _annotation_lookup(dataset: Any) -> Callable[[str], dict[str, Any]] | None:
     return None
 
 
-def _format_ap_table(result: Any) -> str:
-    """Per-class AP table followed by the mAP line."""
-    ap = dict(getattr(result, "ap", {}))
-    width = max([len(name) for name in ap] + [5])
-    lines = [f"{'class':<{width}}  AP"]
-    lines += [f"{name:<{width}}  {100 * value:6.2f}%" for name, value in ap.items()]
-    lines.append(f"{'mAP':<{width}}  {100 * float(result.map):6.2f}%")
-    return "\n".join(lines)
-
-
 def inference_with_detector(
     detector: nn.Module,
     test_loader: Iterable,
@@ -1296,16 +1286,16 @@ def inference_with_detector(
     Returns:
         ``MeanAPResult`` with ``output_dir``, else ``None``.
     """
-    from eecs598.mean_ap import MeanAPAccumulator, write_tool_files
     from tqdm import tqdm
+
+    from eecs598.mean_ap import MeanAPAccumulator, write_tool_files
 
     device = torch.device(device)
     detector.to(device=device, dtype=dtype)
     was_training = detector.training
     detector.eval()
     lookup = _annotation_lookup(getattr(test_loader, "dataset", None))
-    class_names = [idx_to_class[i] for i in sorted(idx_to_class)]
-    accumulator = MeanAPAccumulator(class_names) if output_dir is not None else None
+    accumulator = MeanAPAccumulator(dict(idx_to_class)) if output_dir is not None else None
     if output_dir is not None:
         output_dir = Path(output_dir)
         for sub in ("ground-truth", "detection-results"):
@@ -1369,7 +1359,7 @@ def inference_with_detector(
     if accumulator is None:
         return None
     result = accumulator.compute(iou_threshold=0.5)
-    print(_format_ap_table(result))
+    print(result.summary())
     return result
 
 
@@ -1384,12 +1374,10 @@ def _show_detections(
 ) -> None:
     """Show one ``(3, H, W)`` normalised image with GT ``(N, 4)`` and detections ``(M, 4)``."""
     import matplotlib.pyplot as plt
+
     from eecs598.utils import detection_visualizer
 
     gt = torch.cat([gt_boxes, gt_classes[:, None].float()], dim=1)
     pred = torch.cat([boxes, classes[:, None].float(), scores[:, None]], dim=1)
-    fig = detection_visualizer(unnormalize_image(image.cpu()), idx_to_class, gt, pred)
-    if _interactive_backend():
-        plt.show()
-    elif fig is not None:
-        plt.close(fig)
+    fig = detection_visualizer(unnormalize_image(image.cpu()), idx_to_class, gt, pred, show=True)
+    plt.close(fig)  # already shown (or headless); avoid piling up open figures
