@@ -1,0 +1,268 @@
+"""Backbone with a feature pyramid, FPN location coordinates, and non-maximum suppression.
+
+This module is shared by the detectors of the assignment. It reads top-down in the order the
+notebook teaches:
+
+1. ``DetectorBackboneWithFPN``: RegNet-X-400MF trunk plus a small FPN giving p3, p4, p5.
+2. ``get_fpn_location_coords``: the image coordinates of every FPN feature location.
+3. ``nms`` and ``class_spec_nms``: greedy non-maximum suppression, written here and vectorised.
+
+Shapes use ``B`` for the batch, ``H, W`` for a feature map's height and width, ``N`` for boxes.
+Boxes are ``(x1, y1, x2, y2)`` in absolute image pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models import feature_extraction
+
+__all__ = [
+    "hello_common",
+    "DetectorBackboneWithFPN",
+    "get_fpn_location_coords",
+    "box_iou",
+    "nms",
+    "class_spec_nms",
+]
+
+# RegNet-X-400MF stages whose outputs become c3, c4, c5 (strides 8, 16, 32).
+_TRUNK_NODES = {
+    "trunk_output.block2": "c3",
+    "trunk_output.block3": "c4",
+    "trunk_output.block4": "c5",
+}
+_TRUNK_CHANNELS = {"c3": 64, "c4": 160, "c5": 400}
+_FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+_PRETRAINED_WARNED = False
+
+
+def hello_common() -> None:
+    print("Hello from common.py!")
+
+
+def _regnet_trunk(pretrained: bool) -> nn.Module:
+    """RegNet-X-400MF, with ImageNet weights when ``pretrained`` and they can be loaded.
+
+    The weights come through torchvision's weights API (``RegNet_X_400MF_Weights.DEFAULT``).
+    When they cannot be loaded (no internet and no local cache), a single warning says so and the
+    model continues from random initialisation, so offline machines can still run everything.
+    """
+    global _PRETRAINED_WARNED
+    if pretrained:
+        weights = torchvision.models.RegNet_X_400MF_Weights.DEFAULT
+        try:
+            return torchvision.models.regnet_x_400mf(weights=weights)
+        except Exception as err:  # network errors, missing cache, corrupt download
+            if not _PRETRAINED_WARNED:
+                warnings.warn(
+                    "\n" + "=" * 78 + "\n"
+                    f"Could not load ImageNet weights {weights} for RegNet-X-400MF ({err!r}).\n"
+                    "The backbone starts from RANDOM initialisation: detection accuracy will be\n"
+                    "far lower. To fix, run once with internet access (the weights are cached in\n"
+                    f"{torch.hub.get_dir()}/checkpoints), or copy the file "
+                    f"{weights.url.split('/')[-1]}\n"
+                    "there by hand. Pass pretrained=False to skip this attempt.\n" + "=" * 78,
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                _PRETRAINED_WARNED = True
+    return torchvision.models.regnet_x_400mf(weights=None)
+
+
+class DetectorBackboneWithFPN(nn.Module):
+    """RegNet-X-400MF trunk with a Feature Pyramid Network on its last three stages.
+
+    The trunk gives ``c3, c4, c5`` (64, 160, 400 channels at strides 8, 16, 32). The FPN turns
+    them into ``p3, p4, p5`` with ``out_channels`` channels each:
+
+    - a 1x1 lateral conv per level brings ``c_l`` to ``out_channels``;
+    - top-down: each level adds the nearest-upsampled level above it, resized to the lateral's
+      exact size, so inputs of any height and width work (224x298, 250x333, ...), not only
+      multiples of 32;
+    - a 3x3 output conv per level smooths the merged map.
+
+    Args:
+        out_channels: channels of every FPN level.
+        pretrained: load ImageNet weights for the trunk (warns and continues without them when
+            they cannot be loaded). ``False`` skips the attempt.
+
+    Attributes:
+        out_channels: as given.
+        fpn_strides: ``{"p3": 8, "p4": 16, "p5": 32}``.
+    """
+
+    def __init__(self, out_channels: int, pretrained: bool = True):
+        super().__init__()
+        self.out_channels = out_channels
+        self.backbone = feature_extraction.create_feature_extractor(
+            _regnet_trunk(pretrained), return_nodes=_TRUNK_NODES
+        )
+        self.fpn_params = nn.ModuleDict()
+        for level in ("3", "4", "5"):
+            self.fpn_params[f"lateral_c{level}"] = nn.Conv2d(
+                _TRUNK_CHANNELS[f"c{level}"], out_channels, kernel_size=1
+            )
+            self.fpn_params[f"output_p{level}"] = nn.Conv2d(
+                out_channels, out_channels, kernel_size=3, padding=1
+            )
+        for conv in self.fpn_params.values():
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+
+    @property
+    def fpn_strides(self) -> dict[str, int]:
+        return dict(_FPN_STRIDES)
+
+    @property
+    def config(self) -> dict:
+        """Constructor settings (without ``pretrained``), as stored in checkpoints."""
+        return {"out_channels": self.out_channels}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            images: (B, 3, H, W) normalised images.
+
+        Returns:
+            ``{"p3": (B, C, ceil(H/8), ceil(W/8)), "p4": (..., /16), "p5": (..., /32)}`` with
+            ``C = out_channels``.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        trunk = self.backbone(images)
+        fpn = self.fpn_params
+        lateral = {lvl: fpn[f"lateral_c{lvl}"](trunk[f"c{lvl}"]) for lvl in ("3", "4", "5")}
+        merged = {"5": lateral["5"]}
+        for lvl, above in (("4", "5"), ("3", "4")):
+            upsampled = F.interpolate(merged[above], size=lateral[lvl].shape[-2:], mode="nearest")
+            merged[lvl] = lateral[lvl] + upsampled
+        return {f"p{lvl}": fpn[f"output_p{lvl}"](merged[lvl]) for lvl in ("3", "4", "5")}
+
+
+def get_fpn_location_coords(
+    shape_per_fpn_level: dict[str, tuple],
+    strides_per_fpn_level: dict[str, int],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Absolute image coordinates of the centre of every FPN feature location.
+
+    Location ``(h, w)`` of a level with stride ``s`` sits at ``((w + 0.5) * s, (h + 0.5) * s)``.
+    Locations are listed row-major with x varying fastest, the order in which
+    ``tensor.permute(0, 2, 3, 1).reshape(B, H * W, -1)`` flattens an NCHW map; every head in this
+    package flattens its outputs that way.
+
+    Args:
+        shape_per_fpn_level: ``{level: (B, C, H, W)}``, e.g. the shapes of the FPN features.
+        strides_per_fpn_level: ``{level: stride}``.
+
+    Returns:
+        ``{level: (H * W, 2)}`` tensors of ``(xc, yc)``.
+    """
+    location_coords = {}
+    for level, shape in shape_per_fpn_level.items():
+        stride = strides_per_fpn_level[level]
+        height, width = int(shape[-2]), int(shape[-1])
+        ys = (torch.arange(height, dtype=dtype, device=device) + 0.5) * stride
+        xs = (torch.arange(width, dtype=dtype, device=device) + 0.5) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        location_coords[level] = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+    return location_coords
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise intersection-over-union, broadcasting over leading batch dimensions.
+
+    Degenerate boxes (zero area) have IoU 0 with everything, never NaN.
+
+    Args:
+        boxes1: (..., M, 4) boxes ``(x1, y1, x2, y2)``.
+        boxes2: (..., N, 4) boxes.
+
+    Returns:
+        (..., M, N) IoU values in [0, 1].
+    """
+    area1 = (boxes1[..., 2] - boxes1[..., 0]).clamp(min=0) * (
+        boxes1[..., 3] - boxes1[..., 1]
+    ).clamp(min=0)
+    area2 = (boxes2[..., 2] - boxes2[..., 0]).clamp(min=0) * (
+        boxes2[..., 3] - boxes2[..., 1]
+    ).clamp(min=0)
+    top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+    """Greedy non-maximum suppression, vectorised.
+
+    Boxes are visited by decreasing score; a box is dropped when its IoU with an already kept
+    box is strictly greater than ``iou_threshold`` (the rule of ``torchvision.ops.nms``).
+
+    Greedy NMS is sequential in principle. Here the kept set is the unique fixed point of
+    ``keep[i] = not any(keep[j] and IoU[j, i] > t for j ranked before i)``; starting from "keep
+    all", each vectorised sweep makes at least one more position final, and sweeps stop as soon
+    as nothing changes (in practice a handful of sweeps). Memory is O(N^2) for the IoU matrix.
+
+    Args:
+        boxes: (N, 4) boxes ``(x1, y1, x2, y2)``.
+        scores: (N,) scores.
+        iou_threshold: overlap above which the lower-scored box is suppressed.
+
+    Returns:
+        (K,) int64 indices of the kept boxes, sorted by decreasing score. Empty input gives an
+        empty tensor.
+    """
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    sorted_boxes = boxes[order]
+    # overlaps[j, i]: box j is ranked before box i and overlaps it too much.
+    overlaps = torch.triu(box_iou(sorted_boxes, sorted_boxes) > iou_threshold, diagonal=1)
+    overlaps = overlaps.to(torch.float32)
+    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
+    while True:
+        suppressed = (keep.to(torch.float32) @ overlaps) > 0
+        if torch.equal(suppressed, ~keep):
+            break
+        keep = ~suppressed
+    return order[keep]
+
+
+def class_spec_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    class_ids: torch.Tensor,
+    iou_threshold: float = 0.5,
+) -> torch.Tensor:
+    """Non-maximum suppression within each class: boxes of different classes never suppress.
+
+    Each class's boxes are shifted by a class-specific offset larger than every coordinate, so
+    boxes of different classes cannot overlap, and one ``nms`` call does all classes at once.
+
+    Args:
+        boxes: (N, 4) boxes.
+        scores: (N,) scores.
+        class_ids: (N,) integer class of each box.
+        iou_threshold: as in ``nms``.
+
+    Returns:
+        (K,) int64 indices of the kept boxes, sorted by decreasing score.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    max_coordinate = boxes.abs().max()
+    offsets = class_ids.to(boxes) * (2 * max_coordinate + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)

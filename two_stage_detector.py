@@ -1,0 +1,977 @@
+"""Faster R-CNN: a Region Proposal Network plus a Fast R-CNN second stage.
+
+The module reads top-down in the order the notebook teaches:
+
+1. ``RPNPredictionNetwork``: objectness logits and box deltas for every anchor.
+2. ``generate_fpn_anchors``: ``A`` anchors at every FPN location.
+3. ``iou`` and ``rcnn_match_anchors_to_gt``: anchor to GT matching.
+4. ``rcnn_get_deltas_from_anchors`` / ``rcnn_apply_deltas_to_anchors``: box deltas.
+5. ``sample_rpn_training``: foreground / background sampling.
+6. ``RPN``: the first stage, losses and proposals.
+7. ``reassign_proposals_to_fpn_levels``: which FPN level pools each proposal.
+8. ``FasterRCNN``: RoI Align, the second-stage classifier (and optional box regression),
+   training losses and inference.
+
+Conventions. ``B`` is the batch size, ``A`` the anchors per location, ``C`` the number of object
+classes. Boxes are ``(x1, y1, x2, y2)`` in absolute pixels of the (resized) input image. GT boxes
+come as ``(B, M, 5)`` rows ``(x1, y1, x2, y2, class)`` padded with rows of ``-1``. Matched GT
+rows use ``-1`` for background and ``-1e8`` for neutral (ignored) anchors.
+
+Everything is vectorised over the batch: the only Python loops run over the three FPN levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from common import box_iou, class_spec_nms, get_fpn_location_coords
+
+__all__ = [
+    "hello_two_stage_detector",
+    "RPNPredictionNetwork",
+    "generate_fpn_anchors",
+    "iou",
+    "rcnn_match_anchors_to_gt",
+    "rcnn_get_deltas_from_anchors",
+    "rcnn_apply_deltas_to_anchors",
+    "sample_rpn_training",
+    "sample_rpn_training_masks",
+    "assign_fpn_levels",
+    "reassign_proposals_to_fpn_levels",
+    "RPN",
+    "FasterRCNN",
+    "class_spec_nms",
+]
+
+BACKGROUND = -1.0
+NEUTRAL = -1e8
+# Largest log-scale change a decoded delta may apply (torchvision and detectron2 use the same).
+DELTA_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def hello_two_stage_detector() -> None:
+    print("Hello from two_stage_detector.py!")
+
+
+def _conv_stem(in_channels: int, stem_channels: Sequence[int]) -> nn.Sequential:
+    """A 3x3 conv + ReLU per entry of ``stem_channels``; weights N(0, 0.01), biases 0."""
+    layers: list[nn.Module] = []
+    for out_channels in stem_channels:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def _flatten_per_anchor(x: torch.Tensor, values_per_anchor: int) -> torch.Tensor:
+    """(B, A * V, H, W) head output -> (B, H * W * A, V), locations x-fastest, then anchors."""
+    batch, _, height, width = x.shape
+    x = x.view(batch, -1, values_per_anchor, height, width).permute(0, 3, 4, 1, 2)
+    return x.reshape(batch, -1, values_per_anchor)
+
+
+class RPNPredictionNetwork(nn.Module):
+    """RPN head: a shared conv stem, then objectness logits and box deltas for every anchor.
+
+    The same stem and predictors run on every FPN level.
+
+    Output layout: the notebook's comment shows (B, H*W, A) and (B, H*W, 4A). This package
+    returns the flattened per-anchor form, (B, H*W*A) and (B, H*W*A, 4), with ``A`` varying
+    fastest, exactly the order of ``generate_fpn_anchors``; ``.view(B, H*W, A)`` recovers the
+    notebook's form.
+
+    Args:
+        in_channels: FPN channels.
+        stem_channels: output channels of each conv3x3 + ReLU of the stem.
+        num_anchors: anchors per location ``A``.
+    """
+
+    def __init__(self, in_channels: int, stem_channels: Sequence[int], num_anchors: int = 3):
+        super().__init__()
+        self.num_anchors = num_anchors
+        self.stem_rpn = _conv_stem(in_channels, stem_channels)
+        self.pred_obj = nn.Conv2d(stem_channels[-1], num_anchors, kernel_size=3, padding=1)
+        self.pred_box = nn.Conv2d(stem_channels[-1], 4 * num_anchors, kernel_size=3, padding=1)
+        for conv in (self.pred_obj, self.pred_box):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(
+        self, feats_per_fpn_level: dict[str, torch.Tensor]
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        Args:
+            feats_per_fpn_level: ``{level: (B, in_channels, H, W)}``.
+
+        Returns:
+            ``[object_logits, boxreg_deltas]``: two dicts keyed like the input, with
+            (B, H*W*A) logits and (B, H*W*A, 4) deltas.
+        """
+        object_logits, boxreg_deltas = {}, {}
+        for level, feats in feats_per_fpn_level.items():
+            stem = self.stem_rpn(feats)
+            object_logits[level] = _flatten_per_anchor(self.pred_obj(stem), 1).squeeze(-1)
+            boxreg_deltas[level] = _flatten_per_anchor(self.pred_box(stem), 4)
+        return [object_logits, boxreg_deltas]
+
+
+@torch.no_grad()
+def generate_fpn_anchors(
+    locations_per_fpn_level: dict[str, torch.Tensor],
+    strides_per_fpn_level: dict[str, int],
+    stride_scale: float,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+) -> dict[str, torch.Tensor]:
+    """``A = len(aspect_ratios)`` anchors centred on every FPN location.
+
+    An anchor of a level with stride ``s`` has area ``(stride_scale * s) ** 2`` and aspect ratio
+    ``h / w``, so ``w = sqrt(area / ratio)`` and ``h = ratio * w``.
+
+    Args:
+        locations_per_fpn_level: ``{level: (H*W, 2)}`` centres from ``get_fpn_location_coords``.
+        strides_per_fpn_level: ``{level: stride}``.
+        stride_scale: anchor side in units of the level's stride.
+        aspect_ratios: ``h / w`` of the ``A`` anchors at each location.
+
+    Returns:
+        ``{level: (H*W*A, 4)}`` anchors, location-major with ``A`` varying fastest: the order of
+        ``RPNPredictionNetwork``'s outputs.
+    """
+    anchors_per_fpn_level = {}
+    for level, locations in locations_per_fpn_level.items():
+        area = (stride_scale * strides_per_fpn_level[level]) ** 2
+        ratios = torch.as_tensor(aspect_ratios, dtype=locations.dtype, device=locations.device)
+        widths = torch.sqrt(area / ratios)
+        half_wh = torch.stack([widths, ratios * widths], dim=1) / 2  # (A, 2)
+        centres = locations[:, None, :]  # (H*W, 1, 2)
+        anchors = torch.cat([centres - half_wh, centres + half_wh], dim=2)  # (H*W, A, 4)
+        anchors_per_fpn_level[level] = anchors.reshape(-1, 4)
+    return anchors_per_fpn_level
+
+
+def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU, broadcasting over leading batch dimensions (see ``common.box_iou``).
+
+    Args:
+        boxes1: (..., M, 4) boxes ``(x1, y1, x2, y2)``.
+        boxes2: (..., N, 4) boxes.
+
+    Returns:
+        (..., M, N) IoU; boxes of zero area give 0.
+    """
+    return box_iou(boxes1, boxes2)
+
+
+@torch.no_grad()
+def rcnn_match_anchors_to_gt(
+    anchor_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    iou_thresholds: tuple[float, float],
+    allow_low_quality_matches: bool = False,
+) -> torch.Tensor:
+    """Match every anchor (or proposal) with the GT box it overlaps most.
+
+    With ``(low, high) = iou_thresholds`` and ``q`` the anchor's best IoU over valid GT boxes:
+
+    - ``q <= low``: background, the row is all ``-1``;
+    - ``low < q < high``: neutral (ignored in training), the row is all ``-1e8``;
+    - ``q >= high``: the best GT row ``(x1, y1, x2, y2, class)``.
+
+    Padded GT rows (class ``-1``) are ignored; an image without GT gives all background.
+
+    ``allow_low_quality_matches`` adds the Faster R-CNN paper's second positive rule, as
+    torchvision and detectron2 do for the RPN: the anchors with the highest IoU for a GT box are
+    foreground (matched with their own best GT) even below ``high``. Off by default, giving
+    exactly the notebook's rule.
+
+    Args:
+        anchor_boxes: (N, 4) anchors, or (B, N, 4).
+        gt_boxes: (M, 5) GT rows of one image, or (B, M, 5) for a batch.
+        iou_thresholds: ``(low, high)``.
+
+    Returns:
+        (N, 5) matched GT rows, or (B, N, 5) for batched ``gt_boxes``.
+    """
+    _check_gt_boxes(gt_boxes)
+    valid_gt = gt_boxes[..., 4] != BACKGROUND  # (..., M)
+    match_matrix = iou(anchor_boxes, gt_boxes[..., :4])  # (..., N, M)
+    match_matrix = match_matrix.masked_fill(~valid_gt[..., None, :], -1.0)
+    if match_matrix.shape[-1] == 0:
+        shape = (*match_matrix.shape[:-1], 5)
+        return gt_boxes.new_full(shape, BACKGROUND)
+    quality, matched_idx = match_matrix.max(dim=-1)  # (..., N)
+    matched = torch.gather(
+        gt_boxes, -2, matched_idx[..., None].expand(*matched_idx.shape, 5)
+    )  # (..., N, 5)
+    low, high = iou_thresholds
+    foreground = quality >= high
+    if allow_low_quality_matches:
+        best_per_gt = match_matrix.max(dim=-2, keepdim=True).values  # (..., 1, M)
+        is_best = (match_matrix == best_per_gt) & (best_per_gt > 0) & valid_gt[..., None, :]
+        foreground |= is_best.any(dim=-1)
+    background = (quality <= low) & ~foreground
+    matched = torch.where(background[..., None], matched.new_tensor(BACKGROUND), matched)
+    neutral = ~foreground & ~background
+    return torch.where(neutral[..., None], matched.new_tensor(NEUTRAL), matched)
+
+
+def rcnn_get_deltas_from_anchors(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """Encode GT boxes as R-CNN deltas relative to anchors.
+
+    ``dx = wx * (gx - ax) / aw``, ``dy = wy * (gy - ay) / ah``, ``dw = ww * log(gw / aw)``,
+    ``dh = wh * log(gh / ah)``, with box centres ``(x, y)`` and sizes ``(w, h)``. The notebook
+    uses unit weights; the second stage uses ``(10, 10, 5, 5)`` like torchvision and
+    detectron2, which scales its regression targets to a useful range.
+
+    Args:
+        anchors: (..., 4) anchor boxes.
+        gt_boxes: (..., 5) matched GT rows (``(..., 4)`` boxes are accepted too). Rows whose class
+            is negative (background ``-1`` or neutral ``-1e8``) get deltas of ``-1e8``.
+        weights: ``(wx, wy, ww, wh)``.
+
+    Returns:
+        (..., 4) deltas.
+    """
+    wx, wy, ww, wh = weights
+    anchor_wh = anchors[..., 2:4] - anchors[..., 0:2]
+    anchor_xy = anchors[..., 0:2] + 0.5 * anchor_wh
+    gt_wh = gt_boxes[..., 2:4] - gt_boxes[..., 0:2]
+    gt_xy = gt_boxes[..., 0:2] + 0.5 * gt_wh
+    dxy = (gt_xy - anchor_xy) / anchor_wh * anchors.new_tensor([wx, wy])
+    dwh = torch.log(gt_wh / anchor_wh) * anchors.new_tensor([ww, wh])
+    deltas = torch.cat([dxy, dwh], dim=-1)
+    if gt_boxes.shape[-1] == 5:
+        ignored = gt_boxes[..., 4:5] < 0
+        deltas = torch.where(ignored, deltas.new_tensor(NEUTRAL), deltas)
+    return deltas
+
+
+def rcnn_apply_deltas_to_anchors(
+    deltas: torch.Tensor,
+    anchors: torch.Tensor,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """Decode deltas into boxes, the inverse of ``rcnn_get_deltas_from_anchors``.
+
+    ``dw`` and ``dh`` are clamped at ``log(1000 / 16)`` so that an untrained head cannot produce
+    infinite boxes. The inputs are never modified in place.
+
+    Args:
+        deltas: (..., 4) deltas ``(dx, dy, dw, dh)``.
+        anchors: (..., 4) anchor boxes (broadcastable with ``deltas``).
+        weights: ``(wx, wy, ww, wh)`` used when encoding.
+
+    Returns:
+        (..., 4) boxes ``(x1, y1, x2, y2)``.
+    """
+    wx, wy, ww, wh = weights
+    anchor_wh = anchors[..., 2:4] - anchors[..., 0:2]
+    anchor_xy = anchors[..., 0:2] + 0.5 * anchor_wh
+    dxy = deltas[..., 0:2] / deltas.new_tensor([wx, wy])
+    dwh = (deltas[..., 2:4] / deltas.new_tensor([ww, wh])).clamp(max=DELTA_SCALE_CLAMP)
+    box_xy = anchor_xy + dxy * anchor_wh
+    half_wh = 0.5 * torch.exp(dwh) * anchor_wh
+    return torch.cat([box_xy - half_wh, box_xy + half_wh], dim=-1)
+
+
+@torch.no_grad()
+def sample_rpn_training_masks(
+    gt_boxes: torch.Tensor, num_samples: int, fg_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly sample foreground and background rows, per image, as boolean masks.
+
+    At most ``int(num_samples * fg_fraction)`` foreground rows (class ``>= 0``) are taken, and
+    background rows (class ``-1``) fill the rest up to ``num_samples``. Neutral rows (``-1e8``)
+    are never sampled. Sampling is uniform without replacement, done for every image at once by
+    ranking random keys (no Python loop, no host-device sync).
+
+    Args:
+        gt_boxes: (N, 5) matched GT rows of one image, or (B, N, 5).
+        num_samples: rows to sample per image.
+        fg_fraction: the largest share of foreground rows.
+
+    Returns:
+        ``(fg_mask, bg_mask)``, each (N,) or (B, N) bool.
+    """
+    classes = gt_boxes[..., 4]
+    is_fg = classes >= 0
+    is_bg = classes == BACKGROUND
+    num_fg = is_fg.sum(dim=-1, keepdim=True).clamp(max=int(num_samples * fg_fraction))
+    num_bg = num_samples - num_fg
+    return _take_random(is_fg, num_fg), _take_random(is_bg, num_bg)
+
+
+def _take_random(candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Keep ``count`` (..., 1) randomly chosen True entries of ``candidates`` (..., N)."""
+    keys = torch.rand(candidates.shape, device=candidates.device)
+    keys = keys.masked_fill(~candidates, 2.0)  # candidates first, in random order
+    ranks = torch.empty_like(keys, dtype=torch.long)
+    order = keys.argsort(dim=-1)
+    ranks.scatter_(-1, order, torch.arange(keys.shape[-1], device=keys.device).expand_as(order))
+    return candidates & (ranks < count)
+
+
+def sample_rpn_training(
+    gt_boxes: torch.Tensor, num_samples: int, fg_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of sampled foreground and background rows (see ``sample_rpn_training_masks``).
+
+    Args:
+        gt_boxes: (N, 5) matched GT rows of one image.
+        num_samples: rows to sample.
+        fg_fraction: the largest share of foreground rows.
+
+    Returns:
+        ``(fg_idx, bg_idx)``: 1-D int64 tensors of row indices.
+    """
+    fg_mask, bg_mask = sample_rpn_training_masks(gt_boxes, num_samples, fg_fraction)
+    return fg_mask.nonzero().squeeze(1), bg_mask.nonzero().squeeze(1)
+
+
+def assign_fpn_levels(
+    boxes: torch.Tensor, fpn_level_ids: Sequence[int] = (3, 4, 5)
+) -> torch.Tensor:
+    """FPN level that pools each box: ``clamp(floor(4 + log2(sqrt(area) / 224)), 3, 5)``.
+
+    This is Equation (1) of the FPN paper with ``k0 = 4``: a 224x224 box goes to p4, boxes half
+    that size to p3, twice that size to p5.
+
+    Args:
+        boxes: (..., 4) boxes.
+
+    Returns:
+        (...,) int64 level ids within ``[min(fpn_level_ids), max(fpn_level_ids)]``.
+    """
+    wh = (boxes[..., 2:4] - boxes[..., 0:2]).clamp(min=1e-6)
+    scale = torch.sqrt(wh[..., 0] * wh[..., 1])
+    levels = torch.floor(4 + torch.log2(scale / 224))
+    return levels.clamp(min(fpn_level_ids), max(fpn_level_ids)).long()
+
+
+def reassign_proposals_to_fpn_levels(
+    proposals_per_image: list[torch.Tensor],
+    gt_boxes: torch.Tensor | None = None,
+    fpn_level_ids: Sequence[int] = (3, 4, 5),
+) -> dict[str, list[torch.Tensor]]:
+    """Group proposals by the FPN level that should pool them (``assign_fpn_levels``).
+
+    During training the valid GT boxes of each image are mixed in, so the second stage sees
+    good boxes even while the RPN is still poor.
+
+    Args:
+        proposals_per_image: B tensors of shape (N_i, 4).
+        gt_boxes: (B, M, 5) GT rows, or None.
+
+    Returns:
+        ``{"p3": [...], "p4": [...], "p5": [...]}``: per level, B tensors of shape
+        (N_{i, level}, 4), in their input order (proposals first, then GT boxes).
+    """
+    batch = len(proposals_per_image)
+    boxes = torch.cat(list(proposals_per_image), dim=0)
+    image_ids = torch.repeat_interleave(
+        torch.arange(batch, device=boxes.device),
+        torch.tensor([len(p) for p in proposals_per_image], device=boxes.device),
+    )
+    if gt_boxes is not None:
+        valid = gt_boxes[..., 4] != BACKGROUND  # (B, M)
+        gt_image_ids = torch.arange(batch, device=boxes.device)[:, None].expand_as(valid)
+        boxes = torch.cat([boxes, gt_boxes[..., :4][valid].to(boxes)], dim=0)
+        image_ids = torch.cat([image_ids, gt_image_ids[valid]], dim=0)
+    # A stable sort by image keeps proposals before GT boxes within each image.
+    order = torch.sort(image_ids, stable=True).indices
+    boxes, image_ids = boxes[order], image_ids[order]
+    levels = assign_fpn_levels(boxes, fpn_level_ids)
+    result = {}
+    for level_id in fpn_level_ids:
+        in_level = levels == level_id
+        counts = torch.bincount(image_ids[in_level], minlength=batch)
+        result[f"p{level_id}"] = list(torch.split(boxes[in_level], counts.tolist()))
+    return result
+
+
+def _check_gt_boxes(gt_boxes: torch.Tensor, batch_size: int | None = None) -> None:
+    if gt_boxes.dim() not in (2, 3) or gt_boxes.shape[-1] != 5:
+        raise ValueError(
+            "gt_boxes must have shape (M, 5) or (B, M, 5) with rows (x1, y1, x2, y2, class), "
+            f"got {tuple(gt_boxes.shape)}"
+        )
+    if batch_size is not None and (gt_boxes.dim() != 3 or gt_boxes.shape[0] != batch_size):
+        raise ValueError(
+            f"gt_boxes must have shape (B={batch_size}, M, 5), got {tuple(gt_boxes.shape)}"
+        )
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating point tensor, got {images.dtype}")
+
+
+class RPN(nn.Module):
+    """Region Proposal Network: the first, class-agnostic stage of Faster R-CNN.
+
+    For every anchor it predicts an objectness logit and box deltas. Training matches anchors
+    with GT (``anchor_iou_thresholds``, plus each GT's best anchors as in the paper), samples
+    ``batch_size_per_image`` anchors per image with up to half foreground, and returns
+
+    - ``loss_rpn_obj``: binary cross-entropy over the sampled anchors;
+    - ``loss_rpn_box``: L1 loss of the deltas over the sampled foreground anchors;
+
+    both summed and divided by ``batch_size_per_image * B``. Proposals are made in both modes
+    (they are detached: no gradient flows from the second stage into the RPN's boxes).
+
+    Args:
+        fpn_channels: channels of the FPN features.
+        stem_channels: the prediction network's stem.
+        batch_size_per_image: anchors sampled per image for the losses (16 in the notebook).
+        anchor_stride_scale: anchor side in units of the level's stride.
+        anchor_aspect_ratios: anchor ``h / w`` ratios (``A`` anchors per location).
+        anchor_iou_thresholds: ``(low, high)`` for background / foreground.
+        nms_thresh: IoU threshold of the per-level NMS on proposals.
+        pre_nms_topk: proposals kept per level and image before NMS.
+        post_nms_topk: proposals kept per image after NMS, over all levels.
+        allow_low_quality_matches: each GT's best anchors are foreground (the Faster R-CNN
+            paper, torchvision and detectron2 do this); False gives the bare threshold rule.
+        min_proposal_size: proposals narrower or shorter than this (pixels) are dropped.
+    """
+
+    def __init__(
+        self,
+        fpn_channels: int,
+        stem_channels: Sequence[int],
+        batch_size_per_image: int = 16,
+        anchor_stride_scale: float = 8,
+        anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        anchor_iou_thresholds: tuple[float, float] = (0.3, 0.6),
+        nms_thresh: float = 0.7,
+        pre_nms_topk: int = 400,
+        post_nms_topk: int = 100,
+        allow_low_quality_matches: bool = True,
+        min_proposal_size: float = 1e-3,
+    ):
+        super().__init__()
+        self.pred_net = RPNPredictionNetwork(
+            fpn_channels, stem_channels, num_anchors=len(anchor_aspect_ratios)
+        )
+        self.batch_size_per_image = batch_size_per_image
+        self.anchor_stride_scale = anchor_stride_scale
+        self.anchor_aspect_ratios = list(anchor_aspect_ratios)
+        self.anchor_iou_thresholds = tuple(anchor_iou_thresholds)
+        self.nms_thresh = nms_thresh
+        self.pre_nms_topk = pre_nms_topk
+        self.post_nms_topk = post_nms_topk
+        self.allow_low_quality_matches = allow_low_quality_matches
+        self.min_proposal_size = min_proposal_size
+        self.config = {
+            "fpn_channels": fpn_channels,
+            "stem_channels": list(stem_channels),
+            "batch_size_per_image": batch_size_per_image,
+            "anchor_stride_scale": anchor_stride_scale,
+            "anchor_aspect_ratios": list(anchor_aspect_ratios),
+            "anchor_iou_thresholds": list(anchor_iou_thresholds),
+            "nms_thresh": nms_thresh,
+            "pre_nms_topk": pre_nms_topk,
+            "post_nms_topk": post_nms_topk,
+            "allow_low_quality_matches": allow_low_quality_matches,
+            "min_proposal_size": min_proposal_size,
+        }
+        self._anchor_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def get_anchors(
+        self,
+        feats_per_fpn_level: dict[str, torch.Tensor],
+        strides_per_fpn_level: dict[str, int],
+        dtype: torch.dtype,
+    ) -> dict[str, torch.Tensor]:
+        """``{level: (H*W*A, 4)}`` anchors for these feature shapes (cached per shape)."""
+        shapes = {level: tuple(f.shape) for level, f in feats_per_fpn_level.items()}
+        device = next(iter(feats_per_fpn_level.values())).device
+        key = (tuple((k, s[-2:]) for k, s in shapes.items()), str(device), dtype)
+        if key not in self._anchor_cache:
+            if len(self._anchor_cache) > 32:
+                self._anchor_cache.clear()
+            locations = get_fpn_location_coords(
+                shapes, strides_per_fpn_level, dtype=dtype, device=device
+            )
+            self._anchor_cache[key] = generate_fpn_anchors(
+                locations,
+                strides_per_fpn_level,
+                self.anchor_stride_scale,
+                self.anchor_aspect_ratios,
+            )
+        return self._anchor_cache[key]
+
+    def forward(
+        self,
+        feats_per_fpn_level: dict[str, torch.Tensor],
+        strides_per_fpn_level: dict[str, int],
+        gt_boxes: torch.Tensor | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> dict:
+        """
+        Args:
+            feats_per_fpn_level: ``{level: (B, C, H, W)}`` FPN features.
+            strides_per_fpn_level: ``{level: stride}``.
+            gt_boxes: (B, M, 5) GT rows; required in training mode.
+            image_size: ``(H, W)`` of the input images, for clipping proposals. Defaults to
+                the smallest level's size times its stride.
+
+        Returns:
+            ``{"proposals": B tensors (N_i, 4)}``; ``"proposal_boxes"`` (B, K, 4),
+            ``"proposal_scores"`` (B, K) and ``"proposal_mask"`` (B, K), the same proposals in
+            a padded layout; and, in training, ``"loss_rpn_obj"`` and ``"loss_rpn_box"``.
+        """
+        level, feats = next(iter(feats_per_fpn_level.items()))
+        if image_size is None:
+            stride = strides_per_fpn_level[level]
+            image_size = (feats.shape[-2] * stride, feats.shape[-1] * stride)
+        obj_logits, boxreg_deltas = self.pred_net(feats_per_fpn_level)
+        # Anchors and box arithmetic stay in full precision under autocast.
+        dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+        anchors = self.get_anchors(feats_per_fpn_level, strides_per_fpn_level, dtype)
+
+        boxes, scores, mask = self._propose(anchors, obj_logits, boxreg_deltas, image_size)
+        counts = mask.sum(dim=1).tolist()
+        output = {
+            "proposals": list(torch.split(boxes[mask], counts)),
+            "proposal_boxes": boxes,
+            "proposal_scores": scores,
+            "proposal_mask": mask,
+        }
+        if not self.training:
+            return output
+        if gt_boxes is None:
+            raise ValueError("RPN needs gt_boxes (B, M, 5) in training mode")
+        _check_gt_boxes(gt_boxes, batch_size=len(boxes))
+        output.update(self._losses(anchors, obj_logits, boxreg_deltas, gt_boxes.to(dtype)))
+        return output
+
+    def _losses(
+        self,
+        anchors: dict[str, torch.Tensor],
+        obj_logits: dict[str, torch.Tensor],
+        boxreg_deltas: dict[str, torch.Tensor],
+        gt_boxes: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Objectness BCE and box L1 over sampled anchors of every image at once."""
+        all_anchors = torch.cat(list(anchors.values()), dim=0)  # (N, 4)
+        logits = torch.cat(list(obj_logits.values()), dim=1).to(all_anchors)  # (B, N)
+        deltas = torch.cat(list(boxreg_deltas.values()), dim=1).to(all_anchors)  # (B, N, 4)
+        matched = rcnn_match_anchors_to_gt(
+            all_anchors,
+            gt_boxes,
+            self.anchor_iou_thresholds,
+            allow_low_quality_matches=self.allow_low_quality_matches,
+        )  # (B, N, 5)
+        gt_deltas = rcnn_get_deltas_from_anchors(all_anchors, matched)
+        fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.5)
+        normaliser = self.batch_size_per_image * len(logits)
+        loss_obj = F.binary_cross_entropy_with_logits(logits, fg.to(logits), reduction="none")
+        loss_box = F.l1_loss(deltas, torch.where(fg[..., None], gt_deltas, 0.0), reduction="none")
+        return {
+            "loss_rpn_obj": (loss_obj * (fg | bg)).sum() / normaliser,
+            "loss_rpn_box": (loss_box * fg[..., None]).sum() / normaliser,
+        }
+
+    @torch.no_grad()
+    def predict_proposals(
+        self,
+        anchors_per_fpn_level: dict[str, torch.Tensor],
+        pred_obj_logits: dict[str, torch.Tensor],
+        pred_boxreg_deltas: dict[str, torch.Tensor],
+        image_size: tuple[int, int],
+    ) -> list[torch.Tensor]:
+        """Proposals of every image, best first.
+
+        Per level and image the ``pre_nms_topk`` anchors with the highest objectness are
+        decoded, clipped to the image, and NMS'd at ``nms_thresh``; the best ``post_nms_topk``
+        over all levels are kept.
+
+        Args:
+            anchors_per_fpn_level: ``{level: (H*W*A, 4)}``.
+            pred_obj_logits: ``{level: (B, H*W*A)}``.
+            pred_boxreg_deltas: ``{level: (B, H*W*A, 4)}``.
+            image_size: ``(H, W)`` of the input images.
+
+        Returns:
+            B tensors of shape (N_i, 4), N_i <= post_nms_topk.
+        """
+        boxes, _, mask = self._propose(
+            anchors_per_fpn_level, pred_obj_logits, pred_boxreg_deltas, image_size
+        )
+        return list(torch.split(boxes[mask], mask.sum(dim=1).tolist()))
+
+    @torch.no_grad()
+    def _propose(
+        self,
+        anchors_per_fpn_level: dict[str, torch.Tensor],
+        pred_obj_logits: dict[str, torch.Tensor],
+        pred_boxreg_deltas: dict[str, torch.Tensor],
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``predict_proposals`` in a padded layout: boxes (B, K, 4), logits (B, K), mask (B, K).
+
+        All images and levels go through one batched NMS; K = ``post_nms_topk``.
+        """
+        boxes, logits, groups = [], [], []
+        for level_id, (level, anchors) in enumerate(anchors_per_fpn_level.items()):
+            level_logits = pred_obj_logits[level].detach().to(anchors)  # (B, HWA)
+            k = min(self.pre_nms_topk, level_logits.shape[1])
+            top_logits, top_idx = level_logits.topk(k, dim=1)  # (B, k)
+            top_deltas = torch.gather(
+                pred_boxreg_deltas[level].detach().to(anchors),
+                1,
+                top_idx[..., None].expand(-1, -1, 4),
+            )
+            level_boxes = rcnn_apply_deltas_to_anchors(top_deltas, anchors[top_idx])
+            boxes.append(level_boxes)
+            logits.append(top_logits)
+            groups.append(torch.full_like(top_idx, level_id))
+        boxes = _clip_boxes(torch.cat(boxes, dim=1), image_size)  # (B, L*k, 4)
+        logits = torch.cat(logits, dim=1)  # (B, L*k)
+        image_ids = torch.arange(len(boxes), device=boxes.device)[:, None]
+        groups = torch.cat(groups, dim=1) + image_ids * len(anchors_per_fpn_level)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        big_enough = (wh >= self.min_proposal_size).all(dim=-1)
+        index, mask = _batched_nms_topk(
+            boxes, logits, groups, big_enough, self.nms_thresh, self.post_nms_topk
+        )
+        boxes = _gather_rows(boxes, index) * mask[..., None]
+        logits = _gather_rows(logits, index).masked_fill(~mask, float("-inf"))
+        return boxes, logits, mask
+
+
+def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Clip (..., 4) boxes to an image of ``(H, W)``."""
+    height, width = image_size
+    upper = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), upper)
+
+
+def _batched_nms_topk(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    topk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMS within each group, then the ``topk`` best survivors of each image.
+
+    One ``torchvision.ops.batched_nms`` call serves all images (groups never span images).
+
+    Args:
+        boxes: (B, N, 4) boxes; scores, groups, valid: (B, N). Invalid entries are left out.
+        iou_threshold: NMS overlap threshold.
+        topk: survivors kept per image.
+
+    Returns:
+        ``(index, mask)``, each (B, topk): the positions (in ``0..N-1``) of each image's
+        survivors, best first, and which slots are filled.
+    """
+    batch, num = scores.shape
+    candidates = valid.reshape(-1).nonzero().squeeze(1)  # flat positions in B*N
+    keep = torchvision.ops.batched_nms(
+        boxes.reshape(-1, 4)[candidates].float(),
+        scores.reshape(-1)[candidates].float(),
+        groups.reshape(-1)[candidates],
+        iou_threshold,
+    )  # by decreasing score
+    kept = candidates[keep]
+    kept = kept[torch.sort(kept // num, stable=True).indices]  # by image, then by score
+    kept_images = kept // num
+    starts = torch.searchsorted(kept_images, torch.arange(batch, device=kept.device))
+    ranks = torch.arange(len(kept), device=kept.device) - starts[kept_images]
+    in_top = ranks < topk
+    kept, kept_images, ranks = kept[in_top], kept_images[in_top], ranks[in_top]
+    index = torch.zeros(batch, topk, dtype=torch.long, device=kept.device)
+    mask = torch.zeros(batch, topk, dtype=torch.bool, device=kept.device)
+    index[kept_images, ranks] = kept % num
+    mask[kept_images, ranks] = True
+    return index, mask
+
+
+def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[b, index[b, k]]`` for (B, N, ...) values and (B, K) index -> (B, K, ...)."""
+    expanded = index.view(*index.shape, *([1] * (values.dim() - 2)))
+    return torch.gather(values, 1, expanded.expand(-1, -1, *values.shape[2:]))
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN: backbone with FPN, RPN, and a Fast R-CNN second stage.
+
+    Second stage. Each proposal is pooled by ``torchvision.ops.roi_align`` (``aligned=True``,
+    ``spatial_scale = 1 / stride``) from the FPN level ``assign_fpn_levels`` picks, into a
+    ``roi_size`` map. A conv stem (3x3 conv + ReLU per ``stem_channels``) and a linear layer
+    give ``C + 1`` logits (index 0 is background).
+
+    Training. Valid GT boxes are mixed into each image's proposals; proposals are matched
+    with GT at IoU 0.5 (``>= 0.5`` foreground, below background); ``batch_size_per_image`` RoIs
+    per image are sampled with up to 25% foreground; ``loss_cls`` is their mean cross-entropy.
+    The RPN's ``loss_rpn_obj`` and ``loss_rpn_box`` are returned too.
+
+    Optional box regression (``box_regression=True``, off by default so the notebook's numbers
+    stay comparable): a linear layer predicts class-specific deltas (weights ``(10, 10, 5, 5)``
+    as in torchvision and detectron2), trained by an L1 ``loss_box`` over the foreground RoIs
+    divided by the number of sampled RoIs, and used at inference to refine each detection.
+
+    Inference follows torchvision and detectron2: every proposal gives one candidate per class
+    with softmax score above ``test_score_thresh``; class-specific NMS at ``test_nms_thresh``;
+    at most ``detections_per_image`` detections per image, best first.
+
+    Args:
+        backbone: ``DetectorBackboneWithFPN`` (anything with ``out_channels``, ``fpn_strides``
+            and a forward giving ``{level: (B, C, H, W)}``).
+        rpn: ``RPN``.
+        stem_channels: the second-stage conv stem.
+        num_classes: object classes ``C`` (background excluded).
+        batch_size_per_image: RoIs sampled per image for ``loss_cls``.
+        roi_size: RoI Align output size.
+        box_regression: add class-specific second-stage box regression.
+        detections_per_image: the most detections returned per image.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rpn: RPN,
+        stem_channels: Sequence[int],
+        num_classes: int,
+        batch_size_per_image: int,
+        roi_size: tuple[int, int] = (7, 7),
+        box_regression: bool = False,
+        detections_per_image: int = 100,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.num_classes = num_classes
+        self.roi_size = tuple(roi_size)
+        self.batch_size_per_image = batch_size_per_image
+        self.box_regression = box_regression
+        self.detections_per_image = detections_per_image
+        self.box_weights = (10.0, 10.0, 5.0, 5.0)
+
+        self.cls_pred = nn.Sequential(
+            _conv_stem(backbone.out_channels, stem_channels),
+            nn.Flatten(),
+            nn.Linear(stem_channels[-1] * self.roi_size[0] * self.roi_size[1], num_classes + 1),
+        )
+        nn.init.normal_(self.cls_pred[-1].weight, std=0.01)
+        nn.init.zeros_(self.cls_pred[-1].bias)
+        if box_regression:
+            # Shares the stem with the classifier: ``cls_pred[:2]`` gives flattened features.
+            self.box_pred = nn.Linear(self.cls_pred[-1].in_features, 4 * num_classes)
+            nn.init.normal_(self.box_pred.weight, std=0.001)
+            nn.init.zeros_(self.box_pred.bias)
+        self.config = {
+            "backbone": dict(getattr(backbone, "config", {"out_channels": backbone.out_channels})),
+            "rpn": dict(getattr(rpn, "config", {})),
+            "stem_channels": list(stem_channels),
+            "num_classes": num_classes,
+            "batch_size_per_image": batch_size_per_image,
+            "roi_size": list(self.roi_size),
+            "box_regression": box_regression,
+            "detections_per_image": detections_per_image,
+        }
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        gt_boxes: torch.Tensor | None = None,
+        test_score_thresh: float | None = None,
+        test_nms_thresh: float | None = None,
+    ):
+        """
+        Args:
+            images: (B, 3, H, W) normalised images.
+            gt_boxes: (B, M, 5) GT rows, padded with ``-1``; required in training mode.
+            test_score_thresh: inference score threshold (default 0.05).
+            test_nms_thresh: inference class-specific NMS threshold (default 0.5).
+
+        Returns:
+            Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls"}`` (and ``"loss_box"`` with
+            box regression). Eval, B == 1: ``(boxes (N, 4), classes (N,) in 0..C-1,
+            scores (N,))``. Eval, B > 1: a list of B such tuples.
+        """
+        _check_images(images)
+        if self.training:
+            if gt_boxes is None:
+                raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
+            _check_gt_boxes(gt_boxes, batch_size=len(images))
+            self._check_classes(gt_boxes)
+        feats = self.backbone(images)
+        strides = self.backbone.fpn_strides
+        image_size = tuple(images.shape[-2:])
+        rpn_output = self.rpn(
+            feats, strides, gt_boxes if self.training else None, image_size=image_size
+        )
+        proposals = rpn_output["proposal_boxes"]  # (B, K, 4)
+        valid = rpn_output["proposal_mask"]  # (B, K)
+        if self.training:
+            gt_boxes = gt_boxes.to(proposals)
+            proposals = torch.cat([proposals, gt_boxes[..., :4]], dim=1)
+            valid = torch.cat([valid, gt_boxes[..., 4] != BACKGROUND], dim=1)
+
+        roi_feats = self._pool(feats, strides, proposals, valid)  # (B*R, C, h, w)
+        hidden = self.cls_pred[:-1](roi_feats)
+        cls_logits = self.cls_pred[-1](hidden).view(*valid.shape, -1)  # (B, R, C+1)
+        box_deltas = None
+        if self.box_regression:
+            box_deltas = self.box_pred(hidden).view(*valid.shape, self.num_classes, 4)
+
+        if not self.training:
+            detections = self.inference(
+                proposals, valid, cls_logits, box_deltas, image_size,
+                test_score_thresh, test_nms_thresh,
+            )  # fmt: skip
+            return detections[0] if len(detections) == 1 else detections
+
+        losses = {k: v for k, v in rpn_output.items() if k.startswith("loss")}
+        losses.update(self._losses(proposals, valid, cls_logits, box_deltas, gt_boxes))
+        return losses
+
+    def _check_classes(self, gt_boxes: torch.Tensor) -> None:
+        classes = gt_boxes[..., 4]
+        bad = (classes != BACKGROUND) & (
+            (classes < 0) | (classes >= self.num_classes) | (classes != classes.round())
+        )
+        if bad.any():
+            raise ValueError(
+                f"gt_boxes class ids must be integers in [0, {self.num_classes - 1}] or -1 for "
+                f"padding, got {classes[bad].unique().tolist()}"
+            )
+
+    def _pool(
+        self,
+        feats: dict[str, torch.Tensor],
+        strides: dict[str, int],
+        boxes: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """RoI Align of every valid box from its FPN level; one call per level.
+
+        Args:
+            boxes: (B, R, 4); valid: (B, R).
+
+        Returns:
+            (B*R, C, h, w) pooled features, zeros for invalid boxes.
+        """
+        batch, num_rois = valid.shape
+        level_ids = [int(name[1:]) for name in feats]
+        levels = assign_fpn_levels(boxes, level_ids).view(-1)
+        image_ids = torch.arange(batch, device=boxes.device).repeat_interleave(num_rois)
+        rois = torch.cat([image_ids[:, None].to(boxes), boxes.reshape(-1, 4)], dim=1)
+        first = next(iter(feats.values()))
+        pooled = first.new_zeros(batch * num_rois, first.shape[1], *self.roi_size)
+        flat_valid = valid.reshape(-1)
+        for level_id, (level, level_feats) in zip(level_ids, feats.items(), strict=True):
+            selected = flat_valid & (levels == level_id)
+            level_rois = rois[selected]
+            level_pooled = torchvision.ops.roi_align(
+                level_feats,
+                level_rois.to(level_feats.dtype),
+                self.roi_size,
+                spatial_scale=1.0 / strides[level],
+                sampling_ratio=-1,
+                aligned=True,
+            )
+            pooled[selected] = level_pooled.to(pooled.dtype)
+        return pooled
+
+    def _losses(
+        self,
+        proposals: torch.Tensor,
+        valid: torch.Tensor,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor | None,
+        gt_boxes: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Second-stage losses over RoIs sampled per image (see the class docstring)."""
+        matched = rcnn_match_anchors_to_gt(proposals, gt_boxes, (0.5, 0.5))  # (B, R, 5)
+        matched = torch.where(valid[..., None], matched, matched.new_tensor(NEUTRAL))
+        fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.25)
+        sampled = fg | bg
+        target = torch.where(fg, matched[..., 4].long() + 1, 0)  # background is class 0
+        loss_cls = F.cross_entropy(
+            cls_logits.float().flatten(0, 1), target.flatten(), reduction="none"
+        )
+        num_sampled = sampled.sum().clamp(min=1)
+        losses = {"loss_cls": (loss_cls * sampled.flatten()).sum() / num_sampled}
+        if box_deltas is not None:
+            fg_class = target.clamp(min=1) - 1  # (B, R)
+            index = fg_class[..., None, None].expand(-1, -1, 1, 4)
+            pred = torch.gather(box_deltas, 2, index).squeeze(2).float()  # (B, R, 4)
+            gt_deltas = rcnn_get_deltas_from_anchors(proposals, matched, self.box_weights)
+            gt_deltas = torch.where(fg[..., None], gt_deltas, 0.0)
+            loss_box = F.l1_loss(pred, gt_deltas, reduction="none") * fg[..., None]
+            losses["loss_box"] = loss_box.sum() / num_sampled
+        return losses
+
+    @torch.no_grad()
+    def inference(
+        self,
+        proposals: torch.Tensor,
+        valid: torch.Tensor,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor | None,
+        image_size: tuple[int, int],
+        test_score_thresh: float | None = None,
+        test_nms_thresh: float | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Detections of every image from the second stage's outputs.
+
+        Args:
+            proposals: (B, R, 4); valid: (B, R); cls_logits: (B, R, C+1);
+            box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)``.
+
+        Returns:
+            B tuples ``(boxes (N, 4), classes (N,) int64 in 0..C-1, scores (N,))``, best first.
+        """
+        score_thresh = 0.05 if test_score_thresh is None else test_score_thresh
+        nms_thresh = 0.5 if test_nms_thresh is None else test_nms_thresh
+        batch = len(valid)
+        num_classes = self.num_classes
+        scores = cls_logits.float().softmax(dim=-1)[..., 1:]  # (B, R, C)
+        if box_deltas is None:
+            boxes = proposals[:, :, None, :].expand(-1, -1, num_classes, -1)
+        else:
+            boxes = rcnn_apply_deltas_to_anchors(
+                box_deltas.to(proposals), proposals[:, :, None, :], self.box_weights
+            )
+            boxes = _clip_boxes(boxes, image_size)
+        classes = torch.arange(num_classes, device=scores.device).expand_as(scores)
+        image_ids = torch.arange(batch, device=scores.device)[:, None, None]
+        wh = boxes[..., 2:] - boxes[..., :2]
+        candidate = valid[..., None] & (scores > score_thresh) & (wh > 1e-2).all(dim=-1)
+        boxes, scores = boxes.reshape(batch, -1, 4), scores.reshape(batch, -1)
+        index, mask = _batched_nms_topk(
+            boxes,
+            scores,
+            (image_ids * num_classes + classes).reshape(batch, -1),
+            candidate.reshape(batch, -1),
+            nms_thresh,
+            self.detections_per_image,
+        )
+        counts = mask.sum(dim=1).tolist()
+        return list(
+            zip(
+                torch.split(_gather_rows(boxes, index)[mask], counts),
+                torch.split((index % num_classes)[mask], counts),
+                torch.split(_gather_rows(scores, index)[mask], counts),
+                strict=True,
+            )
+        )
