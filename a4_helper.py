@@ -59,6 +59,8 @@ import random
 import shutil
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -464,6 +466,17 @@ def _manual_instructions(dataset_dir: Path, archive_name: str) -> str:
     )
 
 
+def _fetch(url: str, destination: Path) -> None:
+    """Copy ``url`` to ``destination``: ``file://`` URLs directly, others with torchvision's
+    ``download_url`` (redirects followed, tqdm progress bar)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        source = Path(urllib.request.url2pathname(parsed.path))
+        shutil.copyfile(source, destination)
+        return
+    download_url(url, str(destination.parent), filename=destination.name, md5=None)
+
+
 def download_voc2007(
     dataset_dir: str | os.PathLike,
     urls: Sequence[str] | None = None,
@@ -507,7 +520,7 @@ def download_voc2007(
             part.unlink(missing_ok=True)
             print(f"Downloading {url} ...")
             try:
-                download_url(url, str(dataset_dir), filename=part.name, md5=None)
+                _fetch(url, part)
             except Exception as exc:  # noqa: BLE001 - any failure means: try the next mirror
                 errors.append(f"  {url}: {type(exc).__name__}: {exc}")
                 part.unlink(missing_ok=True)
