@@ -806,15 +806,18 @@ def make_shapes_dataset(
 
 
 class ShapesDetection(VOCLayoutDetection):
-    """The generated shapes dataset (written on first use) read through the VOC reader.
+    """The generated shapes dataset read through the VOC reader with :data:`SHAPES_CLASSES`.
 
     Args:
-        root: Dataset folder; generated there by :func:`make_shapes_dataset` when missing or
-            written with other settings.
+        root: Dataset folder.
         split: ``"train"``, ``"val"`` or ``"trainval"``.
-        image_size: Short side after resizing (reader setting).
+        image_size: Short side after resizing (reader setting, not the generated size).
         max_boxes: Rows of ``gt_boxes``.
-        generate: Keyword arguments for :func:`make_shapes_dataset` (``num_train``, ``seed``...).
+        train_transform: As for :class:`VOCLayoutDetection`.
+        generate: Keyword arguments for :func:`make_shapes_dataset` (``num_train``, ``seed``,
+            ``image_size``...). When given, the data is (re)generated unless ``root`` already
+            holds exactly these settings. When ``None``, an existing dataset is read as it is
+            and a missing one is generated with the defaults.
     """
 
     def __init__(
@@ -824,9 +827,10 @@ class ShapesDetection(VOCLayoutDetection):
         image_size: int = 128,
         max_boxes: int = 40,
         train_transform: bool | None = None,
-        **generate: Any,
+        generate: Mapping[str, Any] | None = None,
     ) -> None:
-        make_shapes_dataset(root, **generate)
+        if generate is not None or not Path(root).exists():
+            make_shapes_dataset(root, **dict(generate or {}))
         super().__init__(root, split, SHAPES_CLASSES, image_size, max_boxes, train_transform)
 
 

@@ -208,7 +208,7 @@ def test_shapes_dataset_deterministic_and_cached(tmp_path):
 def test_shapes_dataset_content(tmp_path):
     root = make_shapes_dataset(tmp_path / "s", num_train=150, num_val=50, image_size=128)
     train = VOCLayoutDetection(root, "train", SHAPES_CLASSES, image_size=96)
-    val = ShapesDetection(root, "val", image_size=96, num_train=150, num_val=50)
+    val = ShapesDetection(root, "val", image_size=96, generate={"num_train": 150, "num_val": 50})
     trainval = VOCLayoutDetection(root, "trainval", SHAPES_CLASSES)
     assert (len(train), len(val), len(trainval)) == (150, 50, 200)
     boxes = np.concatenate(train._boxes)
