@@ -63,6 +63,16 @@ class TinyDetector(nn.Module):
         return {"loss_box": loss_box, "loss_cls": loss_cls, "proposals": out.detach()}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Use one intra-op thread: on a 2-core machine shared with another torch process, two
+    threads per process made conv training 50-100x slower (measured); one thread does not."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     from a4_helper import make_shapes_dataset
@@ -187,3 +197,78 @@ def test_inference_rejects_batches_larger_than_one(shapes_root, tmp_path):
     with pytest.raises(ValueError, match="batch_size=1"):
         inference_with_detector(TinyDetector(5), loader, dict(enumerate(SHAPES_CLASSES)), 0.5,
                                 0.5, output_dir=tmp_path)  # fmt: skip
+
+
+# ---- the real model, small settings ------------------------------------------------------------
+
+
+def build_faster_rcnn(num_classes: int) -> nn.Module:
+    common = pytest.importorskip("common")
+    tsd = pytest.importorskip("two_stage_detector")
+    channels = 32
+    backbone = common.DetectorBackboneWithFPN(out_channels=channels, pretrained=False)
+    rpn = tsd.RPN(fpn_channels=channels, stem_channels=[channels, channels],
+                  batch_size_per_image=16, pre_nms_topk=200, post_nms_topk=40)  # fmt: skip
+    return tsd.FasterRCNN(backbone, rpn, stem_channels=[channels, channels],
+                          num_classes=num_classes, batch_size_per_image=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes96(tmp_path_factory):
+    from a4_helper import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes96") / "s", 16, 4, image_size=96)
+
+
+def real_loader(root, shuffle=True):
+    dataset = ShapesDetection(root, "train", image_size=96, max_boxes=10)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(8)), batch_size=4,
+                                       shuffle=shuffle)  # fmt: skip
+
+
+def test_faster_rcnn_smoke_training_and_evaluation(shapes96, tmp_path):
+    seed_all(0)
+    model = build_faster_rcnn(len(SHAPES_CLASSES))
+    history = train_detector(model, real_loader(shapes96), learning_rate=0.01, max_iters=16,
+                             warmup_iters=3, grad_clip=5.0, checkpoint_path=tmp_path / "r.pt",
+                             checkpoint_period=8, **QUIET)  # fmt: skip
+    assert set(history.terms) >= {"loss_rpn_obj", "loss_rpn_box", "loss_cls"}
+    assert np.mean(history[-4:]) < np.mean(history[:3])
+    ckpt = load_checkpoint(tmp_path / "r.pt")
+    assert ckpt["config"]["num_classes"] == len(SHAPES_CLASSES)
+    assert ckpt["config"]["rpn"]["post_nms_topk"] == 40
+
+    val = ShapesDetection(shapes96, "val", image_size=96)
+    loader = torch.utils.data.DataLoader(val, batch_size=1)
+    result = inference_with_detector(model, loader, val.idx_to_class, score_thresh=0.05,
+                                     nms_thresh=0.5, output_dir=tmp_path / "out",
+                                     progress=False)  # fmt: skip
+    for sub in ("ground-truth", "detection-results"):
+        assert sorted(p.stem for p in (tmp_path / "out" / sub).iterdir()) == sorted(val.image_ids)
+    assert 0.0 <= result.map <= 1.0
+
+
+@pytest.mark.slow
+def test_faster_rcnn_resume_matches_uninterrupted_run(shapes96, tmp_path):
+    kwargs = dict(learning_rate=0.01, max_iters=6, warmup_iters=2, grad_clip=5.0,
+                  checkpoint_period=3, **QUIET)  # fmt: skip
+    seed_all(0)
+    full = train_detector(build_faster_rcnn(5), real_loader(shapes96),
+                          checkpoint_path=tmp_path / "a.pt", **kwargs)  # fmt: skip
+    seed_all(0)
+    model = build_faster_rcnn(5)
+    calls, forward = [0], model.forward
+
+    def interrupted_forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # iteration 4, after the checkpoint at 3
+            raise Interrupted
+        return forward(*args, **kwargs)
+
+    model.forward = interrupted_forward
+    with pytest.raises(Interrupted):
+        train_detector(model, real_loader(shapes96), checkpoint_path=tmp_path / "b.pt", **kwargs)
+    seed_all(7)
+    resumed = train_detector(build_faster_rcnn(5), real_loader(shapes96), resume=True,
+                             checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
+    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
