@@ -179,7 +179,9 @@ def average_precision(
 # ----------------------------------------------------------------------------------------------
 
 
-def _best_match(det_boxes: np.ndarray, gt_padded: np.ndarray, gt_valid: np.ndarray) -> tuple:
+def _best_match(
+    det_boxes: np.ndarray, gt_padded: np.ndarray, gt_valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Best-IoU GT box of each detection, with the +1-pixel convention.
 
     Args:
@@ -417,6 +419,7 @@ class MeanAPAccumulator:
         return list(self._image_index)
 
     def _check_labels(self, labels: np.ndarray, what: str, image_id: Hashable) -> None:
+        """Raise ValueError when a ``(K,)`` array of class indices has one not in the mapping."""
         unknown = set(np.unique(labels).tolist()) - set(self.idx_to_class)
         if unknown:
             raise ValueError(f"image {image_id!r}: unknown {what} class index {sorted(unknown)}")
@@ -442,6 +445,10 @@ class MeanAPAccumulator:
             det_boxes: ``(M, 4)``.
             det_classes: ``(M,)`` int class indices.
             det_scores: ``(M,)`` confidences (finite).
+
+        Raises:
+            ValueError: The id was added before, sizes differ, a class index is not a key of
+                ``class_names``, or a score is not finite.
         """
         if image_id in self._image_index:
             raise ValueError(f"image {image_id!r} was already added")
@@ -797,7 +804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (default 0.5)")
     parser.add_argument("--plot", default=None, help="write a per-class AP bar chart (PNG)")
     args = parser.parse_args(argv)
-    result = evaluate_folder(args.input_dir, iou_threshold=args.iou, use_11_point=args.use_11_point)
+    try:
+        result = evaluate_folder(
+            args.input_dir, iou_threshold=args.iou, use_11_point=args.use_11_point
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(result.summary())
     if args.plot:
         plot_ap(result, args.plot)
