@@ -1157,7 +1157,8 @@ def train_detector(
         if checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path")
         if checkpoint_path.is_file():
-            ckpt = load_checkpoint(checkpoint_path, map_location=device)
+            # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+            ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
             detector.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])

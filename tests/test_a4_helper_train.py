@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,8 @@ from a4_helper import (
     load_checkpoint,
     train_detector,
 )
+
+matplotlib.use("Agg")  # plots and visualisations in these tests must never open a window
 
 
 class Interrupted(Exception):
