@@ -1,0 +1,277 @@
+"""train_detector and inference_with_detector on generated data."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from a4_helper import (
+    SHAPES_CLASSES,
+    ShapesDetection,
+    inference_with_detector,
+    load_checkpoint,
+    train_detector,
+)
+
+matplotlib.use("Agg")  # plots and visualisations in these tests must never open a window
+
+
+class Interrupted(Exception):
+    """Stands for a crash or a killed session in the middle of training."""
+
+
+class TinyDetector(nn.Module):
+    """Stand-in detector with the FasterRCNN calling convention.
+
+    Training: predicts the first valid GT box and class of each image from pooled features;
+    dropout and a random channel permutation make it consume the torch RNG like the real model's
+    sampling does. Returns two loss terms and a non-loss entry that must be ignored.
+    Eval: returns the GT-free prediction as one detection per image.
+    """
+
+    def __init__(self, num_classes: int, fail_at: int | None = None, nan_at: int | None = None):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Dropout(0.1))
+        self.head = nn.Linear(8, 4 + num_classes)
+        self.calls = 0
+        self.fail_at, self.nan_at = fail_at, nan_at
+        self.config = {"num_classes": num_classes, "channels": (8,), "act": nn.ReLU}
+
+    def forward(self, images, gt_boxes=None, test_score_thresh=None, test_nms_thresh=None):
+        feats = self.features(images)
+        feats = feats[:, torch.randperm(feats.shape[1])].mean(dim=(2, 3))
+        out = self.head(feats)
+        h, w = images.shape[-2:]
+        scale = torch.tensor([w, h, w, h], dtype=out.dtype)
+        if not self.training:
+            xs = out[0, [0, 2]].sigmoid().sort().values * w
+            ys = out[0, [1, 3]].sigmoid().sort().values * h
+            box = torch.stack([xs[0], ys[0], xs[1], ys[1]])[None]
+            score = out[0, 4:].softmax(0).max(0)
+            return box, score.indices[None], score.values[None]
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise Interrupted
+        first = gt_boxes[:, 0]
+        loss_box = nn.functional.smooth_l1_loss(out[:, :4].sigmoid(), first[:, :4] / scale)
+        loss_cls = nn.functional.cross_entropy(out[:, 4:], first[:, 4].long())
+        if self.nan_at is not None and self.calls == self.nan_at:
+            loss_cls = loss_cls * float("nan")
+        return {"loss_box": loss_box, "loss_cls": loss_cls, "proposals": out.detach()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Use one intra-op thread: on a 2-core machine shared with another torch process, two
+    threads per process made conv training 50-100x slower (measured); one thread does not."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    from a4_helper import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "s", 24, 6, image_size=64)
+
+
+def make_loader(root, batch_size=4, n=10, shuffle=True):
+    dataset = ShapesDetection(root, "train", image_size=48, max_boxes=8)
+    subset = torch.utils.data.Subset(dataset, list(range(n)))
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=shuffle)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+QUIET = {"show_plot": False, "progress": False, "log_period": 0}
+
+
+def test_loss_falls_and_history_has_terms(shapes_root, capsys):
+    seed_all(0)
+    loader = make_loader(shapes_root, n=8, shuffle=False)
+    model = TinyDetector(len(SHAPES_CLASSES))
+    history = train_detector(model, loader, learning_rate=0.3, max_iters=60, warmup_iters=5,
+                             **QUIET)  # fmt: skip
+    assert len(history) == 60 and set(history.terms) == {"loss_box", "loss_cls"}
+    assert np.mean(history[-5:]) < 0.7 * np.mean(history[:5])
+    torch.testing.assert_close(
+        torch.tensor(history), torch.tensor(history.terms["loss_box"]) +
+        torch.tensor(history.terms["loss_cls"]))  # fmt: skip
+
+
+def test_schedule_logging_and_plot(shapes_root, capsys, tmp_path):
+    loader = make_loader(shapes_root, n=4)
+    model = TinyDetector(len(SHAPES_CLASSES))
+    train_detector(model, loader, learning_rate=0.1, max_iters=10, log_period=5, warmup_iters=2,
+                   warmup_factor=0.5, progress=False, show_plot=True, plot_path=tmp_path / "l.png",
+                   amp=True)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "amp=True is ignored" in out
+    assert "[Iter 0][loss:" in out and "[Iter 5]" in out and "[Iter 9]" in out
+    assert "[lr: 5.00e-02]" in out  # warmup start: 0.5 * 0.1
+    assert "[Iter 9]" in out and "[lr: 1.00e-03]" in out  # after x0.1 at 6 and 9
+    assert (tmp_path / "l.png").stat().st_size > 0
+
+
+def test_resume_matches_uninterrupted_run(shapes_root, tmp_path):
+    kwargs = dict(learning_rate=0.05, max_iters=12, warmup_iters=3, checkpoint_period=4, **QUIET)
+    n_cls = len(SHAPES_CLASSES)
+
+    seed_all(0)
+    full_model = TinyDetector(n_cls)
+    full = train_detector(full_model, make_loader(shapes_root), checkpoint_path=tmp_path / "a.pt",
+                          **kwargs)  # fmt: skip
+
+    seed_all(0)
+    with pytest.raises(Interrupted):  # dies during iteration 6, after the checkpoint at 4
+        train_detector(TinyDetector(n_cls, fail_at=7), make_loader(shapes_root),
+                       checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
+    assert load_checkpoint(tmp_path / "b.pt")["iteration"] == 4
+
+    seed_all(123)  # a different process state: everything must come from the checkpoint
+    resumed_model = TinyDetector(n_cls)
+    resumed = train_detector(resumed_model, make_loader(shapes_root), resume=True,
+                             checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
+    assert len(resumed) == 12
+    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
+    for a, b in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    ckpt = load_checkpoint(tmp_path / "a.pt")
+    assert ckpt["iteration"] == 12 and len(ckpt["loss_history"]) == 12
+    assert ckpt["config"]["num_classes"] == n_cls and isinstance(ckpt["config"]["act"], str)
+    assert {"model", "optimizer", "scheduler", "rng", "data", "train_args"} <= set(ckpt)
+    assert list((tmp_path).glob(".*tmp")) == []  # no temp files left behind
+
+
+def test_non_finite_loss_stops_with_named_terms(shapes_root, tmp_path):
+    seed_all(0)
+    model = TinyDetector(len(SHAPES_CLASSES), nan_at=6)
+    path = tmp_path / "c.pt"
+    with pytest.raises(FloatingPointError, match=r"iteration 5.*loss_box=[0-9.]+, loss_cls=nan"):
+        train_detector(model, make_loader(shapes_root), max_iters=20, checkpoint_path=path,
+                       checkpoint_period=2, **QUIET)  # fmt: skip
+    fresh = TinyDetector(len(SHAPES_CLASSES))
+    ckpt = load_checkpoint(path, fresh)
+    assert ckpt["iteration"] == 4 and all(math.isfinite(v) for v in ckpt["loss_history"])
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_inference_writes_a_file_pair_per_image(shapes_root, tmp_path, capsys):
+    val = ShapesDetection(shapes_root, "val", image_size=48)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(6)), batch_size=1)
+    model = TinyDetector(len(SHAPES_CLASSES))
+    out = tmp_path / "mAP" / "input"
+    result = inference_with_detector(model, loader, val.idx_to_class, score_thresh=0.99,
+                                     nms_thresh=0.5, output_dir=out)  # fmt: skip
+    ids = sorted(val.image_ids)
+    for sub in ("ground-truth", "detection-results"):
+        assert sorted(p.stem for p in (out / sub).glob("*.txt")) == ids
+    gt_text = "".join((out / "ground-truth" / f"{i}.txt").read_text() for i in ids)
+    n_difficult = sum(int(val.annotation(k)["difficult"].sum()) for k in range(len(val)))
+    assert gt_text.count(" difficult") == n_difficult
+    assert 0.0 <= result.map <= 1.0 and set(result.ap) <= set(SHAPES_CLASSES)
+    assert "mAP = " in capsys.readouterr().out
+    assert model.training  # mode restored
+
+
+def test_inference_visualises_headless(shapes_root):
+    val = ShapesDetection(shapes_root, "val", image_size=48)
+    loader = torch.utils.data.DataLoader(val, batch_size=1)
+    result = inference_with_detector(TinyDetector(len(SHAPES_CLASSES)), loader,
+                                     val.idx_to_class, 0.0, 0.5, max_show=2)  # fmt: skip
+    assert result is None
+
+
+def test_inference_rejects_batches_larger_than_one(shapes_root, tmp_path):
+    loader = make_loader(shapes_root, batch_size=2, n=2)
+    with pytest.raises(ValueError, match="batch_size=1"):
+        inference_with_detector(TinyDetector(5), loader, dict(enumerate(SHAPES_CLASSES)), 0.5,
+                                0.5, output_dir=tmp_path)  # fmt: skip
+
+
+# ---- the real model, small settings ------------------------------------------------------------
+
+
+def build_faster_rcnn(num_classes: int) -> nn.Module:
+    common = pytest.importorskip("common")
+    tsd = pytest.importorskip("two_stage_detector")
+    channels = 32
+    backbone = common.DetectorBackboneWithFPN(out_channels=channels, pretrained=False)
+    rpn = tsd.RPN(fpn_channels=channels, stem_channels=[channels, channels],
+                  batch_size_per_image=16, pre_nms_topk=200, post_nms_topk=40)  # fmt: skip
+    return tsd.FasterRCNN(backbone, rpn, stem_channels=[channels, channels],
+                          num_classes=num_classes, batch_size_per_image=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes96(tmp_path_factory):
+    from a4_helper import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes96") / "s", 16, 4, image_size=96)
+
+
+def real_loader(root, shuffle=True):
+    dataset = ShapesDetection(root, "train", image_size=96, max_boxes=10)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(8)), batch_size=4,
+                                       shuffle=shuffle)  # fmt: skip
+
+
+def test_faster_rcnn_smoke_training_and_evaluation(shapes96, tmp_path):
+    seed_all(0)
+    model = build_faster_rcnn(len(SHAPES_CLASSES))
+    history = train_detector(model, real_loader(shapes96), learning_rate=0.01, max_iters=16,
+                             warmup_iters=3, grad_clip=5.0, checkpoint_path=tmp_path / "r.pt",
+                             checkpoint_period=8, **QUIET)  # fmt: skip
+    assert set(history.terms) >= {"loss_rpn_obj", "loss_rpn_box", "loss_cls"}
+    assert np.mean(history[-4:]) < np.mean(history[:3])
+    ckpt = load_checkpoint(tmp_path / "r.pt")
+    assert ckpt["config"]["num_classes"] == len(SHAPES_CLASSES)
+    assert ckpt["config"]["rpn"]["post_nms_topk"] == 40
+
+    val = ShapesDetection(shapes96, "val", image_size=96)
+    loader = torch.utils.data.DataLoader(val, batch_size=1)
+    result = inference_with_detector(model, loader, val.idx_to_class, score_thresh=0.05,
+                                     nms_thresh=0.5, output_dir=tmp_path / "out",
+                                     progress=False)  # fmt: skip
+    for sub in ("ground-truth", "detection-results"):
+        assert sorted(p.stem for p in (tmp_path / "out" / sub).iterdir()) == sorted(val.image_ids)
+    assert 0.0 <= result.map <= 1.0
+
+
+@pytest.mark.slow
+def test_faster_rcnn_resume_matches_uninterrupted_run(shapes96, tmp_path):
+    kwargs = dict(learning_rate=0.01, max_iters=6, warmup_iters=2, grad_clip=5.0,
+                  checkpoint_period=3, **QUIET)  # fmt: skip
+    seed_all(0)
+    full = train_detector(build_faster_rcnn(5), real_loader(shapes96),
+                          checkpoint_path=tmp_path / "a.pt", **kwargs)  # fmt: skip
+    seed_all(0)
+    model = build_faster_rcnn(5)
+    calls, forward = [0], model.forward
+
+    def interrupted_forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # iteration 4, after the checkpoint at 3
+            raise Interrupted
+        return forward(*args, **kwargs)
+
+    model.forward = interrupted_forward
+    with pytest.raises(Interrupted):
+        train_detector(model, real_loader(shapes96), checkpoint_path=tmp_path / "b.pt", **kwargs)
+    seed_all(7)
+    resumed = train_detector(build_faster_rcnn(5), real_loader(shapes96), resume=True,
+                             checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
+    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
