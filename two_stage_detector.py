@@ -30,7 +30,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from common import box_iou, class_spec_nms, get_fpn_location_coords
+from common import DetectorBackboneWithFPN, box_iou, class_spec_nms, get_fpn_location_coords
 
 __all__ = [
     "hello_two_stage_detector",
@@ -789,6 +789,18 @@ class FasterRCNN(nn.Module):
             "box_regression": box_regression,
             "detections_per_image": detections_per_image,
         }
+
+    @classmethod
+    def from_config(cls, config: dict, pretrained: bool = False) -> FasterRCNN:
+        """Build an (untrained) model from ``FasterRCNN.config``, e.g. a checkpoint's.
+
+        ``pretrained`` only matters before loading weights; checkpoints carry all of them.
+        """
+        backbone = DetectorBackboneWithFPN(pretrained=pretrained, **config["backbone"])
+        rpn = RPN(**config["rpn"])
+        settings = {k: v for k, v in config.items() if k not in ("backbone", "rpn")}
+        settings["roi_size"] = tuple(settings["roi_size"])
+        return cls(backbone, rpn, **settings)
 
     def forward(
         self,

@@ -6,6 +6,7 @@ this module (and therefore ``eecs598``) is cheap.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -136,12 +137,34 @@ def detection_visualizer(
     """
     import matplotlib
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     image = _image_hwc(img)
     height, width = image.shape[:2]
     scale = 8.0 / max(height, width)
     fig, ax = plt.subplots(figsize=(max(width * scale, 2.0), max(height * scale, 2.0)))
+    draw_detections(ax, image, idx_to_class, bbox, pred, points)
+    fig.tight_layout(pad=0.1)
+    if show and matplotlib.get_backend().lower() not in _NON_INTERACTIVE_BACKENDS:
+        plt.show()
+    return fig
+
+
+def draw_detections(
+    ax: Any,
+    img: Any,
+    idx_to_class: Mapping[int, str] | Sequence[str] | None,
+    bbox: Any = None,
+    pred: Any = None,
+    points: Any = None,
+) -> None:
+    """Draw an image with its boxes into an existing matplotlib ``ax``.
+
+    Arguments as for :func:`detection_visualizer`, which calls this for its single axes.
+    """
+    from matplotlib.patches import Rectangle
+
+    image = _image_hwc(img)
+    height, width = image.shape[:2]
     ax.imshow(image)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
@@ -180,7 +203,33 @@ def detection_visualizer(
         pts = _as_numpy(points).astype(np.float64).reshape(-1, 2)
         ax.scatter(pts[:, 0], pts[:, 1], s=12, c=POINT_COLOR)
 
-    fig.tight_layout(pad=0.1)
-    if show and matplotlib.get_backend().lower() not in _NON_INTERACTIVE_BACKENDS:
-        plt.show()
+
+def detection_grid(
+    samples: Sequence[tuple[Any, Any, Any]],
+    idx_to_class: Mapping[int, str] | Sequence[str] | None,
+    ncols: int = 4,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """A grid of images with GT (green) and predicted (red) boxes, e.g. for a run's report.
+
+    Args:
+        samples: ``(img, bbox, pred)`` triples as for :func:`detection_visualizer`.
+        idx_to_class: class index to name.
+        ncols: images per row.
+        path: also save the figure there (PNG).
+
+    Returns:
+        The matplotlib ``Figure`` (not shown; close it when done).
+    """
+    import matplotlib.pyplot as plt
+
+    nrows = max(1, -(-len(samples) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, bbox, pred) in zip(axes.flat, samples, strict=False):
+        draw_detections(ax, img, idx_to_class, bbox, pred)
+    fig.tight_layout(pad=0.2)
+    if path is not None:
+        fig.savefig(path, dpi=100)
     return fig
