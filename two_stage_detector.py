@@ -546,9 +546,8 @@ class RPN(nn.Module):
         anchors = self.get_anchors(feats_per_fpn_level, strides_per_fpn_level, dtype)
 
         boxes, scores, mask = self._propose(anchors, obj_logits, boxreg_deltas, image_size)
-        counts = mask.sum(dim=1).tolist()
         output = {
-            "proposals": list(torch.split(boxes[mask], counts)),
+            "proposals": _unpad(boxes, mask),
             "proposal_boxes": boxes,
             "proposal_scores": scores,
             "proposal_mask": mask,
@@ -614,7 +613,7 @@ class RPN(nn.Module):
         boxes, _, mask = self._propose(
             anchors_per_fpn_level, pred_obj_logits, pred_boxreg_deltas, image_size
         )
-        return list(torch.split(boxes[mask], mask.sum(dim=1).tolist()))
+        return _unpad(boxes, mask)
 
     @torch.no_grad()
     def _propose(
@@ -704,6 +703,11 @@ def _batched_nms_topk(
     index[kept_images, ranks] = kept % num
     mask[kept_images, ranks] = True
     return index, mask
+
+
+def _unpad(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """(B, K, ...) padded values and (B, K) mask -> B tensors of the filled slots."""
+    return list(torch.split(values[mask], mask.sum(dim=1).tolist()))
 
 
 def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -980,12 +984,6 @@ class FasterRCNN(nn.Module):
             nms_thresh,
             self.detections_per_image,
         )
-        counts = mask.sum(dim=1).tolist()
-        return list(
-            zip(
-                torch.split(_gather_rows(boxes, index)[mask], counts),
-                torch.split((index % num_classes)[mask], counts),
-                torch.split(_gather_rows(scores, index)[mask], counts),
-                strict=True,
-            )
-        )
+        boxes, scores = _gather_rows(boxes, index), _gather_rows(scores, index)
+        classes = index % num_classes
+        return list(zip(*(_unpad(t, mask) for t in (boxes, classes, scores)), strict=True))
