@@ -44,9 +44,15 @@ DEMO = {
     "num_val": 96,
     "image_size": 128,
     "fpn_channels": 64,
-    "max_iters": 600,
+    "max_iters": 220,
     "batch_size": 16,
     "learning_rate": 0.02,
+    "warmup_iters": 30,
+    "grad_clip": 10.0,
+    "box_regression": True,
+    "rpn_batch_size": 64,
+    "roi_batch_size": 128,
+    "no_pretrained": True,
 }
 
 
@@ -60,19 +66,25 @@ def build_detector(
     post_nms_topk: int = 200,
     box_regression: bool = False,
     pretrained: bool = True,
+    rpn_batch_size: int = 16,
+    roi_batch_size: int = 32,
 ) -> FasterRCNN:
-    """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes."""
+    """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
+
+    ``rpn_batch_size`` / ``roi_batch_size`` are the anchors and RoIs sampled per image for the
+    losses (the notebook's 16 and 32; torchvision uses 256 and 512).
+    """
     backbone = DetectorBackboneWithFPN(out_channels=fpn_channels, pretrained=pretrained)
     rpn = RPN(
         fpn_channels=fpn_channels,
         stem_channels=[fpn_channels, fpn_channels],
-        batch_size_per_image=16,
+        batch_size_per_image=rpn_batch_size,
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
     )
     return FasterRCNN(
         backbone, rpn, num_classes=num_classes, roi_size=(7, 7),
-        stem_channels=[fpn_channels, fpn_channels], batch_size_per_image=32,
+        stem_channels=[fpn_channels, fpn_channels], batch_size_per_image=roi_batch_size,
         box_regression=box_regression,
     )  # fmt: skip
 
@@ -233,6 +245,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     model = build_detector(
         len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
+        rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
     )  # fmt: skip
     model.meta = {"class_names": classes, "image_size": args.image_size}
     loader = _loader(train, args.batch_size, args.workers, True, args.seed)
@@ -389,8 +402,21 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--post-nms-topk", type=int, default=NOTEBOOK_MODEL["post_nms_topk"])
     p.add_argument(
         "--box-regression",
-        action="store_true",
-        help="add second-stage class-specific box regression",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.get("box_regression", False),
+        help="second-stage class-specific box regression",
+    )
+    p.add_argument(
+        "--rpn-batch-size",
+        type=int,
+        default=defaults.get("rpn_batch_size", 16),
+        help="anchors sampled per image for the RPN losses",
+    )
+    p.add_argument(
+        "--roi-batch-size",
+        type=int,
+        default=defaults.get("roi_batch_size", 32),
+        help="RoIs sampled per image for the second-stage losses",
     )
     p.add_argument(
         "--no-pretrained",
@@ -422,8 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "detections.png, checkpoint.pt and metrics.json into --out.",
     )  # fmt: skip
     _add_data_args(demo, DEMO["image_size"])
-    _add_train_args(demo, {**DEMO, "out": "outputs/demo", "warmup_iters": 50, "grad_clip": 10.0,
-                           "no_pretrained": True})  # fmt: skip
+    _add_train_args(demo, {**DEMO, "out": "outputs/demo"})
     _add_eval_args(demo)
     demo.set_defaults(func=cmd_demo)
 
