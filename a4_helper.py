@@ -1125,7 +1125,7 @@ def train_detector(
         ``meta`` (``detector.meta`` if present: e.g. class names and image size, for tools that
         load the checkpoint later) and ``train_args`` (the learning-rate settings).
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     device = torch.device(device)
     use_amp = bool(amp) and device.type == "cuda"
@@ -1312,7 +1312,7 @@ def inference_with_detector(
     Returns:
         ``MeanAPResult`` with ``output_dir``, else ``None``.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     from eecs598.mean_ap import MeanAPAccumulator, write_tool_files
 
