@@ -843,6 +843,8 @@ class FasterRCNN(nn.Module):
             gt_boxes = gt_boxes.to(proposals)
             proposals = torch.cat([proposals, gt_boxes[..., :4]], dim=1)
             valid = torch.cat([valid, gt_boxes[..., 4] != BACKGROUND], dim=1)
+            # Only the sampled RoIs are pooled and classified: the head is the costly part.
+            proposals, valid, matched, foreground = self._sample_rois(proposals, valid, gt_boxes)
 
         roi_feats = self._pool(feats, strides, proposals, valid)  # (B*R, C, h, w)
         hidden = self.cls_pred[:-1](roi_feats)
@@ -859,7 +861,7 @@ class FasterRCNN(nn.Module):
             return detections[0] if len(detections) == 1 else detections
 
         losses = {k: v for k, v in rpn_output.items() if k.startswith("loss")}
-        losses.update(self._losses(proposals, valid, cls_logits, box_deltas, gt_boxes))
+        losses.update(self._losses(proposals, valid, matched, foreground, cls_logits, box_deltas))
         return losses
 
     def _check_classes(self, gt_boxes: torch.Tensor) -> None:
@@ -904,38 +906,69 @@ class FasterRCNN(nn.Module):
                 level_rois.to(level_feats.dtype),
                 self.roi_size,
                 spatial_scale=1.0 / strides[level],
-                sampling_ratio=-1,
+                sampling_ratio=2,  # as torchvision's MultiScaleRoIAlign
                 aligned=True,
             )
             pooled[selected] = level_pooled.to(pooled.dtype)
         return pooled
 
-    def _losses(
-        self,
-        proposals: torch.Tensor,
-        valid: torch.Tensor,
-        cls_logits: torch.Tensor,
-        box_deltas: torch.Tensor | None,
-        gt_boxes: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Second-stage losses over RoIs sampled per image (see the class docstring)."""
+    @torch.no_grad()
+    def _sample_rois(
+        self, proposals: torch.Tensor, valid: torch.Tensor, gt_boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Match RoIs with GT at IoU 0.5 and sample ``batch_size_per_image`` per image.
+
+        Args:
+            proposals: (B, R, 4) RoIs (proposals plus GT boxes); valid: (B, R).
+            gt_boxes: (B, M, 5) GT rows.
+
+        Returns:
+            ``(rois (B, S, 4), sampled (B, S), matched (B, S, 5), foreground (B, S))`` with
+            ``S = min(batch_size_per_image, R)``: the sampled RoIs first in each row, padded
+            slots marked False in ``sampled``.
+        """
         matched = rcnn_match_anchors_to_gt(proposals, gt_boxes, (0.5, 0.5))  # (B, R, 5)
         matched = torch.where(valid[..., None], matched, matched.new_tensor(NEUTRAL))
         fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.25)
         sampled = fg | bg
-        target = torch.where(fg, matched[..., 4].long() + 1, 0)  # background is class 0
+        num_slots = min(self.batch_size_per_image, sampled.shape[1])
+        order = torch.argsort(sampled.to(torch.uint8), dim=1, descending=True, stable=True)
+        order = order[:, :num_slots]
+        return (
+            _gather_rows(proposals, order),
+            torch.gather(sampled, 1, order),
+            _gather_rows(matched, order),
+            torch.gather(fg, 1, order),
+        )
+
+    def _losses(
+        self,
+        rois: torch.Tensor,
+        sampled: torch.Tensor,
+        matched: torch.Tensor,
+        foreground: torch.Tensor,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Second-stage losses over the sampled RoIs (see the class docstring).
+
+        Args:
+            rois: (B, S, 4); sampled, foreground: (B, S); matched: (B, S, 5) GT rows;
+            cls_logits: (B, S, C+1); box_deltas: (B, S, C, 4) or None.
+        """
+        target = torch.where(foreground, matched[..., 4].long() + 1, 0)  # background is 0
         loss_cls = F.cross_entropy(
             cls_logits.float().flatten(0, 1), target.flatten(), reduction="none"
         )
         num_sampled = sampled.sum().clamp(min=1)
         losses = {"loss_cls": (loss_cls * sampled.flatten()).sum() / num_sampled}
         if box_deltas is not None:
-            fg_class = target.clamp(min=1) - 1  # (B, R)
+            fg_class = target.clamp(min=1) - 1  # (B, S)
             index = fg_class[..., None, None].expand(-1, -1, 1, 4)
-            pred = torch.gather(box_deltas, 2, index).squeeze(2).float()  # (B, R, 4)
-            gt_deltas = rcnn_get_deltas_from_anchors(proposals, matched, self.box_weights)
-            gt_deltas = torch.where(fg[..., None], gt_deltas, 0.0)
-            loss_box = F.l1_loss(pred, gt_deltas, reduction="none") * fg[..., None]
+            pred = torch.gather(box_deltas, 2, index).squeeze(2).float()  # (B, S, 4)
+            gt_deltas = rcnn_get_deltas_from_anchors(rois, matched, self.box_weights)
+            gt_deltas = torch.where(foreground[..., None], gt_deltas, 0.0)
+            loss_box = F.l1_loss(pred, gt_deltas, reduction="none") * foreground[..., None]
             losses["loss_box"] = loss_box.sum() / num_sampled
         return losses
 
