@@ -1048,6 +1048,11 @@ def _plot_losses(history: Sequence[float], plot_path: str | os.PathLike | None, 
         plt.close(fig)
 
 
+def _flush_denormal_enabled() -> bool:
+    """Whether CPU float math currently flushes subnormals to zero (torch has no getter)."""
+    return (torch.tensor([1e-30], dtype=torch.float32) * 1e-10).item() == 0.0
+
+
 def train_detector(
     detector: nn.Module,
     train_loader: Iterable,
@@ -1078,8 +1083,9 @@ def train_detector(
     a dict; every entry whose key contains ``"loss"`` is a scalar loss and they are summed
     (other entries, e.g. proposals, are ignored). The loader is cycled until ``max_iters``.
 
-    On CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``): a freshly
-    initialised backbone otherwise makes convolutions about 100x slower.
+    On CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``) while training,
+    and the previous setting is restored afterwards: a freshly initialised backbone otherwise
+    makes convolutions about 100x slower.
 
     Schedule: SGD (momentum, weight decay) over parameters with ``requires_grad``; learning rate
     warmed up linearly from ``warmup_factor * learning_rate`` over ``warmup_iters`` iterations
@@ -1131,8 +1137,9 @@ def train_detector(
     use_amp = bool(amp) and device.type == "cuda"
     if amp and not use_amp:
         print(f"Note: amp=True is ignored on device '{device}' (mixed precision is CUDA-only).")
+    # A random-init trunk makes subnormal floats early on, which slow CPU convs ~100x.
+    flush_was_on = _flush_denormal_enabled()
     if device.type == "cpu":
-        # A random-init trunk makes subnormal floats early on, which slow CPU convs ~100x.
         torch.set_flush_denormal(True)
     detector.to(device)
     detector.train()
@@ -1256,6 +1263,7 @@ def train_detector(
                 save(done)
     finally:
         bar.close()
+        torch.set_flush_denormal(flush_was_on)
     if progress and max_iters > start_iter:
         elapsed = time.time() - start_time
         print(f"Trained {max_iters - start_iter} iterations in {elapsed:.1f} s.")

@@ -705,6 +705,11 @@ def _batched_nms_topk(
     return index, mask
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) outputs to float32; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _unpad(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """(B, K, ...) padded values and (B, K) mask -> B tensors of the filled slots."""
     return list(torch.split(values[mask], mask.sum(dim=1).tolist()))
@@ -958,14 +963,14 @@ class FasterRCNN(nn.Module):
         """
         target = torch.where(foreground, matched[..., 4].long() + 1, 0)  # background is 0
         loss_cls = F.cross_entropy(
-            cls_logits.float().flatten(0, 1), target.flatten(), reduction="none"
+            _full_precision(cls_logits).flatten(0, 1), target.flatten(), reduction="none"
         )
         num_sampled = sampled.sum().clamp(min=1)
         losses = {"loss_cls": (loss_cls * sampled.flatten()).sum() / num_sampled}
         if box_deltas is not None:
             fg_class = target.clamp(min=1) - 1  # (B, S)
             index = fg_class[..., None, None].expand(-1, -1, 1, 4)
-            pred = torch.gather(box_deltas, 2, index).squeeze(2).float()  # (B, S, 4)
+            pred = _full_precision(torch.gather(box_deltas, 2, index).squeeze(2))  # (B, S, 4)
             gt_deltas = rcnn_get_deltas_from_anchors(rois, matched, self.box_weights)
             gt_deltas = torch.where(foreground[..., None], gt_deltas, 0.0)
             loss_box = F.l1_loss(pred, gt_deltas, reduction="none") * foreground[..., None]
@@ -996,7 +1001,7 @@ class FasterRCNN(nn.Module):
         nms_thresh = 0.5 if test_nms_thresh is None else test_nms_thresh
         batch = len(valid)
         num_classes = self.num_classes
-        scores = cls_logits.float().softmax(dim=-1)[..., 1:]  # (B, R, C)
+        scores = _full_precision(cls_logits).softmax(dim=-1)[..., 1:]  # (B, R, C)
         if box_deltas is None:
             boxes = proposals[:, :, None, :].expand(-1, -1, num_classes, -1)
         else:

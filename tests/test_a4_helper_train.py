@@ -275,3 +275,24 @@ def test_faster_rcnn_resume_matches_uninterrupted_run(shapes96, tmp_path):
     resumed = train_detector(build_faster_rcnn(5), real_loader(shapes96), resume=True,
                              checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
     np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
+
+
+def test_train_detector_restores_flush_denormal_setting():
+    """Flush-to-zero is on during CPU training only; later code still sees subnormals."""
+    from a4_helper import _flush_denormal_enabled
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, gt_boxes):
+            self.seen = _flush_denormal_enabled()
+            return {"loss": (self.w * images.mean()) ** 2}
+
+    batches = [("a", torch.ones(1, 3, 4, 4), torch.full((1, 1, 5), -1.0))]
+    model = Tiny()
+    assert not _flush_denormal_enabled()
+    train_detector(model, batches, max_iters=2, show_plot=False, progress=False, log_period=0)
+    assert model.seen is True
+    assert not _flush_denormal_enabled()

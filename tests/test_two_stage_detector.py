@@ -507,3 +507,25 @@ def test_overfit_four_images(flush_denormal):
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     print(f"overfit: loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
     assert last * 5 <= first
+
+
+def test_dtype_agnostic_float64_and_autocast():
+    """The same code runs in float64 and under CPU bfloat16 autocast (CUDA autocast alike)."""
+    torch.manual_seed(0)
+    model = small_faster_rcnn(box_regression=True).double()
+    losses = model(torch.randn(2, 3, 96, 96, dtype=torch.float64), make_gt(2).double())
+    assert all(v.dtype == torch.float64 and torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        boxes, classes, scores = model(torch.randn(1, 3, 96, 96, dtype=torch.float64), None, 0.0)
+    assert boxes.dtype == torch.float64 and classes.dtype == torch.long
+
+    model = small_faster_rcnn(box_regression=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(torch.randn(2, 3, 96, 96), make_gt(2))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        boxes, classes, scores = model(torch.randn(1, 3, 96, 96), test_score_thresh=0.0)
+    assert boxes.dtype == torch.float32 and len(boxes) > 0
