@@ -44,14 +44,14 @@ DEMO = {
     "num_val": 96,
     "image_size": 128,
     "fpn_channels": 64,
-    "max_iters": 320,
+    "max_iters": 420,
     "batch_size": 16,
     "learning_rate": 0.02,
     "warmup_iters": 30,
     "grad_clip": 10.0,
     "box_regression": True,
     "rpn_batch_size": 64,
-    "roi_batch_size": 64,
+    "roi_batch_size": 32,
     "no_pretrained": True,
 }
 
