@@ -74,6 +74,8 @@ from torch import nn
 from torchvision.datasets import VOCDetection
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
+from common import box_iou
+
 __all__ = [
     "BCCD_CLASSES",
     "IMAGENET_MEAN",
@@ -643,13 +645,9 @@ def _shape_polygon(cls: int, x1: float, y1: float, x2: float, y2: float) -> list
     ]  # fmt: skip
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``(4,)`` box with ``(N, 4)`` boxes; returns ``(N,)``."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod((rb - lt).clip(0), axis=1)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter + 1e-9)
+def _overlap(box: np.ndarray, boxes: np.ndarray) -> float:
+    """Largest IoU of one ``(4,)`` box with ``(N, 4)`` boxes (``common.box_iou``)."""
+    return box_iou(torch.from_numpy(box[None]), torch.from_numpy(np.asarray(boxes))).max().item()
 
 
 def _make_shapes_image(
@@ -674,7 +672,7 @@ def _make_shapes_image(
             visible = np.prod(clipped[2:] - clipped[:2]) / (w * h)
             if visible < 0.5 or min(clipped[2:] - clipped[:2]) < 4:
                 continue
-            if len(placed) and _iou(clipped, placed).max() > 0.35:
+            if len(placed) and _overlap(clipped, placed) > 0.35:
                 continue
             cls = int(rng.integers(len(SHAPES_CLASSES)))
             placed = np.vstack([placed, clipped])
