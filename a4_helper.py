@@ -95,6 +95,7 @@ __all__ = [
     "load_checkpoint",
     "make_shapes_dataset",
     "train_detector",
+    "preprocess_image",
     "unnormalize_image",
 ]
 
@@ -157,6 +158,32 @@ def _to_tensor_normalized(image: Image.Image) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return tensor.sub_(mean).div_(std)
+
+
+def _short_side_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """``(new_w, new_h)`` with the short side ``image_size`` and the long side rounded."""
+    if width <= height:
+        return image_size, max(1, int(round(height * image_size / width)))
+    return max(1, int(round(width * image_size / height))), image_size
+
+
+def preprocess_image(
+    image: Image.Image, image_size: int
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """The reader's val transform for any image: short side to ``image_size``, no crop.
+
+    Args:
+        image: a PIL image of any mode (converted to RGB).
+        image_size: the short side after resizing.
+
+    Returns:
+        ``(image (3, H, W) ImageNet-normalised, (sx, sy))``: the tensor and the scales from
+        original to resized pixels (divide predicted x by ``sx``, y by ``sy`` to map back).
+    """
+    width, height = image.size
+    new_w, new_h = _short_side_size(width, height, image_size)
+    resized = image.convert("RGB").resize((new_w, new_h), Image.BILINEAR)
+    return _to_tensor_normalized(resized), (new_w / width, new_h / height)
 
 
 def unnormalize_image(image: torch.Tensor) -> torch.Tensor:
@@ -349,10 +376,7 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             crop is centred with ``left = (new_w - image_size) // 2`` (same for ``top``).
         """
         s = self.image_size
-        if width <= height:
-            new_w, new_h = s, max(1, int(round(height * s / width)))
-        else:
-            new_w, new_h = max(1, int(round(width * s / height))), s
+        new_w, new_h = _short_side_size(width, height, s)
         if self.train_transform:
             return new_w, new_h, (new_w - s) // 2, (new_h - s) // 2, s, s
         return new_w, new_h, 0, 0, new_w, new_h

@@ -308,9 +308,9 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    from torchvision.transforms import functional as TF
+    from torchvision.transforms.functional import to_tensor
 
-    from a4_helper import IMAGENET_MEAN, IMAGENET_STD
+    from a4_helper import preprocess_image
     from eecs598.utils import detection_visualizer
 
     model, checkpoint = load_detector(args.checkpoint, args.device)
@@ -325,17 +325,15 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
                 image = raw.convert("RGB")
         except OSError as err:
             raise ValueError(f"Cannot read image {path}: {err}") from err
-        scale = size / min(image.size)
-        resized = TF.resize(image, [round(image.height * scale), round(image.width * scale)])
-        tensor = TF.normalize(TF.to_tensor(resized), IMAGENET_MEAN, IMAGENET_STD)
+        tensor, (sx, sy) = preprocess_image(image, size)
         with torch.no_grad():
             boxes, labels, scores = model(
                 tensor[None].to(args.device), test_score_thresh=args.score_thresh,
                 test_nms_thresh=args.nms_thresh,
             )  # fmt: skip
-        boxes = boxes.cpu() / scale  # back to the original image's pixels
+        boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])  # back to original pixels
         pred = torch.cat([boxes, labels.cpu()[:, None].float(), scores.cpu()[:, None]], dim=1)
-        fig = detection_visualizer(TF.to_tensor(image), classes, pred=pred, show=False)
+        fig = detection_visualizer(to_tensor(image), classes, pred=pred, show=False)
         fig.savefig(out / f"{path.stem}_pred.png", dpi=100)
         plt.close(fig)
         records.append(

@@ -92,3 +92,18 @@ def test_help_for_every_subcommand(capsys):
             detector_cli.main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: detector_cli.py " + command in capsys.readouterr().out
+
+
+def test_predict_preprocessing_is_the_val_transform(demo_run):
+    """predict feeds the model exactly what evaluation feeds it for the same file."""
+    from PIL import Image
+
+    from a4_helper import ShapesDetection, preprocess_image
+
+    val = ShapesDetection(demo_run / "data" / "shapes", "val", image_size=64)
+    path, expected, _ = val[0]
+    with Image.open(path) as image:
+        tensor, (sx, sy) = preprocess_image(image, 64)
+        width, height = image.size
+    assert torch.equal(tensor, expected)
+    assert (round(width * sx), round(height * sy)) == tuple(expected.shape[:0:-1])
