@@ -522,6 +522,8 @@ class RPN(nn.Module):
         strides_per_fpn_level: dict[str, int],
         gt_boxes: torch.Tensor | None = None,
         image_size: tuple[int, int] | None = None,
+        *,
+        proposal_list: bool = True,
     ) -> dict:
         """
         Args:
@@ -530,11 +532,14 @@ class RPN(nn.Module):
             gt_boxes: (B, M, 5) GT rows; required in training mode.
             image_size: ``(H, W)`` of the input images, for clipping proposals. Defaults to
                 the smallest level's size times its stride.
+            proposal_list: also return ``"proposals"`` as a list. Splitting per image needs a
+                host-device sync; ``FasterRCNN`` uses the padded layout and skips it.
 
         Returns:
-            ``{"proposals": B tensors (N_i, 4)}``; ``"proposal_boxes"`` (B, K, 4),
-            ``"proposal_scores"`` (B, K) and ``"proposal_mask"`` (B, K), the same proposals in
-            a padded layout; and, in training, ``"loss_rpn_obj"`` and ``"loss_rpn_box"``.
+            ``{"proposals": B tensors (N_i, 4)}`` (unless ``proposal_list`` is False);
+            ``"proposal_boxes"`` (B, K, 4), ``"proposal_scores"`` (B, K) and
+            ``"proposal_mask"`` (B, K), the same proposals in a padded layout; and, in
+            training, ``"loss_rpn_obj"`` and ``"loss_rpn_box"``.
         """
         level, feats = next(iter(feats_per_fpn_level.items()))
         if image_size is None:
@@ -542,16 +547,13 @@ class RPN(nn.Module):
             image_size = (feats.shape[-2] * stride, feats.shape[-1] * stride)
         obj_logits, boxreg_deltas = self.pred_net(feats_per_fpn_level)
         # Anchors and box arithmetic stay in full precision under autocast.
-        dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+        dtype = torch.promote_types(feats.dtype, torch.float32)
         anchors = self.get_anchors(feats_per_fpn_level, strides_per_fpn_level, dtype)
 
         boxes, scores, mask = self._propose(anchors, obj_logits, boxreg_deltas, image_size)
-        output = {
-            "proposals": _unpad(boxes, mask),
-            "proposal_boxes": boxes,
-            "proposal_scores": scores,
-            "proposal_mask": mask,
-        }
+        output = {"proposal_boxes": boxes, "proposal_scores": scores, "proposal_mask": mask}
+        if proposal_list:
+            output["proposals"] = _unpad(boxes, mask)
         if not self.training:
             return output
         if gt_boxes is None:
@@ -840,7 +842,11 @@ class FasterRCNN(nn.Module):
         strides = self.backbone.fpn_strides
         image_size = tuple(images.shape[-2:])
         rpn_output = self.rpn(
-            feats, strides, gt_boxes if self.training else None, image_size=image_size
+            feats,
+            strides,
+            gt_boxes if self.training else None,
+            image_size=image_size,
+            proposal_list=False,
         )
         proposals = rpn_output["proposal_boxes"]  # (B, K, 4)
         valid = rpn_output["proposal_mask"]  # (B, K)
