@@ -26,6 +26,7 @@ import torch
 
 from a4_helper import (
     SHAPES_CLASSES,
+    CachedDetection,
     VOC2007DetectionTiny,
     VOCLayoutDetection,
     inference_with_detector,
@@ -247,6 +248,9 @@ def cmd_train(args: argparse.Namespace) -> dict:
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
     )  # fmt: skip
     model.meta = {"class_names": classes, "image_size": args.image_size}
+    if args.cache != "off":
+        cache_dir = Path(args.cache_dir or out / "cache") if args.cache == "disk" else None
+        train = CachedDetection(train, cache_dir, progress=args.progress, normalize=False)
     loader = _loader(train, args.batch_size, args.workers, True, args.seed)
     start = time.time()
     history = train_detector(
@@ -425,6 +429,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--log-period", type=int, default=50)
     p.add_argument("--checkpoint-period", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--cache",
+        choices=("memory", "disk", "off"),
+        default="memory",
+        help="decode and resize the training images once (CachedDetection); 'disk' also "
+        "keeps them in a file under --cache-dir for later runs",
+    )
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")  # fmt: skip
 
