@@ -1070,7 +1070,14 @@ class _BatchStream:
                 found.append(gen)
         return found
 
+    def _set_sampler_epoch(self) -> None:
+        """A ``DistributedSampler`` reshuffles per epoch only when told the epoch."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+
     def _start_pass(self) -> None:
+        self._set_sampler_epoch()
         self._epoch_state = {
             "torch": torch.get_rng_state(),
             "generators": [g.get_state() for g in self._generators()],
@@ -1110,11 +1117,12 @@ class _BatchStream:
         for gen, gen_state in zip(generators, saved, strict=False):
             gen.set_state(gen_state)
         self._epoch_state = state["epoch_state"]
+        self.epoch = int(state["epoch"])
+        self._set_sampler_epoch()
         self._iterator = iter(self.loader)
         for _ in range(int(state["consumed"])):
             next(self._iterator)
         self.consumed = int(state["consumed"])
-        self.epoch = int(state["epoch"])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -1221,6 +1229,13 @@ def _flush_denormal_enabled() -> bool:
     return (torch.tensor([1e-30], dtype=torch.float32) * 1e-10).item() == 0.0
 
 
+def _distributed_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 def train_detector(
     detector: nn.Module,
     train_loader: Iterable,
@@ -1243,6 +1258,7 @@ def train_detector(
     show_plot: bool = True,
     plot_path: str | os.PathLike | None = None,
     progress: bool = True,
+    sync_period: int = 20,
 ) -> LossHistory:
     """Train ``detector`` with SGD for ``max_iters`` iterations.
 
@@ -1250,6 +1266,16 @@ def train_detector(
     The detector is called in training mode as ``detector(images, gt_boxes)`` and must return
     a dict; every entry whose key contains ``"loss"`` is a scalar loss and they are summed
     (other entries, e.g. proposals, are ignored). The loader is cycled until ``max_iters``.
+
+    Distributed training: when ``torch.distributed`` is initialised with more than one process
+    (e.g. under ``torchrun``), the detector is wrapped in ``DistributedDataParallel`` (gradients
+    averaged over processes), each process trains on its own batches (give its loader a
+    ``DistributedSampler``; its epoch is set at every pass), the logged losses are averaged over
+    processes, and only rank 0 prints, plots and writes checkpoints. All processes should be
+    seeded alike: their RNG states then stay equal, and rank 0's checkpoint resumes all of them.
+
+    Host-device syncs: loss values stay on the device and are read (one transfer) every
+    ``sync_period`` iterations, at log lines and before checkpoints, not every iteration.
 
     On CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``) while training,
     and the previous setting is restored afterwards: a freshly initialised backbone otherwise
@@ -1281,6 +1307,8 @@ def train_detector(
         show_plot: Plot the loss history at the end (shown only on interactive backends).
         plot_path: Also save the plot there.
         progress: Show a tqdm progress bar with the current loss.
+        sync_period: Read the loss values from the device at least this often (iterations).
+            A non-finite loss is detected when they are read.
 
     Returns:
         :class:`LossHistory`: total loss per iteration (a list of floats) with ``.terms``
@@ -1288,8 +1316,8 @@ def train_detector(
 
     Raises:
         FloatingPointError: A loss is NaN or infinite. The message names the iteration and each
-            loss term's value; no checkpoint is written for that iteration, so the last
-            checkpoint on disk stays the last good one.
+            loss term's value. Losses are checked before every checkpoint is written, so the
+            last checkpoint on disk stays the last good one.
 
     Checkpoint format (a dict saved with ``torch.save``; load with :func:`load_checkpoint`):
         ``format`` (str), ``iteration`` (completed iterations), ``max_iters``, ``model``,
@@ -1382,9 +1410,41 @@ def train_detector(
             },
         )
 
+    world, rank = _distributed_world()
+    model = detector
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(detector, device_ids=device_ids)
+    main = rank == 0
     bar = tqdm(
-        total=max_iters, initial=start_iter, disable=not progress, desc="train", dynamic_ncols=True
-    )
+        total=max_iters, initial=start_iter, disable=not (progress and main), desc="train",
+        dynamic_ncols=True,
+    )  # fmt: skip
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (iteration, loss values, lr)
+    names: list[str] = []
+
+    def read_losses() -> None:
+        """Move the pending loss values to ``history`` (one sync); stop on a non-finite one."""
+        if not pending:
+            return
+        values = torch.stack([v for _, v, _ in pending]).tolist()
+        for (iteration, _, lr), row in zip(pending, values, strict=True):
+            total_value, terms = row[0], dict(zip(names, row[1:], strict=True))
+            if not math.isfinite(total_value):
+                detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+                raise FloatingPointError(
+                    f"Non-finite loss at iteration {iteration}: total={total_value}, {detail}. "
+                    "Training stopped; the last checkpoint (if any) is the last good state."
+                )
+            history.append(total_value)
+            for k, v in terms.items():
+                history.terms.setdefault(k, []).append(v)
+            if main and log_period and (iteration % log_period == 0 or iteration == max_iters - 1):
+                parts = "".join(f"[{k}: {v:.3f}]" for k, v in terms.items())
+                tqdm.write(f"[Iter {iteration}][loss: {total_value:.3f}]{parts}[lr: {lr:.2e}]")
+        bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{pending[-1][2]:.2e}")
+        pending.clear()
+
     start_time = time.time()
     try:
         for iteration in range(start_iter, max_iters):
@@ -1394,19 +1454,19 @@ def train_detector(
                 images = normalize_uint8(images)
             gt_boxes = gt_boxes.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                outputs = detector(images, gt_boxes)
+                outputs = model(images, gt_boxes)
             terms = {k: v for k, v in outputs.items() if "loss" in k}
             if not terms:
                 raise ValueError(f"detector returned no loss terms (keys: {list(outputs)})")
+            names = list(terms)
             total = sum(v.float() for v in terms.values())
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            total_value = float(total.detach())
-            if not math.isfinite(total_value):
-                detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-                raise FloatingPointError(
-                    f"Non-finite loss at iteration {iteration}: total={total_value}, {detail}. "
-                    "Training stopped; the last checkpoint (if any) is the last good state."
-                )
+            values = torch.stack(
+                [total.detach().reshape(())]
+                + [v.detach().float().reshape(()) for v in terms.values()]
+            )
+            if world > 1:
+                torch.distributed.all_reduce(values)
+                values /= world
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -1415,29 +1475,26 @@ def train_detector(
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
+            pending.append((iteration, values, optimizer.param_groups[0]["lr"]))
             scheduler.step()
-
-            history.append(total_value)
-            for k, v in values.items():
-                history.terms.setdefault(k, []).append(v)
             bar.update(1)
-            bar.set_postfix(loss=f"{total_value:.3f}", lr=f"{lr:.2e}")
-            if log_period and (iteration % log_period == 0 or iteration == max_iters - 1):
-                parts = "".join(f"[{k}: {v:.3f}]" for k, v in values.items())
-                tqdm.write(f"[Iter {iteration}][loss: {total_value:.3f}]{parts}[lr: {lr:.2e}]")
+
             done = iteration + 1
-            if checkpoint_path is not None and (
+            checkpoint_due = checkpoint_path is not None and (
                 done % max(1, checkpoint_period) == 0 or done == max_iters
-            ):
+            )
+            logging_due = log_period and iteration % log_period == 0
+            if checkpoint_due or logging_due or len(pending) >= sync_period or done == max_iters:
+                read_losses()
+            if checkpoint_due and main:
                 save(done)
     finally:
         bar.close()
         torch.set_flush_denormal(flush_was_on)
-    if progress and max_iters > start_iter:
+    if progress and main and max_iters > start_iter:
         elapsed = time.time() - start_time
         print(f"Trained {max_iters - start_iter} iterations in {elapsed:.1f} s.")
-    if show_plot or plot_path is not None:
+    if main and (show_plot or plot_path is not None):
         _plot_losses(history, plot_path, show_plot)
     return history
 
