@@ -1449,6 +1449,9 @@ def train_detector(
     try:
         for iteration in range(start_iter, max_iters):
             _, images, gt_boxes = stream.next()
+            check_inputs = getattr(detector, "check_inputs", None)
+            if check_inputs is not None and device.type != "cpu":  # on CPU forward checks
+                check_inputs(gt_boxes=gt_boxes)  # still on the host: no device sync
             images = images.to(device, non_blocking=True)
             if images.dtype == torch.uint8:  # CachedDetection(normalize=False)
                 images = normalize_uint8(images)

@@ -69,17 +69,21 @@ def build_detector(
     pretrained: bool = True,
     rpn_batch_size: int = 16,
     roi_batch_size: int = 32,
+    anchor_scale: float = 8,
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
     ``rpn_batch_size`` / ``roi_batch_size`` are the anchors and RoIs sampled per image for the
-    losses (the notebook's 16 and 32; torchvision uses 256 and 512).
+    losses (the notebook's 16 and 32; torchvision uses 256 and 512). ``anchor_scale`` is the
+    anchor side in strides: the notebook's 8 gives 64-256 px anchors on p3-p5; 4 (RetinaNet's
+    base size) gives 32-128 px, for small images and objects.
     """
     backbone = DetectorBackboneWithFPN(out_channels=fpn_channels, pretrained=pretrained)
     rpn = RPN(
         fpn_channels=fpn_channels,
         stem_channels=[fpn_channels, fpn_channels],
         batch_size_per_image=rpn_batch_size,
+        anchor_stride_scale=anchor_scale,
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
     )
@@ -287,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
         len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
+        anchor_scale=args.anchor_scale,
     )  # fmt: skip
     model.meta = {"class_names": classes, "image_size": args.image_size}
     if args.cache != "off":
@@ -467,6 +472,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         type=int,
         default=defaults.get("roi_batch_size", 32),
         help="RoIs sampled per image for the second-stage losses",
+    )
+    p.add_argument(
+        "--anchor-scale",
+        type=float,
+        default=defaults.get("anchor_scale", 8),
+        help="anchor side in units of the FPN level's stride (8: 64-256 px on p3-p5)",
     )
     p.add_argument(
         "--no-pretrained",

@@ -935,7 +935,8 @@ class FasterRCNN(nn.Module):
             if gt_boxes is None:
                 raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
             _check_gt_boxes(gt_boxes, batch_size=len(images))
-            self._check_classes(gt_boxes)
+            if gt_boxes.device.type == "cpu":  # elsewhere it would be a sync per step
+                self._check_classes(gt_boxes)
         feats = self.backbone(images)
         strides = self.backbone.fpn_strides
         image_size = tuple(images.shape[-2:])
@@ -972,6 +973,21 @@ class FasterRCNN(nn.Module):
         losses = {k: v for k, v in rpn_output.items() if k.startswith("loss")}
         losses.update(self._losses(proposals, valid, matched, foreground, cls_logits, box_deltas))
         return losses
+
+    def check_inputs(
+        self, images: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None
+    ) -> None:
+        """Raise ``ValueError`` naming the problem for malformed inputs (either may be None).
+
+        ``forward`` checks shapes always and class ids of CPU ``gt_boxes``; on an accelerator
+        the class-id check would stall every step on a host-device sync, so
+        ``a4_helper.train_detector`` calls this on each batch while it is still on the CPU.
+        """
+        if images is not None:
+            _check_images(images)
+        if gt_boxes is not None:
+            _check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
+            self._check_classes(gt_boxes)
 
     def _check_classes(self, gt_boxes: torch.Tensor) -> None:
         classes = gt_boxes[..., 4]

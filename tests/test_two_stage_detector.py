@@ -494,6 +494,16 @@ def test_faster_rcnn_bad_input(images, gt, message):
         model(images, gt)
 
 
+def test_check_inputs_names_bad_class_ids_without_running_the_model():
+    model = small_faster_rcnn(num_classes=3)
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0, 1.0], [2.0, 2.0, 9.0, 9.0, 7.0]]])
+    with pytest.raises(ValueError, match=r"class ids must be integers in \[0, 2\].*7\.0"):
+        model.check_inputs(gt_boxes=gt)
+    with pytest.raises(ValueError, match="gt_boxes"):
+        model.check_inputs(torch.zeros(2, 3, 32, 32), gt)  # batch sizes differ
+    model.check_inputs(torch.zeros(1, 3, 32, 32), gt.clamp(max=2.0))  # valid: no error
+
+
 def test_faster_rcnn_requires_gt_in_training():
     with pytest.raises(ValueError, match="gt_boxes"):
         small_faster_rcnn()(torch.randn(1, 3, 64, 64))
