@@ -53,6 +53,7 @@ DEMO = {
     "box_regression": True,
     "rpn_batch_size": 64,
     "roi_batch_size": 32,
+    "anchor_scale": 4,
     "no_pretrained": True,
 }
 

@@ -42,6 +42,8 @@ def test_checkpoint_carries_config_and_classes(demo_run):
     assert checkpoint["meta"]["class_names"][0] == "red_circle"
     assert checkpoint["meta"]["image_size"] == 64
     assert model.config["backbone"]["out_channels"] == 16
+    assert model.config["rpn"]["anchor_stride_scale"] == detector_cli.DEMO["anchor_scale"]
+    assert model.rpn.anchor_stride_scale == detector_cli.DEMO["anchor_scale"]
     assert not model.training
 
 
