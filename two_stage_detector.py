@@ -422,6 +422,32 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must be a floating point tensor, got {images.dtype}")
 
 
+def _check_inputs_match_model(
+    images: torch.Tensor, gt_boxes: torch.Tensor | None, weight: torch.Tensor
+) -> None:
+    """Raise a ValueError when ``images`` (B, 3, H, W) or ``gt_boxes`` (B, M, 5) are on another
+    device than the model's ``weight``, or ``images`` has another dtype outside autocast."""
+    if images.device != weight.device:
+        raise ValueError(
+            f"images are on device {images.device} but the model is on {weight.device}; "
+            f"move them with images.to({str(weight.device)!r}) (or the model with .to())"
+        )
+    if gt_boxes is not None and gt_boxes.device != images.device:
+        raise ValueError(
+            f"gt_boxes are on device {gt_boxes.device} but images are on {images.device}"
+        )
+    try:
+        autocast = torch.is_autocast_enabled(weight.device.type)
+    except RuntimeError:  # a device type without autocast support
+        autocast = False
+    if images.dtype != weight.dtype and not autocast:
+        raise ValueError(
+            f"images are {images.dtype} but the model's weights are {weight.dtype}; convert "
+            f"one of them (images.to({weight.dtype}) or model.to({images.dtype})), or use "
+            "torch.autocast"
+        )
+
+
 class RPN(nn.Module):
     """Region Proposal Network: the first, class-agnostic stage of Faster R-CNN.
 
@@ -831,14 +857,35 @@ class FasterRCNN(nn.Module):
             Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls"}`` (and ``"loss_box"`` with
             box regression). Eval, B == 1: ``(boxes (N, 4), classes (N,) in 0..C-1,
             scores (N,))``. Eval, B > 1: a list of B such tuples.
+
+        Raises:
+            ValueError: naming the shape, dtype, device or value at fault: images not
+                (B, 3, H, W) floating point, on another device than the model, or of another
+                dtype outside autocast; gt_boxes not (B, M, 5), on another device, with a class
+                id outside ``0..C-1`` (``-1`` pads), or a non-padding box that is not finite or
+                has ``x2 <= x1`` / ``y2 <= y1``; a training batch of a single image of at most
+                32x32 px (BatchNorm cannot normalise its one value per channel).
         """
         _check_images(images)
+        _check_inputs_match_model(
+            images, gt_boxes if self.training else None, next(self.parameters())
+        )
         if self.training:
             if gt_boxes is None:
                 raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
             _check_gt_boxes(gt_boxes, batch_size=len(images))
             self._check_classes(gt_boxes)
-        feats = self.backbone(images)
+        try:
+            feats = self.backbone(images)
+        except ValueError as err:  # BatchNorm's bare message does not say what to change
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise ValueError(
+                f"A training batch of {len(images)} image of {images.shape[-2]}x"
+                f"{images.shape[-1]} px leaves one value per channel in the backbone's last "
+                "BatchNorm layers, which cannot normalise it. Use a batch of 2 or more images "
+                "(e.g. DataLoader(drop_last=True)) or images larger than 32 px on a side."
+            ) from err
         strides = self.backbone.fpn_strides
         image_size = tuple(images.shape[-2:])
         rpn_output = self.rpn(
@@ -876,15 +923,30 @@ class FasterRCNN(nn.Module):
         return losses
 
     def _check_classes(self, gt_boxes: torch.Tensor) -> None:
+        """Class ids must be -1 (padding) or in ``0..C-1``; the boxes of non-padding rows must
+        be finite with ``x2 > x1`` and ``y2 > y1``. One host-device sync when all is well."""
         classes = gt_boxes[..., 4]
         bad = (classes != BACKGROUND) & (
             (classes < 0) | (classes >= self.num_classes) | (classes != classes.round())
         )
+        boxes = gt_boxes[..., :4]
+        bad_box = (
+            ~torch.isfinite(boxes).all(dim=-1)
+            | (boxes[..., 2] <= boxes[..., 0])
+            | (boxes[..., 3] <= boxes[..., 1])
+        ) & (classes != BACKGROUND)
+        if not (bad | bad_box).any():
+            return
         if bad.any():
             raise ValueError(
                 f"gt_boxes class ids must be integers in [0, {self.num_classes - 1}] or -1 for "
                 f"padding, got {classes[bad].unique().tolist()}"
             )
+        b, j = bad_box.nonzero()[0].tolist()
+        raise ValueError(
+            f"gt_boxes[{b}, {j}] = {gt_boxes[b, j].tolist()} is not a usable box: coordinates "
+            "must be finite with x2 > x1 and y2 > y1 (padding rows have class -1)"
+        )
 
     def _pool(
         self,
