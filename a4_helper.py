@@ -55,7 +55,6 @@ import colorsys
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -1295,7 +1294,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"No checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways (KeyError...)
         raise ValueError(
             f"Cannot read checkpoint {path} (truncated, corrupt or not a torch checkpoint): {err}"
         ) from err
@@ -1529,9 +1528,15 @@ def train_detector(
             total_value = float(total.detach())
             if not math.isfinite(total_value):
                 detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+                hint = (
+                    " Earlier losses were finite, so the weights probably diverged: lower the "
+                    "learning rate, set grad_clip, or use larger batches or images."
+                    if history
+                    else ""
+                )
                 raise FloatingPointError(
                     f"Non-finite loss at iteration {iteration}: total={total_value}, {detail}. "
-                    "Training stopped; the last checkpoint (if any) is the last good state."
+                    "Training stopped; the last checkpoint (if any) is the last good state." + hint
                 )
 
             optimizer.zero_grad(set_to_none=True)
