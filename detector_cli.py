@@ -422,7 +422,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--log-period", type=int, default=50)
     p.add_argument("--checkpoint-period", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt (without it, an existing one is first moved to "
+        "OUT/checkpoint.prev.pt)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")  # fmt: skip
 

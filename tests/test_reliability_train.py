@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from a4_fixtures import noise_image, write_dataset
+from PIL import Image
 from reliability_child import SmallNet, seed_all, train_small
 
 import detector_cli
@@ -365,3 +366,17 @@ def test_cli_resume_after_sigkill_and_config_mismatch(tmp_path, capsys):
     assert load_checkpoint(out / "checkpoint.prev.pt")["iteration"] == 4
     assert load_checkpoint(checkpoint)["iteration"] == 1
     assert np.isfinite(load_checkpoint(checkpoint)["loss_history"]).all()
+
+    # predict: a 16-bit PNG works, a truncated JPEG is named on stderr.
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 60), 40000, dtype=np.uint16)).save(images / "deep.png")
+    assert detector_cli.main(["predict", str(checkpoint), str(images), "--out",
+                              str(tmp_path / "pred"), "--device", "cpu"]) == 0  # fmt: skip
+    assert len(json.loads((tmp_path / "pred" / "detections.json").read_text())) == 1
+    jpeg = (out.parent / "data" / "shapes" / "JPEGImages" / "000000.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    capsys.readouterr()
+    assert detector_cli.main(["predict", str(checkpoint), str(images / "cut.jpg"), "--out",
+                              str(tmp_path / "pred"), "--device", "cpu"]) == 1  # fmt: skip
+    assert f"error: Cannot read image {images / 'cut.jpg'}: " in capsys.readouterr().err
