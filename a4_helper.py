@@ -1203,20 +1203,37 @@ def load_model_weights(
     detector: nn.Module, checkpoint: Mapping[str, Any], path: str | os.PathLike
 ) -> None:
     """``detector.load_state_dict(checkpoint["model"])``; a mismatch raises a ValueError that
-    names the differing configuration settings instead of listing state_dict keys."""
+    names the differing configuration settings instead of listing state_dict keys. When neither
+    side records a differing setting, it summarises the weights that do not fit instead."""
     try:
         detector.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
         saved = checkpoint.get("config")
         current = _plain_config(getattr(detector, "config", None))
-        lines = config_differences(saved or {}, current or {})
-        if saved is None or current is None:
-            detail = "  (the checkpoint or the model records no configuration to compare)"
-        else:
-            detail = "\n".join(lines) or "  (no recorded setting differs; weights do not fit)"
+        lines = config_differences(saved, current) if saved and current else []
+        if not lines:
+            note = "no recorded setting differs" if saved and current else "no configuration"
+            lines = [f"  ({note}; {_weights_mismatch(checkpoint['model'], detector)})"]
+        detail = "\n".join(lines)
         raise ValueError(
             f"Checkpoint {path} does not match this model. Settings that differ:\n{detail}"
         ) from err
+
+
+def _weights_mismatch(saved: Mapping[str, torch.Tensor], detector: nn.Module) -> str:
+    """One line: how many weights are missing or unexpected, and the first shape mismatches."""
+    current = detector.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+        for k, v in current.items()
+        if k in saved and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    parts = [f"{len(missing)} weights missing", f"{len(unexpected)} unexpected"]
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape, e.g. " + "; ".join(shapes[:3]))
+    return ", ".join(parts)
 
 
 def _load_resume_checkpoint(
@@ -1224,9 +1241,9 @@ def _load_resume_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint for ``train_detector(resume=True)`` and restore the model weights.
 
-    Raises a ValueError when the file is not a
-    resumable train_detector checkpoint or its weights do not fit (naming the differing
-    settings); warns when model settings outside the weights or training arguments differ.
+    Raises a ValueError when the file is not a resumable train_detector checkpoint or its
+    weights do not fit (naming the differing settings); warns when model settings outside the
+    weights, or training arguments, differ.
     """
     checkpoint = load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors
     needed = ("optimizer", "scheduler", "iteration", "max_iters", "rng", "data", "loss_history")

@@ -255,6 +255,13 @@ def test_unusable_checkpoint_files_give_clear_errors(tmp_path):
     torch.save({"model": SmallNet().state_dict()}, weights_only)
     with pytest.raises(ValueError, match=r"cannot be resumed: it has no optimizer, scheduler"):
         train_small(weights_only, resume=True, max_iters=3)
+    plain = torch.load(good, weights_only=True)
+    plain["config"] = None  # e.g. a model class without .config
+    torch.save(plain, tmp_path / "noconfig.pt")
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(tmp_path / "noconfig.pt", SmallNet(num_classes=3))
+    assert "(no configuration; 0 weights missing, 0 unexpected, 2 of another shape, e.g. " \
+        "head.weight (9, 6) vs (7, 6); head.bias (9,) vs (7,))" in str(info.value)  # fmt: skip
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a train_detector checkpoint"):
         load_checkpoint(tmp_path / "list.pt")
