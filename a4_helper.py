@@ -1444,8 +1444,6 @@ def train_detector(
         print(f"Note: amp=True is ignored on device '{device}' (mixed precision is CUDA-only).")
     # A random-init trunk makes subnormal floats early on, which slow CPU convs ~100x.
     flush_was_on = _flush_denormal_enabled()
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
     detector.to(device)
     detector.train()
     params = [p for p in detector.parameters() if p.requires_grad]
@@ -1530,6 +1528,8 @@ def train_detector(
         total=max_iters, initial=start_iter, disable=not progress, desc="train", dynamic_ncols=True
     )
     start_time = time.time()
+    if device.type == "cpu":  # set here: any error above must not leave it on (restored below)
+        torch.set_flush_denormal(True)
     try:
         for iteration in range(start_iter, max_iters):
             _, images, gt_boxes = stream.next()

@@ -31,6 +31,7 @@ import detector_cli
 from a4_helper import (
     ShapesDetection,
     VOCLayoutDetection,
+    _flush_denormal_enabled,
     inference_with_detector,
     load_checkpoint,
     make_shapes_dataset,
@@ -230,6 +231,7 @@ def test_resume_into_another_configuration_names_the_settings(tmp_path):
     message = str(info.value)
     assert message.startswith(f"Checkpoint {path} does not match this model.")
     assert "num_classes: checkpoint 5, model 3" in message and "size mismatch" not in message
+    assert not _flush_denormal_enabled()  # the failed start left no global state behind
 
     # Weights fit but a setting differs, or a training argument differs: warnings, named.
     with pytest.warns(UserWarning) as record:
