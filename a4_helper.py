@@ -52,6 +52,7 @@ are kept and a warning naming the file is issued once per file and process.
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import json
 import math
 import os
@@ -156,13 +157,22 @@ def hello_helper() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a ``(3, H, W)`` uint8 tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, H, W)`` uint8 RGB to the float32 ImageNet-normalised images the model takes."""
+    tensor = image.float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
 def _to_tensor_normalized(image: Image.Image) -> torch.Tensor:
     """Convert an RGB PIL image to a ``(3, H, W)`` float32 ImageNet-normalised tensor."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    tensor = array.permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return normalize_uint8(_to_uint8_tensor(image))
 
 
 def _short_side_size(width: int, height: int, image_size: int) -> tuple[int, int]:
@@ -515,6 +525,15 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         """Return ``(image_path, image (3, H, W), gt_boxes (max_boxes, 5))``; see module doc."""
+        path, image, gt_boxes = self.load_uint8(index)
+        return path, normalize_uint8(image), gt_boxes
+
+    def load_uint8(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Item ``index`` before normalisation: ``image`` is ``(3, H, W)`` uint8 RGB.
+
+        ``normalize_uint8`` of it gives exactly ``self[index]``'s image; this is what
+        :class:`CachedDetection` stores.
+        """
         path = self._image_paths[index]
         try:
             image = read_rgb_image(path)
@@ -551,7 +570,7 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             rows = rows[kept]
         gt_boxes = torch.full((self.max_boxes, 5), -1.0)
         gt_boxes[: len(rows)] = torch.from_numpy(rows)
-        return path, _to_tensor_normalized(image), gt_boxes
+        return path, _to_uint8_tensor(image), gt_boxes
 
     def annotation(self, index: int) -> dict[str, Any]:
         """All objects of item ``index`` (difficult ones included) in output-image pixels.
@@ -590,6 +609,133 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             f"images={len(self)}, classes={len(self.class_names)}, image_size={self.image_size},"
             f" {mode})"
         )
+
+
+class CachedDetection(torch.utils.data.Dataset):
+    """A reader's items decoded and resized once, kept as uint8 tensors.
+
+    Decoding a JPEG and resizing it costs milliseconds per image, every epoch; normalising a
+    cached uint8 tensor costs microseconds. Items are exactly the wrapped dataset's
+    (``torch.equal`` images and boxes): the wrapped reader's transform is deterministic, so
+    it is applied once, and only the float conversion and normalisation run per access.
+
+    With ``cache_dir`` the tensors are also written to one file there (atomically: a temp file,
+    then a rename), named after the split, image size and transform, and reused by later runs
+    while the dataset's settings and its files' sizes and modification times are unchanged;
+    otherwise the file is rebuilt. Without ``cache_dir`` the cache lives in memory only. About
+    ``3 * image_size**2 * 4/3`` bytes per image: 1 GB for VOC 2007 trainval at 224 px.
+
+    Attribute lookups the cache does not answer (``class_names``, ``annotation``,
+    ``annotation_for_path``, ...) go to the wrapped dataset.
+
+    Args:
+        dataset: a :class:`VOCLayoutDetection` (or anything with ``load_uint8(index)``
+            returning ``(path, image (3, H, W) uint8, gt_boxes)`` and ``__len__``).
+        cache_dir: folder for the cache file, e.g. ``<dataset root>/.cache``; ``None`` keeps
+            the cache in memory only.
+        progress: show a progress bar while building.
+        normalize: ``True`` gives the reader's float32 normalised images. ``False`` gives the
+            cached uint8 images as they are: a quarter of the bytes to send from DataLoader
+            workers; :func:`train_detector` normalises uint8 batches on its device.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = False,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.normalize = normalize
+        self.cache_file: Path | None = None
+        key = json.loads(json.dumps(self._key(dataset)))  # plain lists, as it is stored
+        if cache_dir is not None:
+            digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+            name = f"{getattr(dataset, 'split', 'data')}-{digest}.pt"
+            self.cache_file = Path(cache_dir) / name
+            cached = self._read(self.cache_file, key)
+            if cached is not None:
+                self._paths, self._images, self._boxes = cached
+                return
+        self._paths, self._images, self._boxes = self._build(dataset, progress)
+        if self.cache_file is not None:
+            self._write(self.cache_file, key)
+
+    @staticmethod
+    def _key(dataset: Any) -> dict[str, Any]:
+        """What the cached items depend on: reader settings and every file's size and mtime."""
+        paths = [str(p) for p in getattr(dataset, "_image_paths", [])]
+        files = [os.stat(p) for p in paths]
+        return {
+            "format": 1,
+            "type": type(dataset).__name__,
+            "root": str(getattr(dataset, "root", "")),
+            "split": getattr(dataset, "split", None),
+            "image_size": getattr(dataset, "image_size", None),
+            "max_boxes": getattr(dataset, "max_boxes", None),
+            "train_transform": getattr(dataset, "train_transform", None),
+            "class_names": list(getattr(dataset, "class_names", [])),
+            "image_ids": list(getattr(dataset, "image_ids", [])),
+            "files": [(f.st_size, f.st_mtime_ns) for f in files],
+        }
+
+    @staticmethod
+    def _build(dataset: Any, progress: bool) -> tuple[list, list, torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        paths, images, boxes = [], [], []
+        for index in tqdm(range(len(dataset)), desc="cache", disable=not progress):
+            path, image, gt_boxes = dataset.load_uint8(index)
+            paths.append(path)
+            images.append(image.contiguous())
+            boxes.append(gt_boxes)
+        stacked = torch.stack(boxes) if boxes else torch.zeros(0, 0, 5)
+        return paths, images, stacked
+
+    def _read(self, path: Path, key: dict[str, Any]) -> tuple[list, list, torch.Tensor] | None:
+        if not path.is_file():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: rebuild it
+            warnings.warn(f"Unreadable dataset cache {path} ({exc}); rebuilding.", stacklevel=3)
+            return None
+        if not isinstance(payload, dict) or payload.get("key") != key:
+            return None
+        return payload["paths"], payload["images"], payload["boxes"]
+
+    def _write(self, path: Path, key: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"key": key, "paths": self._paths, "images": self._images, "boxes": self._boxes}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """``(image_path, image (3, H, W), gt_boxes (max_boxes, 5))``; see ``normalize``."""
+        image = self._images[index]
+        image = normalize_uint8(image) if self.normalize else image
+        return self._paths[index], image, self._boxes[index].clone()
+
+    def load_uint8(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        return self._paths[index], self._images[index], self._boxes[index].clone()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "normalize"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __repr__(self) -> str:
+        where = self.cache_file or "memory"
+        return f"CachedDetection({self.dataset!r}, cache={where})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1040,7 +1186,14 @@ class _BatchStream:
                 found.append(gen)
         return found
 
+    def _set_sampler_epoch(self) -> None:
+        """A ``DistributedSampler`` reshuffles per epoch only when told the epoch."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+
     def _start_pass(self) -> None:
+        self._set_sampler_epoch()
         self._epoch_state = {
             "torch": torch.get_rng_state(),
             "generators": [g.get_state() for g in self._generators()],
@@ -1080,11 +1233,12 @@ class _BatchStream:
         for gen, gen_state in zip(generators, saved, strict=False):
             gen.set_state(gen_state)
         self._epoch_state = state["epoch_state"]
+        self.epoch = int(state["epoch"])
+        self._set_sampler_epoch()
         self._iterator = iter(self.loader)
         for _ in range(int(state["consumed"])):
             next(self._iterator)
         self.consumed = int(state["consumed"])
-        self.epoch = int(state["epoch"])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -1277,6 +1431,18 @@ def _load_resume_checkpoint(
     return checkpoint
 
 
+def _check_finite_weights(detector: nn.Module, iteration: int) -> None:
+    """Raise a FloatingPointError naming the first non-finite weight or buffer before the
+    checkpoint of ``iteration`` completed iterations is written."""
+    broken = _first_non_finite_tensor(detector)
+    if broken is not None:
+        raise FloatingPointError(
+            f"{broken} is NaN or infinite after iteration {iteration - 1} (a non-finite "
+            "gradient from a finite loss); checkpoint not written, so the one on disk is the "
+            "last good state."
+        )
+
+
 def _first_non_finite_tensor(detector: nn.Module) -> str | None:
     """Name of the first parameter or floating-point buffer holding a NaN or infinity, or
     ``None``. One host-device sync when everything is finite."""
@@ -1351,6 +1517,13 @@ def _flush_denormal_enabled() -> bool:
     return (torch.tensor([1e-30], dtype=torch.float32) * 1e-10).item() == 0.0
 
 
+def _distributed_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 def train_detector(
     detector: nn.Module,
     train_loader: Iterable,
@@ -1373,6 +1546,7 @@ def train_detector(
     show_plot: bool = True,
     plot_path: str | os.PathLike | None = None,
     progress: bool = True,
+    sync_period: int = 20,
 ) -> LossHistory:
     """Train ``detector`` with SGD for ``max_iters`` iterations.
 
@@ -1380,6 +1554,16 @@ def train_detector(
     The detector is called in training mode as ``detector(images, gt_boxes)`` and must return
     a dict; every entry whose key contains ``"loss"`` is a scalar loss and they are summed
     (other entries, e.g. proposals, are ignored). The loader is cycled until ``max_iters``.
+
+    Distributed training: when ``torch.distributed`` is initialised with more than one process
+    (e.g. under ``torchrun``), the detector is wrapped in ``DistributedDataParallel`` (gradients
+    averaged over processes), each process trains on its own batches (give its loader a
+    ``DistributedSampler``; its epoch is set at every pass), the logged losses are averaged over
+    processes, and only rank 0 prints, plots and writes checkpoints. All processes should be
+    seeded alike: their RNG states then stay equal, and rank 0's checkpoint resumes all of them.
+
+    Host-device syncs: loss values stay on the device and are read (one transfer) every
+    ``sync_period`` iterations, at log lines and before checkpoints, not every iteration.
 
     On CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``) while training,
     and the previous setting is restored afterwards: a freshly initialised backbone otherwise
@@ -1412,6 +1596,8 @@ def train_detector(
         show_plot: Plot the loss history at the end (shown only on interactive backends).
         plot_path: Also save the plot there.
         progress: Show a tqdm progress bar with the current loss.
+        sync_period: Read the loss values from the device at least this often (iterations).
+            A non-finite loss is detected when they are read.
 
     Returns:
         :class:`LossHistory`: total loss per iteration (a list of floats) with ``.terms``
@@ -1419,9 +1605,9 @@ def train_detector(
 
     Raises:
         FloatingPointError: A loss is NaN or infinite. The message names the iteration and each
-            loss term's value; no checkpoint is written for that iteration, so the last
-            checkpoint on disk stays the last good one. Also raised, naming the parameter, when
-            a checkpoint is due but a weight or buffer is not finite (a non-finite gradient
+            loss term's value. Losses are checked before every checkpoint is written, so the
+            last checkpoint on disk stays the last good one. Also raised, naming the parameter,
+            when a checkpoint is due but a weight or buffer is not finite (a non-finite gradient
             from a finite loss); that checkpoint is not written.
         ValueError: ``resume`` finds a file that is not a resumable checkpoint, or whose
             weights do not fit ``detector``; the message names the settings that differ.
@@ -1496,13 +1682,6 @@ def train_detector(
             print(f"No checkpoint at {checkpoint_path}; starting from scratch.")
 
     def save(iteration: int) -> None:
-        broken = _first_non_finite_tensor(detector)
-        if broken is not None:
-            raise FloatingPointError(
-                f"{broken} is NaN or infinite after iteration {iteration - 1} (a non-finite "
-                "gradient from a finite loss); checkpoint not written, so the one on disk is "
-                "the last good state."
-            )
         config = getattr(detector, "config", None)
         _save_checkpoint(
             checkpoint_path,
@@ -1524,27 +1703,28 @@ def train_detector(
             },
         )
 
+    world, rank = _distributed_world()
+    model = detector
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(detector, device_ids=device_ids)
+    main = rank == 0
     bar = tqdm(
-        total=max_iters, initial=start_iter, disable=not progress, desc="train", dynamic_ncols=True
-    )
-    start_time = time.time()
-    if device.type == "cpu":  # set here: any error above must not leave it on (restored below)
-        torch.set_flush_denormal(True)
-    try:
-        for iteration in range(start_iter, max_iters):
-            _, images, gt_boxes = stream.next()
-            images = images.to(device, non_blocking=True)
-            gt_boxes = gt_boxes.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                outputs = detector(images, gt_boxes)
-            terms = {k: v for k, v in outputs.items() if "loss" in k}
-            if not terms:
-                raise ValueError(f"detector returned no loss terms (keys: {list(outputs)})")
-            total = sum(v.float() for v in terms.values())
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            total_value = float(total.detach())
+        total=max_iters, initial=start_iter, disable=not (progress and main), desc="train",
+        dynamic_ncols=True,
+    )  # fmt: skip
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (iteration, loss values, lr)
+    names: list[str] = []
+
+    def read_losses() -> None:
+        """Move the pending loss values to ``history`` (one sync); stop on a non-finite one."""
+        if not pending:
+            return
+        values = torch.stack([v for _, v, _ in pending]).tolist()
+        for (iteration, _, lr), row in zip(pending, values, strict=True):
+            total_value, terms = row[0], dict(zip(names, row[1:], strict=True))
             if not math.isfinite(total_value):
-                detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+                detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
                 hint = (
                     " Earlier losses were finite, so the weights probably diverged: lower the "
                     "learning rate, set grad_clip, or use larger batches or images."
@@ -1555,6 +1735,42 @@ def train_detector(
                     f"Non-finite loss at iteration {iteration}: total={total_value}, {detail}. "
                     "Training stopped; the last checkpoint (if any) is the last good state." + hint
                 )
+            history.append(total_value)
+            for k, v in terms.items():
+                history.terms.setdefault(k, []).append(v)
+            if main and log_period and (iteration % log_period == 0 or iteration == max_iters - 1):
+                parts = "".join(f"[{k}: {v:.3f}]" for k, v in terms.items())
+                tqdm.write(f"[Iter {iteration}][loss: {total_value:.3f}]{parts}[lr: {lr:.2e}]")
+        bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{pending[-1][2]:.2e}")
+        pending.clear()
+
+    start_time = time.time()
+    if device.type == "cpu":  # set here: any error above must not leave it on (restored below)
+        torch.set_flush_denormal(True)
+    try:
+        for iteration in range(start_iter, max_iters):
+            _, images, gt_boxes = stream.next()
+            check_inputs = getattr(detector, "check_inputs", None)
+            if check_inputs is not None and device.type != "cpu":  # on CPU forward checks
+                check_inputs(gt_boxes=gt_boxes)  # still on the host: no device sync
+            images = images.to(device, non_blocking=True)
+            if images.dtype == torch.uint8:  # CachedDetection(normalize=False)
+                images = normalize_uint8(images)
+            gt_boxes = gt_boxes.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                outputs = model(images, gt_boxes)
+            terms = {k: v for k, v in outputs.items() if "loss" in k}
+            if not terms:
+                raise ValueError(f"detector returned no loss terms (keys: {list(outputs)})")
+            names = list(terms)
+            total = sum(v.float() for v in terms.values())
+            values = torch.stack(
+                [total.detach().reshape(())]
+                + [v.detach().float().reshape(()) for v in terms.values()]
+            )
+            if world > 1:
+                torch.distributed.all_reduce(values)
+                values /= world
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -1563,29 +1779,28 @@ def train_detector(
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
+            pending.append((iteration, values, optimizer.param_groups[0]["lr"]))
             scheduler.step()
-
-            history.append(total_value)
-            for k, v in values.items():
-                history.terms.setdefault(k, []).append(v)
             bar.update(1)
-            bar.set_postfix(loss=f"{total_value:.3f}", lr=f"{lr:.2e}")
-            if log_period and (iteration % log_period == 0 or iteration == max_iters - 1):
-                parts = "".join(f"[{k}: {v:.3f}]" for k, v in values.items())
-                tqdm.write(f"[Iter {iteration}][loss: {total_value:.3f}]{parts}[lr: {lr:.2e}]")
+
             done = iteration + 1
-            if checkpoint_path is not None and (
+            checkpoint_due = checkpoint_path is not None and (
                 done % max(1, checkpoint_period) == 0 or done == max_iters
-            ):
+            )
+            logging_due = log_period and iteration % log_period == 0
+            if checkpoint_due or logging_due or len(pending) >= sync_period or done == max_iters:
+                read_losses()
+            if checkpoint_due:  # every rank: DDP keeps weights equal, so all stop together
+                _check_finite_weights(detector, done)
+            if checkpoint_due and main:
                 save(done)
     finally:
         bar.close()
         torch.set_flush_denormal(flush_was_on)
-    if progress and max_iters > start_iter:
+    if progress and main and max_iters > start_iter:
         elapsed = time.time() - start_time
         print(f"Trained {max_iters - start_iter} iterations in {elapsed:.1f} s.")
-    if show_plot or plot_path is not None:
+    if main and (show_plot or plot_path is not None):
         _plot_losses(history, plot_path, show_plot)
     return history
 

@@ -26,6 +26,7 @@ import torch
 
 from a4_helper import (
     SHAPES_CLASSES,
+    CachedDetection,
     CorruptImageError,
     VOC2007DetectionTiny,
     VOCLayoutDetection,
@@ -71,17 +72,21 @@ def build_detector(
     pretrained: bool = True,
     rpn_batch_size: int = 16,
     roi_batch_size: int = 32,
+    anchor_scale: float = 8,
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
     ``rpn_batch_size`` / ``roi_batch_size`` are the anchors and RoIs sampled per image for the
-    losses (the notebook's 16 and 32; torchvision uses 256 and 512).
+    losses (the notebook's 16 and 32; torchvision uses 256 and 512). ``anchor_scale`` is the
+    anchor side in strides: the notebook's 8 gives 64-256 px anchors on p3-p5; 4 (RetinaNet's
+    base size) gives 32-128 px, for small images and objects.
     """
     backbone = DetectorBackboneWithFPN(out_channels=fpn_channels, pretrained=pretrained)
     rpn = RPN(
         fpn_channels=fpn_channels,
         stem_channels=[fpn_channels, fpn_channels],
         batch_size_per_image=rpn_batch_size,
+        anchor_stride_scale=anchor_scale,
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
     )
@@ -156,13 +161,45 @@ def make_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     return train, val, classes
 
 
-def _loader(dataset: Any, batch_size: int, workers: int, shuffle: bool, seed: int):
-    generator = torch.Generator().manual_seed(seed)
+def _loader(
+    dataset: Any, batch_size: int, workers: int, shuffle: bool, seed: int, world: int = 1,
+    rank: int = 0,
+):  # fmt: skip
+    """Batches of ``dataset``. Training (``shuffle``) always draws the order from a
+    ``DistributedSampler`` (seeded, reshuffled per epoch), so one process and N processes of
+    ``batch_size / N`` see the same global batches."""
+    sampler = None
+    if shuffle:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), drop_last=shuffle, generator=generator,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), drop_last=shuffle,
         persistent_workers=workers > 0,
     )  # fmt: skip
+
+
+def init_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """Join the ``torchrun`` process group when there is one; returns ``(world, rank)``.
+
+    NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = str(args.device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    return world, dist.get_rank()
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -223,25 +260,42 @@ def evaluate_and_report(
 # ---------------------------------------------------------------------------------- commands
 
 
-def cmd_train(args: argparse.Namespace) -> dict:
+def cmd_train(args: argparse.Namespace) -> dict | None:
+    """Train, then (on rank 0) evaluate and write the report. Runs under ``torchrun`` too:
+    ``--batch-size`` is the global batch, split evenly over the processes."""
     from eecs598 import reset_seed
 
+    world, rank = init_distributed(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.is_file() and not args.resume:  # a new run must not destroy the old one
+    if rank == 0 and checkpoint.is_file() and not args.resume:  # never destroy the old one
         os.replace(checkpoint, out / "checkpoint.prev.pt")
         print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
     reset_seed(args.seed)
-    train, val, classes = make_datasets(args)
-    print(f"Dataset: {len(train)} train / {len(val)} val images, classes: {', '.join(classes)}")
+    if rank == 0:  # generates or downloads data once; the other processes wait, then read it
+        train, val, classes = make_datasets(args)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        train, val, classes = make_datasets(args)
+    if rank == 0:
+        print(f"Dataset: {len(train)} train / {len(val)} val images, classes: {', '.join(classes)}")
     model = build_detector(
         len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
+        anchor_scale=args.anchor_scale,
     )  # fmt: skip
     model.meta = {"class_names": classes, "image_size": args.image_size}
-    loader = _loader(train, args.batch_size, args.workers, True, args.seed)
+    if args.cache != "off":
+        cache_dir = Path(args.cache_dir or out / "cache") if args.cache == "disk" else None
+        train = CachedDetection(train, cache_dir, progress=args.progress, normalize=False)
+    if args.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    loader = _loader(
+        train, args.batch_size // world, args.workers, True, args.seed, world=world, rank=rank
+    )
     start = time.time()
     history = train_detector(
         model, loader, learning_rate=args.lr, weight_decay=args.weight_decay,
@@ -251,6 +305,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
         resume=args.resume, show_plot=False, plot_path=out / "loss.png", progress=args.progress,
     )  # fmt: skip
     train_seconds = time.time() - start
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return None
     metrics = evaluate_and_report(model, val, classes, out, args)
     metrics.update(
         train_seconds=round(train_seconds, 1),
@@ -414,6 +472,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         help="RoIs sampled per image for the second-stage losses",
     )
     p.add_argument(
+        "--anchor-scale",
+        type=float,
+        default=defaults.get("anchor_scale", 8),
+        help="anchor side in units of the FPN level's stride (8: 64-256 px on p3-p5)",
+    )
+    p.add_argument(
         "--no-pretrained",
         action="store_true",
         default=defaults["no_pretrained"],
@@ -427,6 +491,19 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         action="store_true",
         help="continue from OUT/checkpoint.pt (without it, an existing one is first moved to "
         "OUT/checkpoint.prev.pt)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=("memory", "disk", "off"),
+        default="memory",
+        help="decode and resize the training images once (CachedDetection); 'disk' also "
+        "keeps them in a file under --cache-dir for later runs",
+    )
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/cache)")
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: batch-norm statistics over all processes' batches",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")  # fmt: skip

@@ -18,6 +18,7 @@ from two_stage_detector import (
     FasterRCNN,
     RPNPredictionNetwork,
     assign_fpn_levels,
+    fpn_roi_align,
     generate_fpn_anchors,
     hello_two_stage_detector,
     iou,
@@ -314,6 +315,68 @@ def test_fpn_level_assignment():
     assert assign_fpn_levels(boxes).tolist() == [4, 3, 3, 5, 3]
 
 
+def _roi_align_case(seed: int, dtype: torch.dtype = torch.float64):
+    """Features of three levels and boxes spanning all of them, some past the border."""
+    g = torch.Generator().manual_seed(seed)
+    batch, channels = 3, 5
+    feats = {
+        f"p{level}": torch.randn(batch, channels, 160 // 2**level, 224 // 2**level, generator=g)
+        .to(dtype)
+        .requires_grad_()
+        for level in (3, 4, 5)
+    }
+    strides = {f"p{level}": 2**level for level in (3, 4, 5)}
+    num = 60
+    xy = torch.rand(batch, num, 2, generator=g) * 260 - 30
+    wh = torch.rand(batch, num, 2, generator=g) ** 2 * 800 + 0.2
+    boxes = torch.cat([xy, xy + wh], dim=-1).to(dtype)
+    valid = torch.rand(batch, num, generator=g) < 0.8
+    return feats, strides, boxes, valid
+
+
+def _roi_align_reference(feats, strides, boxes, valid, level_ids):
+    """torchvision's roi_align, one call per level over that level's valid boxes."""
+    batch, num = valid.shape
+    channels = next(iter(feats.values())).shape[1]
+    out = boxes.new_zeros(batch * num, channels, 7, 7)
+    image_ids = torch.arange(batch).repeat_interleave(num)[:, None].to(boxes)
+    rois = torch.cat([image_ids, boxes.reshape(-1, 4)], dim=1)
+    levels = assign_fpn_levels(boxes).reshape(-1)
+    for name, level_feats in feats.items():
+        take = valid.reshape(-1) & (levels == int(name[1:]))
+        out[take] = torchvision.ops.roi_align(
+            level_feats, rois[take], (7, 7), 1.0 / strides[name], 2, aligned=True
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fpn_roi_align_matches_torchvision_values_and_gradients(seed):
+    feats, strides, boxes, valid = _roi_align_case(seed)
+    levels = assign_fpn_levels(boxes)[valid]
+    assert set(levels.tolist()) == {3, 4, 5}  # every level is exercised
+    ours = fpn_roi_align(feats, strides, boxes, valid)
+    ref = _roi_align_reference(feats, strides, boxes, valid, (3, 4, 5))
+    assert ours.shape == (boxes.shape[0] * boxes.shape[1], 5, 7, 7)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    assert (ours[~valid.reshape(-1)] == 0).all()
+    upstream = torch.randn_like(ref)
+    grads = torch.autograd.grad(ours, list(feats.values()), upstream)
+    ref_grads = torch.autograd.grad(ref, list(feats.values()), upstream)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-12)
+
+
+def test_fpn_roi_align_float32_and_no_valid_boxes():
+    feats, strides, boxes, valid = _roi_align_case(3, torch.float32)
+    ours = fpn_roi_align(feats, strides, boxes, valid)
+    ref = _roi_align_reference(feats, strides, boxes, valid, (3, 4, 5))
+    assert ours.dtype == torch.float32
+    assert (ours - ref).abs().max() < 1e-5
+    none = fpn_roi_align(feats, strides, boxes, torch.zeros_like(valid))
+    assert none.shape == ours.shape and (none == 0).all()
+
+
 def test_reassign_proposals_mixes_gt_in_training():
     proposals = [torch.tensor([[0.0, 0, 30, 30], [0, 0, 500, 500]]), torch.zeros(0, 4)]
     gt = torch.full((2, 3, 5), -1.0)
@@ -429,6 +492,16 @@ def test_faster_rcnn_bad_input(images, gt, message):
         gt = torch.full((len(images) if images.dim() == 4 else 1, 1, 5), -1.0)
     with pytest.raises(ValueError, match=message):
         model(images, gt)
+
+
+def test_check_inputs_names_bad_class_ids_without_running_the_model():
+    model = small_faster_rcnn(num_classes=3)
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0, 1.0], [2.0, 2.0, 9.0, 9.0, 7.0]]])
+    with pytest.raises(ValueError, match=r"class ids must be integers in \[0, 2\].*7\.0"):
+        model.check_inputs(gt_boxes=gt)
+    with pytest.raises(ValueError, match="gt_boxes"):
+        model.check_inputs(torch.zeros(2, 3, 32, 32), gt)  # batch sizes differ
+    model.check_inputs(torch.zeros(1, 3, 32, 32), gt.clamp(max=2.0))  # valid: no error
 
 
 def test_faster_rcnn_requires_gt_in_training():

@@ -1,0 +1,122 @@
+"""Data loading throughput: decode-every-time reader against the preprocessed cache.
+
+For each dataset (the generated shapes data, and ``../shared/datasets/bccd`` when present) it
+measures images per second of
+
+- ``items``: ``dataset[i]`` over the split in one process (pure per-item cost);
+- ``loader``: a ``DataLoader`` with batch 16, 2 workers, shuffling, for ``--batches`` batches
+  after the workers have started (the training setting);
+
+for the plain ``VOCLayoutDetection`` and for ``CachedDetection`` around it (the cache is built
+before timing; its build time is reported separately). Rounds alternate reader, cache, reader,
+cache, ... and medians are reported. The ``loader`` rows also show batches per second against
+the 20 it/s a GPU step needs at the notebook's full-training setting.
+
+Usage::
+
+    python bench/bench_loader.py [--image-size 224] [--repeats 3] [--out bench/results/loader.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from harness import ROOT, environment, write_json
+
+import a4_helper
+
+BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+
+
+def items_per_second(dataset, count: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        dataset[i % len(dataset)]
+    return count / (time.perf_counter() - start)
+
+
+def loader_per_second(loader_iter, batches: int, batch_size: int) -> float:
+    next(loader_iter)  # workers running, first batches queued
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader_iter)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def bench(name: str, plain, args) -> dict:
+    start = time.perf_counter()
+    cached = a4_helper.CachedDetection(plain)
+    build_s = time.perf_counter() - start
+    cached_uint8 = a4_helper.CachedDetection(plain, normalize=False)
+    datasets = {"reader": plain, "cache": cached, "cache_uint8": cached_uint8}
+    loaders = {
+        k: endless(
+            torch.utils.data.DataLoader(
+                d,
+                batch_size=16,
+                shuffle=True,
+                num_workers=args.workers,
+                drop_last=True,
+                persistent_workers=args.workers > 0,
+            )  # fmt: skip
+        )
+        for k, d in datasets.items()
+    }
+    item_rates = {k: [] for k in datasets}
+    loader_rates = {k: [] for k in datasets}
+    for _, key in itertools.product(range(args.repeats), datasets):
+        item_rates[key].append(items_per_second(datasets[key], args.items))
+        loader_rates[key].append(loader_per_second(loaders[key], args.batches, 16))
+    row = {"images": len(plain), "cache_build_s": build_s}
+    for kind, rates in (("items", item_rates), ("loader", loader_rates)):
+        for key in datasets:
+            row[f"{kind}_{key}_img_per_s"] = statistics.median(rates[key])
+    print(f"\n{name}: {len(plain)} images at {args.image_size} px, cache built in {build_s:.1f} s")
+    print(f"{'images/s':24s} {'reader':>9s} {'cache':>9s} {'speedup':>8s} {'batches/s':>10s}")
+    for kind, key in itertools.product(("items", "loader"), ("cache", "cache_uint8")):
+        reader, cache = row[f"{kind}_reader_img_per_s"], row[f"{kind}_{key}_img_per_s"]
+        row[f"{kind}_{key}_speedup"] = cache / reader
+        label = f"{kind}, {key}"
+        print(f"{label:24s} {reader:9.0f} {cache:9.0f} {cache / reader:7.1f}x {cache / 16:10.1f}")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--items", type=int, default=160)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/loader.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = {"environment": environment("cpu"), "config": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a4_helper.make_shapes_dataset(
+            Path(tmp) / "shapes", num_train=320, num_val=0, image_size=args.image_size
+        )
+        shapes = a4_helper.ShapesDetection(root, "train", image_size=args.image_size)
+        result["shapes"] = bench("shapes (generated)", shapes, args)
+    if BCCD.is_dir():
+        classes = list(a4_helper.BCCD_CLASSES)
+        bccd = a4_helper.VOCLayoutDetection(BCCD, "train", classes, args.image_size)
+        result["bccd"] = bench("BCCD train", bccd, args)
+    else:
+        print(f"\n{BCCD} not found: BCCD rows skipped")
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

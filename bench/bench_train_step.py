@@ -1,0 +1,130 @@
+"""Training step and inference: our Faster R-CNN against torchvision's, same configuration.
+
+Setup (issue 5, the notebook's overfit model): RegNet-X-400MF + FPN p3-p5 at 64 channels,
+224 x 224 images, batch 16, anchors ``8 * stride`` x ratios (0.5, 1, 2), RPN IoU (0.3, 0.6),
+16 anchors per image, pre/post-NMS top-k 400/80, RoI 7x7, 32 RoIs per image, second-stage box
+regression on (torchvision always regresses). Both models have the same modules and weights
+(``bench/matched.py``). Data: a fixed batch of the generated shapes dataset.
+
+Rows:
+- ``ours`` / ``torchvision``: one SGD step (zero_grad, forward, backward, step);
+- ``floor``: backbone + FPN forward and backward alone (a sum of the three levels as loss);
+- inference: ``eval()`` forward at batch 1 (per image) and at batch 16 (per batch).
+
+Runs alternate within one process and medians are reported with ratios to torchvision.
+
+Usage::
+
+    python bench/bench_train_step.py [--device cpu|cuda] [--repeats 7]
+                                     [--out bench/results/train_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from harness import (
+    alternate,
+    environment,
+    peak_rss_mib,
+    print_table,
+    shapes_batch,
+    summarise,
+    write_json,
+)
+from matched import build_pair, torchvision_targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--fpn-channels", type=int, default=64)
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--out", default="bench/results/train_step.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as train_detector does on CPU (random-init trunk)
+
+    ours, theirs = build_pair(fpn_channels=args.fpn_channels, image_size=args.image_size)
+    ours, theirs = ours.to(device), theirs.to(device)
+    floor_backbone = copy.deepcopy(ours.backbone)
+    images, gt_boxes = shapes_batch(args.batch_size, args.image_size, device)
+    image_list = list(images)
+    targets = torchvision_targets(gt_boxes)
+
+    def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    opt_ours, opt_theirs, opt_floor = sgd(ours), sgd(theirs), sgd(floor_backbone)
+
+    def step_ours() -> None:
+        opt_ours.zero_grad(set_to_none=True)
+        sum(ours(images, gt_boxes).values()).backward()
+        opt_ours.step()
+
+    def step_theirs() -> None:
+        opt_theirs.zero_grad(set_to_none=True)
+        sum(theirs(image_list, targets).values()).backward()
+        opt_theirs.step()
+
+    def step_floor() -> None:
+        opt_floor.zero_grad(set_to_none=True)
+        sum(f.float().sum() for f in floor_backbone(images).values()).backward()
+        opt_floor.step()
+
+    for model in (ours, theirs, floor_backbone):
+        model.train()
+    times = alternate(
+        {"ours": step_ours, "torchvision": step_theirs, "floor (backbone+FPN)": step_floor},
+        args.repeats,
+        device=device,
+    )
+    train = summarise(times, "torchvision")
+    print_table(
+        f"training step, batch {args.batch_size}, {args.image_size} px, {device}",
+        train,
+        "torchvision",
+    )
+    floor = train["floor (backbone+FPN)"]["median_s"]
+    print(f"ours / floor: {train['ours']['median_s'] / floor:.2f}x")
+    result = {
+        "environment": environment(device),
+        "config": vars(args),
+        "train_step": train,
+        "ours_over_floor": train["ours"]["median_s"] / floor,
+        "peak_rss_mib_after_training": peak_rss_mib(),
+    }
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+
+    if not args.skip_inference:
+        ours.eval()
+        theirs.eval()
+        for batch in (1, args.batch_size):
+            sub_images, sub_list = images[:batch], image_list[:batch]
+
+            @torch.no_grad()
+            def infer_ours(x=sub_images) -> None:
+                ours(x)
+
+            @torch.no_grad()
+            def infer_theirs(x=sub_list) -> None:
+                theirs(x)
+
+            repeats = args.repeats * (3 if batch == 1 else 1)
+            runs = {"ours": infer_ours, "torchvision": infer_theirs}
+            rows = summarise(alternate(runs, repeats, device=device), "torchvision")
+            print_table(f"inference, batch {batch}", rows, "torchvision")
+            result[f"inference_batch_{batch}"] = rows
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB")
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

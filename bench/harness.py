@@ -1,0 +1,129 @@
+"""Shared bench helpers: alternating timed runs, a fixed batch of generated data, JSON out."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import a4_helper  # noqa: E402
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels so a timer measures the work, not the launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alternate(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Time each callable ``repeats`` times, interleaved (a, b, c, a, b, c, ...).
+
+    Interleaving spreads this machine's noise evenly over the candidates. Returns the seconds
+    of every timed run per name, after ``warmup`` untimed rounds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(warmup + repeats):
+        for name, fn in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
+    """Median seconds per name and its ratio to ``baseline``'s median."""
+    base = statistics.median(times[baseline])
+    return {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "ratio": statistics.median(ts) / base,
+            "runs": len(ts),
+        }
+        for name, ts in times.items()
+    }
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]], baseline: str) -> None:
+    print(f"\n{title}")
+    print(f"{'':28s} {'median ms':>10s} {'min ms':>10s} {'vs ' + baseline:>16s}")
+    for name, row in rows.items():
+        print(
+            f"{name:28s} {1e3 * row['median_s']:10.1f} {1e3 * row['min_s']:10.1f} "
+            f"{row['ratio']:15.2f}x"
+        )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (MiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def environment(device: torch.device | str) -> dict[str, object]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(device),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def shapes_batch(
+    batch_size: int, image_size: int, device: torch.device | str = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of the generated dataset, every image resized to a square.
+
+    Returns:
+        ``images (B, 3, S, S)`` normalised and ``gt_boxes (B, 40, 5)`` padded with -1.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a4_helper.make_shapes_dataset(
+            Path(tmp) / "shapes", num_train=batch_size, num_val=0, image_size=image_size, seed=seed
+        )
+        data = a4_helper.ShapesDetection(root, "train", image_size=image_size)
+        items = [data[i] for i in range(batch_size)]
+    images = torch.stack([_square(img, image_size) for _, img, _ in items])
+    boxes = torch.stack([b for _, _, b in items])
+    return images.to(device), boxes.to(device)
+
+
+def _square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad a ``(3, h, w)`` image to ``(3, size, size)`` (boxes stay where they are)."""
+    out = image.new_zeros(3, size, size)
+    out[:, : image.shape[1], : image.shape[2]] = image[:, :size, :size]
+    return out
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")

@@ -1,0 +1,148 @@
+"""Our Faster R-CNN and torchvision's ``FasterRCNN`` built to the same configuration.
+
+Both models get identical neural modules with identical weights, so a comparison measures the
+detection pipeline around them (anchor matching, sampling, proposal NMS, RoI pooling, losses,
+post-processing), not different networks:
+
+- backbone + FPN: one ``common.DetectorBackboneWithFPN`` (random init), shared by deep copy;
+- RPN head: our 3x3-conv stem plus 3x3 objectness and delta convs, wrapped for torchvision;
+- anchors: ``anchor_stride_scale * stride`` per level (p3, p4, p5), ratios (0.5, 1, 2);
+- RPN: IoU (0.3, 0.6), ``rpn_batch`` anchors per image, half foreground, pre/post-NMS top-k,
+  NMS 0.7;
+- second stage: RoI Align 7x7 (sampling ratio 2, aligned) from the level chosen by the
+  box size, our conv stem + flatten as the box head, a linear classifier over ``C + 1``
+  classes, class-specific box deltas with weights (10, 10, 5, 5), IoU 0.5 matching, ``roi_batch``
+  RoIs per image, 25% foreground;
+- torchvision's transform is told not to resize (``min_size = max_size = image size``) and not
+  to normalise (mean 0, std 1): images arrive normalised, as ours do.
+
+Torchvision's box predictor has a delta row for the background class as well, so its last
+linear layer is ``4 (C + 1)`` wide against our ``4 C``; the shared rows are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from common import DetectorBackboneWithFPN  # noqa: E402
+from two_stage_detector import RPN, FasterRCNN  # noqa: E402
+
+LEVELS = ("p3", "p4", "p5")
+
+
+class _TVBackbone(nn.Module):
+    """Our backbone with the ``OrderedDict`` output and ``out_channels`` torchvision expects."""
+
+    def __init__(self, backbone: DetectorBackboneWithFPN):
+        super().__init__()
+        self.body = backbone
+        self.out_channels = backbone.out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict:
+        return OrderedDict(self.body(images))
+
+
+class _TVRPNHead(nn.Module):
+    """Our RPN prediction network in torchvision's head interface (lists of NCHW maps)."""
+
+    def __init__(self, pred_net: nn.Module):
+        super().__init__()
+        self.pred_net = pred_net
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list, list]:
+        logits, deltas = [], []
+        for x in features:
+            stem = self.pred_net.stem_rpn(x)
+            logits.append(self.pred_net.pred_obj(stem))
+            deltas.append(self.pred_net.pred_box(stem))
+        return logits, deltas
+
+
+def build_pair(
+    num_classes: int = 20,
+    fpn_channels: int = 64,
+    image_size: int = 224,
+    rpn_batch: int = 16,
+    roi_batch: int = 32,
+    pre_nms_topk: int = 400,
+    post_nms_topk: int = 80,
+    anchor_stride_scale: int = 8,
+    seed: int = 0,
+) -> tuple[FasterRCNN, TorchvisionFasterRCNN]:
+    """Return ``(ours, theirs)`` with the same configuration and the same weights."""
+    torch.manual_seed(seed)
+    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=False)
+    stem = [fpn_channels, fpn_channels]
+    rpn = RPN(
+        fpn_channels,
+        stem,
+        batch_size_per_image=rpn_batch,
+        anchor_stride_scale=anchor_stride_scale,
+        pre_nms_topk=pre_nms_topk,
+        post_nms_topk=post_nms_topk,
+    )
+    ours = FasterRCNN(
+        backbone, rpn, stem, num_classes, batch_size_per_image=roi_batch, box_regression=True
+    )
+
+    strides = backbone.fpn_strides
+    anchor_generator = AnchorGenerator(
+        sizes=tuple((anchor_stride_scale * strides[level],) for level in LEVELS),
+        aspect_ratios=((0.5, 1.0, 2.0),) * len(LEVELS),
+    )
+    box_head = copy.deepcopy(ours.cls_pred[:-1])  # conv stem + flatten
+    predictor = FastRCNNPredictor(ours.cls_pred[-1].in_features, num_classes + 1)
+    with torch.no_grad():
+        predictor.cls_score.load_state_dict(ours.cls_pred[-1].state_dict())
+        predictor.bbox_pred.weight[4:].copy_(ours.box_pred.weight)
+        predictor.bbox_pred.bias[4:].copy_(ours.box_pred.bias)
+    theirs = TorchvisionFasterRCNN(
+        _TVBackbone(copy.deepcopy(backbone)),
+        min_size=image_size,
+        max_size=image_size,
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        rpn_anchor_generator=anchor_generator,
+        rpn_head=_TVRPNHead(copy.deepcopy(rpn.pred_net)),
+        rpn_pre_nms_top_n_train=pre_nms_topk,
+        rpn_pre_nms_top_n_test=pre_nms_topk,
+        rpn_post_nms_top_n_train=post_nms_topk,
+        rpn_post_nms_top_n_test=post_nms_topk,
+        rpn_nms_thresh=0.7,
+        rpn_fg_iou_thresh=0.6,
+        rpn_bg_iou_thresh=0.3,
+        rpn_batch_size_per_image=rpn_batch,
+        rpn_positive_fraction=0.5,
+        box_roi_pool=MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2),
+        box_head=box_head,
+        box_predictor=predictor,
+        box_score_thresh=0.05,
+        box_nms_thresh=0.5,
+        box_detections_per_img=100,
+        box_fg_iou_thresh=0.5,
+        box_bg_iou_thresh=0.5,
+        box_batch_size_per_image=roi_batch,
+        box_positive_fraction=0.25,
+    )
+    return ours, theirs
+
+
+def torchvision_targets(gt_boxes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Our padded ``(B, M, 5)`` GT rows as torchvision targets (labels shifted by one)."""
+    targets = []
+    for rows in gt_boxes:
+        rows = rows[rows[:, 4] >= 0]
+        targets.append({"boxes": rows[:, :4].clone(), "labels": rows[:, 4].long() + 1})
+    return targets
