@@ -90,13 +90,18 @@ __all__ = [
     "ShapesDetection",
     "VOC2007DetectionTiny",
     "VOCLayoutDetection",
+    "CorruptImageError",
+    "config_differences",
     "download_voc2007",
     "hello_helper",
     "inference_with_detector",
     "load_checkpoint",
+    "load_model_weights",
     "make_shapes_dataset",
     "train_detector",
     "preprocess_image",
+    "read_rgb_image",
+    "to_rgb",
     "unnormalize_image",
 ]
 
@@ -177,13 +182,60 @@ def _short_side_size(width: int, height: int, image_size: int) -> tuple[int, int
     return max(1, int(round(width * image_size / height))), image_size
 
 
+class CorruptImageError(ValueError):
+    """An image file exists but cannot be decoded (truncated, corrupt or not an image)."""
+
+
+# 16-bit integer modes: PIL's own conversion to RGB clips them at 255 (an all-white image).
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a decoded PIL image of any mode to 8-bit RGB.
+
+    Grayscale, palette (with or without transparency), CMYK, RGBA/LA (alpha dropped) and 1-bit
+    images use PIL's conversion. 16-bit grayscale (modes ``I;16*`` and ``I``, e.g. from 16-bit
+    PNG files) is scaled from ``0..65535`` to ``0..255`` first, since PIL's own conversion clips
+    it at 255 and gives an almost white image.
+    """
+    if image.mode in _WIDE_INT_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def read_rgb_image(path: str | os.PathLike, *, reduced: bool = False) -> Image.Image:
+    """Decode the whole image file at ``path`` and return it as 8-bit RGB (see :func:`to_rgb`).
+
+    Args:
+        path: Image file.
+        reduced: Decode JPEG files at 1/8 scale (all compressed data is still read, so
+            truncation is still found, but about 10x faster); used to check files.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        CorruptImageError: The file is truncated, corrupt or not an image; the message names
+            the file and PIL's reason.
+    """
+    try:
+        with Image.open(path) as raw:
+            if reduced:
+                raw.draft("RGB", (max(1, raw.width // 8), max(1, raw.height // 8)))
+            raw.load()
+            return to_rgb(raw)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"Cannot decode image {path}: {err}") from err
+
+
 def preprocess_image(
     image: Image.Image, image_size: int
 ) -> tuple[torch.Tensor, tuple[float, float]]:
     """The reader's val transform for any image: short side to ``image_size``, no crop.
 
     Args:
-        image: a PIL image of any mode (converted to RGB).
+        image: a PIL image of any mode (converted to RGB by :func:`to_rgb`).
         image_size: the short side after resizing.
 
     Returns:
@@ -192,7 +244,7 @@ def preprocess_image(
     """
     width, height = image.size
     new_w, new_h = _short_side_size(width, height, image_size)
-    resized = image.convert("RGB").resize((new_w, new_h), Image.BILINEAR)
+    resized = to_rgb(image).resize((new_w, new_h), Image.BILINEAR)
     return _to_tensor_normalized(resized), (new_w / width, new_h / height)
 
 
@@ -201,6 +253,17 @@ def unnormalize_image(image: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
     return (image.float() * std + mean).clamp(0.0, 1.0)
+
+
+def _image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the image header; :class:`CorruptImageError` if unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"Cannot decode image {path}: {err}") from err
 
 
 class VOCLayoutDetection(torch.utils.data.Dataset):
@@ -213,8 +276,18 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
         ImageSets/Main/<split>.txt (one image id per line)
 
     All annotations of the split are parsed once, at construction; images are decoded in
-    :meth:`__getitem__` (converted to RGB, so grayscale, CMYK, palette and PNG files work).
-    The object is picklable, so it can be used with DataLoader worker processes.
+    :meth:`__getitem__` (converted to RGB by :func:`to_rgb`, so grayscale, 16-bit grayscale,
+    CMYK, palette and PNG files work). The object is picklable, so it can be used with
+    DataLoader worker processes.
+
+    Faulty data. A split file listing ids whose annotation or image file is missing raises one
+    ``FileNotFoundError`` that counts them and names the first few paths. An image that cannot
+    be decoded (truncated or corrupt file) raises :class:`CorruptImageError` naming the file,
+    the item index and the image id when the item is read; with ``skip_corrupt=True`` every
+    image is instead decoded once at construction (JPEGs at 1/8 scale, which still reads all
+    their data) and unreadable ones are left out of :attr:`image_ids`, with a warning naming
+    each file. Skipping therefore changes ``len(dataset)`` and the indices, never what an index
+    returns, and no image is ever replaced by another one.
 
     Args:
         root: Dataset folder containing ``Annotations``, ``JPEGImages`` and ``ImageSets``.
@@ -226,14 +299,20 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             objects keep the ``max_boxes`` largest, with a warning naming the file.
         train_transform: ``True`` resizes and centre-crops to a square, ``False`` resizes only.
             ``None`` picks ``True`` for split names starting with ``"train"``.
-        skip_empty: Leave out images without any non-difficult object.
+        skip_empty: Leave out images without any non-difficult object. When kept (the
+            default), such images give all-padding ``gt_boxes`` and train as all background.
+        skip_corrupt: Decode every image at construction and leave out unreadable ones with a
+            warning (see "Faulty data" above). Off by default: construction then reads no
+            pixels and an unreadable image raises when its item is read.
         how_to_get: Extra sentence for the "not found" error explaining how to obtain the data.
 
     Attributes:
         class_names: Tuple of class names.
         class_to_idx: ``dict[str, int]``.
         idx_to_class: ``dict[int, str]``.
-        image_ids: List of image ids in this split (after ``skip_empty``).
+        image_ids: List of image ids in this split (after ``skip_empty`` and ``skip_corrupt``).
+        skipped_ids: Ids left out because their image could not be decoded
+            (``skip_corrupt=True``).
     """
 
     def __init__(
@@ -246,6 +325,7 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
         train_transform: bool | None = None,
         *,
         skip_empty: bool = False,
+        skip_corrupt: bool = False,
         how_to_get: str = "",
     ) -> None:
         super().__init__()
@@ -283,9 +363,24 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
         self._boxes: list[np.ndarray] = []
         self._classes: list[np.ndarray] = []
         self._difficult: list[np.ndarray] = []
+        self.skipped_ids: list[str] = []
+        missing: list[str] = []
         for image_id in ids:
-            path, size, boxes, classes, difficult = self._parse_annotation(image_id)
-            if skip_empty and not (~difficult).any():
+            try:
+                path, size, boxes, classes, difficult = self._parse_annotation(image_id)
+                if skip_empty and not (~difficult).any():
+                    continue
+                if skip_corrupt:
+                    read_rgb_image(path, reduced=True)
+            except FileNotFoundError as err:
+                missing.append(str(err))
+                continue
+            except CorruptImageError as err:
+                if not skip_corrupt:
+                    raise
+                self.skipped_ids.append(image_id)
+                warnings.warn(f"{err}; image id '{image_id}' left out (skip_corrupt=True).",
+                              stacklevel=2)  # fmt: skip
                 continue
             self.image_ids.append(image_id)
             self._image_paths.append(path)
@@ -293,6 +388,13 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             self._boxes.append(boxes)
             self._classes.append(classes)
             self._difficult.append(difficult)
+        if missing:
+            shown = "\n  ".join(missing[:5])
+            more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(ids)} image ids listed in {split_file} have a missing "
+                f"annotation or image file:\n  {shown}{more}"
+            )
         self._path_to_index = {p: i for i, p in enumerate(self._image_paths)}
 
     # -- parsing --------------------------------------------------------------------------------
@@ -340,8 +442,7 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
         except (KeyError, TypeError, ValueError):
             width, height = 0, 0
         if width <= 0 or height <= 0:  # size missing or bogus: read the image header
-            with Image.open(image_path) as img:
-                width, height = img.size
+            width, height = _image_size(image_path)
 
         objects = annotation.get("object", [])
         if isinstance(objects, dict):
@@ -363,14 +464,22 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             classes[i] = self.class_to_idx[name]
             difficult[i] = str(obj.get("difficult", "0")).strip() not in ("0", "", "false")
 
-        # Clip to the image and drop degenerate boxes.
+        # Clip to the image and drop degenerate boxes (NaN coordinates fail both tests).
+        written = boxes.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if not keep.all():
+            dropped = np.flatnonzero(~keep)
+            detail = ", ".join(
+                f"object {i} '{self.class_names[classes[i]]}' "
+                f"({', '.join(f'{v:g}' for v in written[i])})"
+                for i in dropped[:5]
+            )
             warnings.warn(
-                f"{xml_path}: dropped {int((~keep).sum())} box(es) with zero or negative area "
-                "after clipping to the image.",
+                f"{xml_path}: dropped {len(dropped)} box(es) with zero or negative area after "
+                f"clipping to the {width}x{height} image (x2 <= x1 or y2 <= y1): {detail}"
+                + (" ..." if len(dropped) > 5 else ""),
                 stacklevel=3,
             )
         return str(image_path), (width, height), boxes[keep], classes[keep], difficult[keep]
@@ -426,8 +535,13 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
         :class:`CachedDetection` stores.
         """
         path = self._image_paths[index]
-        with Image.open(path) as raw:
-            image = raw.convert("RGB")
+        try:
+            image = read_rgb_image(path)
+        except CorruptImageError as err:
+            raise CorruptImageError(
+                f"{err} (item {index}, image id '{self.image_ids[index]}' of split "
+                f"'{self.split}'). Pass skip_corrupt=True to leave unreadable images out."
+            ) from err
         width, height = image.size
         boxes, classes = self._boxes[index], self._classes[index]
         if (width, height) != self._sizes[index]:
@@ -467,8 +581,7 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             away by the training transform are left out.
         """
         path = self._image_paths[index]
-        with Image.open(path) as img:  # header only: cheap
-            width, height = img.size
+        width, height = _image_size(path)  # header only: cheap
         boxes = self._boxes[index].copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
@@ -741,6 +854,7 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
         download: Fetch and extract the official trainval archive if the data is missing.
         image_size: Short side after resizing (and crop size for training).
         max_boxes: Rows of ``gt_boxes``.
+        skip_corrupt: Leave out unreadable images (see :class:`VOCLayoutDetection`).
         urls / archive_name / md5: Overrides for the download (defaults: module constants).
     """
 
@@ -752,6 +866,7 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
         image_size: int = 224,
         *,
         max_boxes: int = 40,
+        skip_corrupt: bool = False,
         urls: Sequence[str] | None = None,
         archive_name: str | None = None,
         md5: str | None = None,
@@ -767,6 +882,7 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
             max_boxes=max_boxes,
             train_transform=split == "train",
             skip_empty=True,
+            skip_corrupt=skip_corrupt,
             how_to_get="Pass download=True, or "
             + _manual_instructions(dataset_dir, archive_name or VOC2007_ARCHIVE),
         )
@@ -1174,16 +1290,173 @@ def _plain_config(config: Any) -> Any:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: temp file in the same folder, then ``os.replace``."""
+    """Write ``state`` atomically: temp file in the same folder, flushed to disk (``fsync``),
+    then ``os.replace``. A process killed at any point leaves either the previous complete
+    checkpoint or the new one at ``path``, plus at worst a stale ``.<name>.*.tmp`` file, which
+    :func:`_remove_stale_temp_files` clears on resume."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temp_files(path: Path, report: bool = False) -> list[Path]:
+    """Delete temp files that :func:`_save_checkpoint` left next to ``path`` when a process was
+    killed mid-write (printing each one if ``report``); returns the deleted paths."""
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+        if report:
+            print(f"Removed {tmp}: left by a run killed while writing a checkpoint.")
+    return stale
+
+
+def config_differences(
+    saved: Any, current: Any, prefix: str = "", names: tuple[str, str] = ("checkpoint", "model")
+) -> list[str]:
+    """Settings that differ between two nested config dicts, one readable line each.
+
+    Example: ``["  backbone.out_channels: checkpoint 16, model 32"]``; ``names`` labels the two
+    sides. Lists and tuples with equal items count as equal.
+    """
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        lines = []
+        for key in sorted(set(saved) | set(current), key=str):
+            lines += config_differences(saved.get(key), current.get(key), f"{prefix}{key}.", names)
+        return lines
+    if isinstance(saved, list | tuple) and isinstance(current, list | tuple):
+        saved, current = list(saved), list(current)
+    if saved != current:
+        return [f"  {prefix.rstrip('.')}: {names[0]} {saved!r}, {names[1]} {current!r}"]
+    return []
+
+
+def load_model_weights(
+    detector: nn.Module, checkpoint: Mapping[str, Any], path: str | os.PathLike
+) -> None:
+    """``detector.load_state_dict(checkpoint["model"])``; a mismatch raises a ValueError that
+    names the differing configuration settings instead of listing state_dict keys. When neither
+    side records a differing setting, it summarises the weights that do not fit instead."""
+    try:
+        detector.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        saved = checkpoint.get("config")
+        current = _plain_config(getattr(detector, "config", None))
+        lines = config_differences(saved, current) if saved and current else []
+        if not lines:
+            note = "no recorded setting differs" if saved and current else "no configuration"
+            lines = [f"  ({note}; {_weights_mismatch(checkpoint['model'], detector)})"]
+        detail = "\n".join(lines)
+        raise ValueError(
+            f"Checkpoint {path} does not match this model. Settings that differ:\n{detail}"
+        ) from err
+
+
+def _weights_mismatch(saved: Mapping[str, torch.Tensor], detector: nn.Module) -> str:
+    """One line: how many weights are missing or unexpected, and the first shape mismatches."""
+    current = detector.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+        for k, v in current.items()
+        if k in saved and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    parts = [f"{len(missing)} weights missing", f"{len(unexpected)} unexpected"]
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape, e.g. " + "; ".join(shapes[:3]))
+    return ", ".join(parts)
+
+
+def _load_resume_checkpoint(
+    path: Path, detector: nn.Module, train_args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Load a checkpoint for ``train_detector(resume=True)`` and restore the model weights.
+
+    Raises a ValueError when the file is not a resumable train_detector checkpoint or its
+    weights do not fit (naming the differing settings); warns when model settings outside the
+    weights, or training arguments, differ.
+    """
+    checkpoint = load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors
+    needed = ("optimizer", "scheduler", "iteration", "max_iters", "rng", "data", "loss_history")
+    absent = [key for key in needed if key not in checkpoint]
+    if absent:
+        raise ValueError(
+            f"{path} cannot be resumed: it has no {', '.join(absent)} (not written by "
+            "train_detector). Load its weights with load_checkpoint(path, detector) and train "
+            "without resume, or use another checkpoint_path."
+        )
+    load_model_weights(detector, checkpoint, path)
+    current = _plain_config(getattr(detector, "config", None))
+    if checkpoint.get("config") is not None and current is not None:
+        lines = config_differences(checkpoint["config"], current)
+        if lines:
+            warnings.warn(
+                f"Resuming {path} with a model whose settings differ from the checkpoint's "
+                "(the weights fit; the run will not equal an uninterrupted one):\n"
+                + "\n".join(lines),
+                stacklevel=3,
+            )
+    saved_args = {k: v for k, v in checkpoint.get("train_args", {}).items() if k != "max_iters"}
+    args = {k: v for k, v in train_args.items() if k != "max_iters"}
+    lines = config_differences(saved_args, args, names=("checkpoint", "now"))
+    if lines:
+        warnings.warn(
+            f"Resuming {path} with other training arguments; the checkpoint's optimizer and "
+            "schedule settings are kept:\n" + "\n".join(lines),
+            stacklevel=3,
+        )
+    return checkpoint
+
+
+def _check_finite_weights(detector: nn.Module, iteration: int) -> None:
+    """Raise a FloatingPointError naming the first non-finite weight or buffer before the
+    checkpoint of ``iteration`` completed iterations is written."""
+    broken = _first_non_finite_tensor(detector)
+    if broken is not None:
+        raise FloatingPointError(
+            f"{broken} is NaN or infinite after iteration {iteration - 1} (a non-finite "
+            "gradient from a finite loss); checkpoint not written, so the one on disk is the "
+            "last good state."
+        )
+
+
+def _first_non_finite_tensor(detector: nn.Module) -> str | None:
+    """Name of the first parameter or floating-point buffer holding a NaN or infinity, or
+    ``None``. One host-device sync when everything is finite."""
+    named = [
+        (name, t)
+        for name, t in (*detector.named_parameters(), *detector.named_buffers())
+        if t.is_floating_point()
+    ]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
 
 
 def load_checkpoint(
@@ -1193,10 +1466,25 @@ def load_checkpoint(
 
     If ``detector`` is given its weights are restored. Returns the whole checkpoint dict (see
     :func:`train_detector` for its keys).
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: The file is truncated or not a checkpoint, or (with ``detector``) its
+            weights do not fit the model; the latter names the configuration settings that
+            differ (e.g. ``backbone.out_channels: checkpoint 16, model 32``).
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways (KeyError...)
+        raise ValueError(
+            f"Cannot read checkpoint {path} (truncated, corrupt or not a torch checkpoint): {err}"
+        ) from err
+    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a train_detector checkpoint (no 'model' entry)")
     if detector is not None:
-        detector.load_state_dict(checkpoint["model"])
+        load_model_weights(detector, checkpoint, path)
     return checkpoint
 
 
@@ -1303,7 +1591,8 @@ def train_detector(
             iteration count, loss history, RNG states and the loader position are restored, so
             on CPU the remaining losses equal those of an uninterrupted run. Data order is
             reproduced by replaying the loader's shuffling from the recorded RNG state and
-            skipping the batches already used (they are loaded again, not trained on).
+            skipping the batches already used (they are loaded again, not trained on). Temp
+            files left by a run killed while writing a checkpoint are deleted first.
         show_plot: Plot the loss history at the end (shown only on interactive backends).
         plot_path: Also save the plot there.
         progress: Show a tqdm progress bar with the current loss.
@@ -1317,7 +1606,13 @@ def train_detector(
     Raises:
         FloatingPointError: A loss is NaN or infinite. The message names the iteration and each
             loss term's value. Losses are checked before every checkpoint is written, so the
-            last checkpoint on disk stays the last good one.
+            last checkpoint on disk stays the last good one. Also raised, naming the parameter,
+            when a checkpoint is due but a weight or buffer is not finite (a non-finite gradient
+            from a finite loss); that checkpoint is not written.
+        ValueError: ``resume`` finds a file that is not a resumable checkpoint, or whose
+            weights do not fit ``detector``; the message names the settings that differ.
+            Settings that differ without changing the weights, and training arguments that
+            differ, only warn (the checkpoint's optimizer and schedule are kept).
 
     Checkpoint format (a dict saved with ``torch.save``; load with :func:`load_checkpoint`):
         ``format`` (str), ``iteration`` (completed iterations), ``max_iters``, ``model``,
@@ -1335,8 +1630,6 @@ def train_detector(
         print(f"Note: amp=True is ignored on device '{device}' (mixed precision is CUDA-only).")
     # A random-init trunk makes subnormal floats early on, which slow CPU convs ~100x.
     flush_was_on = _flush_denormal_enabled()
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
     detector.to(device)
     detector.train()
     params = [p for p in detector.parameters() if p.requires_grad]
@@ -1366,10 +1659,10 @@ def train_detector(
     if resume:
         if checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path")
+        _remove_stale_temp_files(checkpoint_path, report=True)
         if checkpoint_path.is_file():
             # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-            ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
-            detector.load_state_dict(ckpt["model"])
+            ckpt = _load_resume_checkpoint(checkpoint_path, detector, train_args)
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
@@ -1380,7 +1673,7 @@ def train_detector(
                     f"max_iters={max_iters}; the schedule of the checkpoint is kept.",
                     stacklevel=2,
                 )
-            history = LossHistory(ckpt["loss_history"], ckpt["loss_terms"])
+            history = LossHistory(ckpt["loss_history"], ckpt.get("loss_terms"))
             start_iter = int(ckpt["iteration"])
             stream.load_state_dict(ckpt["data"])
             _set_rng_state(ckpt["rng"])
@@ -1432,9 +1725,15 @@ def train_detector(
             total_value, terms = row[0], dict(zip(names, row[1:], strict=True))
             if not math.isfinite(total_value):
                 detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+                hint = (
+                    " Earlier losses were finite, so the weights probably diverged: lower the "
+                    "learning rate, set grad_clip, or use larger batches or images."
+                    if history
+                    else ""
+                )
                 raise FloatingPointError(
                     f"Non-finite loss at iteration {iteration}: total={total_value}, {detail}. "
-                    "Training stopped; the last checkpoint (if any) is the last good state."
+                    "Training stopped; the last checkpoint (if any) is the last good state." + hint
                 )
             history.append(total_value)
             for k, v in terms.items():
@@ -1446,6 +1745,8 @@ def train_detector(
         pending.clear()
 
     start_time = time.time()
+    if device.type == "cpu":  # set here: any error above must not leave it on (restored below)
+        torch.set_flush_denormal(True)
     try:
         for iteration in range(start_iter, max_iters):
             _, images, gt_boxes = stream.next()
@@ -1489,6 +1790,8 @@ def train_detector(
             logging_due = log_period and iteration % log_period == 0
             if checkpoint_due or logging_due or len(pending) >= sync_period or done == max_iters:
                 read_losses()
+            if checkpoint_due:  # every rank: DDP keeps weights equal, so all stop together
+                _check_finite_weights(detector, done)
             if checkpoint_due and main:
                 save(done)
     finally:

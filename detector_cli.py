@@ -27,11 +27,14 @@ import torch
 from a4_helper import (
     SHAPES_CLASSES,
     CachedDetection,
+    CorruptImageError,
     VOC2007DetectionTiny,
     VOCLayoutDetection,
     inference_with_detector,
     load_checkpoint,
+    load_model_weights,
     make_shapes_dataset,
+    read_rgb_image,
     train_detector,
     unnormalize_image,
 )
@@ -95,36 +98,16 @@ def build_detector(
     )  # fmt: skip
 
 
-def _config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Human-readable list of settings that differ between two nested config dicts."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        lines = []
-        for key in sorted(set(saved) | set(current)):
-            lines += _config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return lines
-    if saved != current:
-        return [f"  {prefix.rstrip('.')}: checkpoint {saved!r}, model {current!r}"]
-    return []
-
-
 def load_weights(model: FasterRCNN, checkpoint: dict, path: str | os.PathLike) -> None:
-    """Load a checkpoint's weights, explaining a configuration mismatch in plain words."""
-    differences = _config_differences(checkpoint.get("config") or {}, model.config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        detail = "\n".join(differences) or "  (no recorded setting differs; weights do not fit)"
-        raise ValueError(
-            f"Checkpoint {path} does not match this model. Settings that differ:\n{detail}"
-        ) from err
+    """Load a checkpoint's weights; a mismatch raises a ValueError naming the settings that
+    differ (``a4_helper.config_differences``), not the state_dict keys."""
+    load_model_weights(model, checkpoint, path)
 
 
 def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[FasterRCNN, dict]:
     """A model rebuilt from a checkpoint's own configuration, with its weights and metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}")
-    checkpoint = load_checkpoint(path, map_location="cpu")
+    checkpoint = load_checkpoint(path, map_location="cpu")  # clear errors for bad files
     if not checkpoint.get("config") or not checkpoint.get("meta"):
         raise ValueError(
             f"{path} has no model configuration or class names: it was not written by "
@@ -143,7 +126,11 @@ def discover_classes(root: Path) -> list[str]:
     """Sorted object class names found in a VOC-layout folder's annotations."""
     names = set()
     for xml_path in sorted((root / "Annotations").glob("*.xml")):
-        for name in ET.parse(xml_path).getroot().iter("name"):
+        try:
+            tree = ET.parse(xml_path)
+        except ET.ParseError as err:
+            raise ValueError(f"Cannot parse annotation file {xml_path}: {err}") from err
+        for name in tree.getroot().iter("name"):
             if name.text:
                 names.add(name.text.strip())
     if not names:
@@ -154,9 +141,12 @@ def discover_classes(root: Path) -> list[str]:
 def make_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """Train and val datasets plus class names for ``--dataset``."""
     size = args.image_size
+    skip = getattr(args, "skip_corrupt", False)
     if args.dataset == "voc2007":
-        train = VOC2007DetectionTiny(args.data_dir, "train", args.download, image_size=size)
-        val = VOC2007DetectionTiny(args.data_dir, "val", image_size=size)
+        train = VOC2007DetectionTiny(
+            args.data_dir, "train", args.download, image_size=size, skip_corrupt=skip
+        )
+        val = VOC2007DetectionTiny(args.data_dir, "val", image_size=size, skip_corrupt=skip)
         return train, val, [train.idx_to_class[i] for i in range(len(train.idx_to_class))]
     if args.dataset == "shapes":
         root = Path(args.data_dir) / "shapes"
@@ -167,8 +157,8 @@ def make_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     else:
         root = Path(args.dataset)
         classes = args.classes.split(",") if args.classes else discover_classes(root)
-    train = VOCLayoutDetection(root, args.train_split, classes, image_size=size)
-    val = VOCLayoutDetection(root, args.val_split, classes, image_size=size)
+    train = VOCLayoutDetection(root, args.train_split, classes, image_size=size, skip_corrupt=skip)
+    val = VOCLayoutDetection(root, args.val_split, classes, image_size=size, skip_corrupt=skip)
     return train, val, classes
 
 
@@ -279,6 +269,10 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
     world, rank = init_distributed(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    if rank == 0 and checkpoint.is_file() and not args.resume:  # never destroy the old one
+        os.replace(checkpoint, out / "checkpoint.prev.pt")
+        print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
     reset_seed(args.seed)
     if rank == 0:  # generates or downloads data once; the other processes wait, then read it
         train, val, classes = make_datasets(args)
@@ -308,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
         model, loader, learning_rate=args.lr, weight_decay=args.weight_decay,
         max_iters=args.max_iters, log_period=args.log_period, device=args.device,
         warmup_iters=args.warmup_iters, amp=args.amp, grad_clip=args.grad_clip,
-        checkpoint_path=out / "checkpoint.pt", checkpoint_period=args.checkpoint_period,
+        checkpoint_path=checkpoint, checkpoint_period=args.checkpoint_period,
         resume=args.resume, show_plot=False, plot_path=out / "loss.png", progress=args.progress,
     )  # fmt: skip
     train_seconds = time.time() - start
@@ -366,7 +360,6 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
     from a4_helper import preprocess_image
@@ -380,10 +373,9 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
     records = []
     for path in _image_files(args.images):
         try:
-            with Image.open(path) as raw:
-                image = raw.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"Cannot read image {path}: {err}") from err
+            image = read_rgb_image(path)
+        except CorruptImageError as err:
+            raise ValueError(f"Cannot read image {path}: {err.__cause__}") from err
         tensor, (sx, sy) = preprocess_image(image, size)
         with torch.no_grad():
             boxes, labels, scores = model(
@@ -425,6 +417,12 @@ def _add_data_args(p: argparse.ArgumentParser, default_size: int) -> None:
         help="where VOC2007 lives / is downloaded, or the shapes data is written",
     )
     p.add_argument("--download", action="store_true", help="download VOC2007 if missing")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="decode every image first and leave out unreadable ones (with a warning) instead "
+        "of stopping at the first one",
+    )
     p.add_argument(
         "--classes",
         default=None,
@@ -489,7 +487,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--log-period", type=int, default=50)
     p.add_argument("--checkpoint-period", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt (without it, an existing one is first moved to "
+        "OUT/checkpoint.prev.pt)",
+    )
     p.add_argument(
         "--cache",
         choices=("memory", "disk", "off"),

@@ -23,6 +23,7 @@ Everything is vectorised over the batch: the only Python loops run over the thre
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -357,6 +358,7 @@ def assign_fpn_levels(
     wh = (boxes[..., 2:4] - boxes[..., 0:2]).clamp(min=1e-6)
     scale = torch.sqrt(wh[..., 0] * wh[..., 1])
     levels = torch.floor(4 + torch.log2(scale / 224))
+    levels = levels.nan_to_num(nan=float(min(fpn_level_ids)))  # NaN boxes: no wild index
     return levels.clamp(min(fpn_level_ids), max(fpn_level_ids)).long()
 
 
@@ -413,6 +415,7 @@ def _bilinear_taps(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tens
     Returns:
         ``index (R, S, 2)`` int64 of the lower and upper neighbour and ``weight (R, S, 2)``.
     """
+    coords = coords.nan_to_num(nan=-2.0)  # NaN boxes (diverged weights) read nothing
     inside = (coords >= -1.0) & (coords <= size)
     coords = coords.clamp(min=0)
     low = torch.minimum(coords.floor(), size - 1)
@@ -518,6 +521,32 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating point tensor, got {images.dtype}")
+
+
+def _check_inputs_match_model(
+    images: torch.Tensor, gt_boxes: torch.Tensor | None, weight: torch.Tensor
+) -> None:
+    """Raise a ValueError when ``images`` (B, 3, H, W) or ``gt_boxes`` (B, M, 5) are on another
+    device than the model's ``weight``, or ``images`` has another dtype outside autocast."""
+    if images.device != weight.device:
+        raise ValueError(
+            f"images are on device {images.device} but the model is on {weight.device}; "
+            f"move them with images.to({str(weight.device)!r}) (or the model with .to())"
+        )
+    if gt_boxes is not None and gt_boxes.device != images.device:
+        raise ValueError(
+            f"gt_boxes are on device {gt_boxes.device} but images are on {images.device}"
+        )
+    try:
+        autocast = torch.is_autocast_enabled(weight.device.type)
+    except RuntimeError:  # a device type without autocast support
+        autocast = False
+    if images.dtype != weight.dtype and not autocast:
+        raise ValueError(
+            f"images are {images.dtype} but the model's weights are {weight.dtype}; convert "
+            f"one of them (images.to({weight.dtype}) or model.to({images.dtype})), or use "
+            "torch.autocast"
+        )
 
 
 class RPN(nn.Module):
@@ -929,15 +958,42 @@ class FasterRCNN(nn.Module):
             Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls"}`` (and ``"loss_box"`` with
             box regression). Eval, B == 1: ``(boxes (N, 4), classes (N,) in 0..C-1,
             scores (N,))``. Eval, B > 1: a list of B such tuples.
+
+        Raises:
+            ValueError: naming the shape, dtype, device or value at fault: images not
+                (B, 3, H, W) floating point, on another device than the model, or of another
+                dtype outside autocast; gt_boxes not (B, M, 5), on another device, with a class
+                id outside ``0..C-1`` (``-1`` pads), or a non-padding box that is not finite or
+                is inverted, ``x2 < x1`` or ``y2 < y1`` (these two value checks run here for CPU
+                gt_boxes, else in :meth:`check_inputs`, which ``train_detector`` calls on the
+                host); a training batch of a single image of at most 32x32 px (BatchNorm cannot
+                normalise its one value per channel).
+
+        Warns once per model when a training batch has fewer than 8 values per channel at the
+        coarsest backbone level (e.g. 2 images of 32x32 px): BatchNorm's gradients explode.
         """
         _check_images(images)
+        _check_inputs_match_model(
+            images, gt_boxes if self.training else None, next(self.parameters())
+        )
         if self.training:
             if gt_boxes is None:
                 raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
             _check_gt_boxes(gt_boxes, batch_size=len(images))
             if gt_boxes.device.type == "cpu":  # elsewhere it would be a sync per step
                 self._check_classes(gt_boxes)
-        feats = self.backbone(images)
+            self._warn_few_batchnorm_values(images)
+        try:
+            feats = self.backbone(images)
+        except ValueError as err:  # BatchNorm's bare message does not say what to change
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise ValueError(
+                f"A training batch of {len(images)} image of {images.shape[-2]}x"
+                f"{images.shape[-1]} px leaves one value per channel in the backbone's last "
+                "BatchNorm layers, which cannot normalise it. Use a batch of 2 or more images "
+                "(e.g. DataLoader(drop_last=True)) or images larger than 32 px on a side."
+            ) from err
         strides = self.backbone.fpn_strides
         image_size = tuple(images.shape[-2:])
         rpn_output = self.rpn(
@@ -974,6 +1030,25 @@ class FasterRCNN(nn.Module):
         losses.update(self._losses(proposals, valid, matched, foreground, cls_logits, box_deltas))
         return losses
 
+    def _warn_few_batchnorm_values(self, images: torch.Tensor) -> None:
+        """Warn (once per model) when a training batch leaves fewer than 8 values per channel
+        at the coarsest backbone level: normalising so few values makes BatchNorm's gradients
+        explode (measured with the RegNet trunk: norm ~1e17 for 2 images of 32x32, ~1e5 for
+        one 64x64 image, ~3e2 for 8 values), and the next step turns the weights to NaN."""
+        if getattr(self, "_warned_few_values", False) or not self.backbone.training:
+            return
+        stride = max(getattr(self.backbone, "fpn_strides", {"p5": 32}).values())
+        height, width = images.shape[-2:]
+        values = len(images) * math.ceil(height / stride) * math.ceil(width / stride)
+        if values < 8:
+            self._warned_few_values = True
+            warnings.warn(
+                f"A training batch of {len(images)} image(s) of {height}x{width} px leaves "
+                f"{values} value(s) per channel in the backbone's last BatchNorm layers; their "
+                "gradients explode. Use a larger batch or larger images, or set grad_clip.",
+                stacklevel=3,
+            )
+
     def check_inputs(
         self, images: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None
     ) -> None:
@@ -990,15 +1065,32 @@ class FasterRCNN(nn.Module):
             self._check_classes(gt_boxes)
 
     def _check_classes(self, gt_boxes: torch.Tensor) -> None:
+        """Class ids must be -1 (padding) or in ``0..C-1``; the boxes of non-padding rows must
+        be finite with ``x2 >= x1`` and ``y2 >= y1`` (a zero-size box overlaps nothing, so it
+        is simply never matched). A host-device sync unless ``gt_boxes`` is on
+        the CPU (see :meth:`check_inputs`)."""
         classes = gt_boxes[..., 4]
         bad = (classes != BACKGROUND) & (
             (classes < 0) | (classes >= self.num_classes) | (classes != classes.round())
         )
+        boxes = gt_boxes[..., :4]
+        bad_box = (
+            ~torch.isfinite(boxes).all(dim=-1)
+            | (boxes[..., 2] < boxes[..., 0])
+            | (boxes[..., 3] < boxes[..., 1])
+        ) & (classes != BACKGROUND)
+        if not (bad | bad_box).any():
+            return
         if bad.any():
             raise ValueError(
                 f"gt_boxes class ids must be integers in [0, {self.num_classes - 1}] or -1 for "
                 f"padding, got {classes[bad].unique().tolist()}"
             )
+        b, j = bad_box.nonzero()[0].tolist()
+        raise ValueError(
+            f"gt_boxes[{b}, {j}] = {gt_boxes[b, j].tolist()} is not a usable box: coordinates "
+            "must be finite with x2 >= x1 and y2 >= y1 (padding rows have class -1)"
+        )
 
     def _pool(
         self,

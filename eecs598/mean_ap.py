@@ -42,11 +42,15 @@ Folder format (:func:`evaluate_folder`, :func:`write_tool_files`):
 - ``INPUT_DIR/ground-truth/<id>.txt``: one line per box, ``class x1 y1 x2 y2`` with the literal
   word ``difficult`` as an optional sixth token.
 - ``INPUT_DIR/detection-results/<id>.txt``: one line per detection, ``class score x1 y1 x2 y2``.
-- Class names contain no whitespace. Coordinates and scores are read as floats. Blank lines are
-  skipped. A malformed line raises :class:`ValueError` naming the file and the 1-based line.
+- Class names contain no whitespace. Coordinates and scores are read as finite floats. Blank
+  lines are skipped. A malformed line (wrong token count, a non-number, NaN or infinity) raises
+  :class:`ValueError` naming the file and the 1-based line; so does a file that is not UTF-8.
+- Detections of a class that appears in no GT file are ignored (see above); boxes are taken as
+  written, so an inverted or empty detection box simply matches nothing (a false positive).
 - A detection file without a matching GT file is an error (:class:`FileNotFoundError`), as in
   the folder tool. A GT file without a detection file means "no detections for that image"
-  (the folder tool stops with an error there instead).
+  (the folder tool stops with an error there instead). A missing ``detection-results/`` folder
+  is an error: every writer here creates it, with an empty file per image without detections.
 
 Command line::
 
@@ -580,8 +584,11 @@ def evaluate_detections(
 
 def _read_lines(path: str) -> list[tuple[int, list[str]]]:
     """Non-blank lines of a text file as ``(1-based line number, tokens)``."""
-    with open(path, encoding="utf-8") as handle:
-        return [(n, line.split()) for n, line in enumerate(handle, start=1) if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [(n, line.split()) for n, line in enumerate(handle, start=1) if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err})") from err
 
 
 def _floats(tokens: list[str], path: str, lineno: int) -> list[float]:
@@ -616,8 +623,13 @@ def read_folder(input_dir: str | os.PathLike[str]) -> MeanAPAccumulator:
     gt_dir, det_dir = os.path.join(root, GT_DIR), os.path.join(root, DET_DIR)
     if not os.path.isdir(gt_dir):
         raise FileNotFoundError(f"ground-truth folder not found: {gt_dir}")
+    if not os.path.isdir(det_dir):
+        raise FileNotFoundError(
+            f"detection-results folder not found: {det_dir} (images without detections need "
+            "an empty file there, not a missing folder)"
+        )
     gt_ids = _txt_ids(gt_dir)
-    det_ids = _txt_ids(det_dir) if os.path.isdir(det_dir) else []
+    det_ids = _txt_ids(det_dir)
     orphans = sorted(set(det_ids) - set(gt_ids))
     if orphans:
         missing = os.path.join(gt_dir, orphans[0] + ".txt")
