@@ -55,7 +55,7 @@ DEMO = {
     "grad_clip": 10.0,
     "box_regression": True,
     "rpn_batch_size": 64,
-    "roi_batch_size": 32,
+    "roi_batch_size": 64,
     "anchor_scale": 4,
     "no_pretrained": True,
 }
