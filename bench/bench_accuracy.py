@@ -79,14 +79,14 @@ def run(name: str, args, root: Path) -> dict:
     ours, theirs = build_pair(
         num_classes=len(classes), fpn_channels=cfg["fpn_channels"],
         image_size=cfg["image_size"], rpn_batch=64, roi_batch=32, pre_nms_topk=400,
-        post_nms_topk=100, anchor_stride_scale=cfg["anchor_scale"],
+        post_nms_topk=100, anchor_stride_scale=cfg["anchor_scale"], seed=args.seed,
     )  # fmt: skip
     theirs.transform.max_size = 4 * cfg["image_size"]  # short side fixed: never resize
     for label, model in (("ours", ours), ("torchvision", TorchvisionAdapter(theirs))):
-        reset_seed(0)
+        reset_seed(args.seed)
         loader = torch.utils.data.DataLoader(
             train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(0), num_workers=0,
+            generator=torch.Generator().manual_seed(args.seed), num_workers=0,
         )  # fmt: skip
         start = time.perf_counter()
         history = a4_helper.train_detector(
@@ -110,9 +110,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["shapes", "bccd"])
     parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     parser.add_argument("--out", default="bench/results/accuracy.json")
     args = parser.parse_args()
-    result = {"environment": environment("cpu"), "iters": args.iters}
+    result = {"environment": environment("cpu"), "iters": args.iters, "seed": args.seed}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets:
             if name == "bccd" and not BCCD.is_dir():

@@ -13,12 +13,12 @@ raised and warnings turned into errors, so a division by zero anywhere would fai
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eecs598.mean_ap import MeanAPAccumulator, evaluate_folder, main
+from tests.test_eecs598_mean_ap import write_folder
 
 
 @pytest.fixture(autouse=True)
@@ -26,17 +26,6 @@ def strict_numerics():
     with np.errstate(all="raise"), warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
-
-
-def write_folder(root: Path, files: dict[str, tuple[str, str | None]]) -> Path:
-    """``{image_id: (GT text, detection text or None for no file)}``."""
-    (root / "ground-truth").mkdir(parents=True)
-    (root / "detection-results").mkdir()
-    for image_id, (gt_text, det_text) in files.items():
-        (root / "ground-truth" / f"{image_id}.txt").write_text(gt_text)
-        if det_text is not None:
-            (root / "detection-results" / f"{image_id}.txt").write_text(det_text)
-    return root
 
 
 # ---- faulty files ------------------------------------------------------------------------------
