@@ -82,7 +82,8 @@ def run(name: str, args, root: Path) -> dict:
         post_nms_topk=100, anchor_stride_scale=cfg["anchor_scale"], seed=args.seed,
     )  # fmt: skip
     theirs.transform.max_size = 4 * cfg["image_size"]  # short side fixed: never resize
-    for label, model in (("ours", ours), ("torchvision", TorchvisionAdapter(theirs))):
+    models = {"ours": ours, "torchvision": TorchvisionAdapter(theirs)}
+    for label, model in ((k, v) for k, v in models.items() if k in args.models):
         reset_seed(args.seed)
         loader = torch.utils.data.DataLoader(
             train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["shapes", "bccd"])
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    parser.add_argument("--models", nargs="+", default=["ours", "torchvision"])
     parser.add_argument("--out", default="bench/results/accuracy.json")
     args = parser.parse_args()
     result = {"environment": environment("cpu"), "iters": args.iters, "seed": args.seed}
@@ -122,7 +124,7 @@ def main() -> None:
             result[name] = run(name, args, Path(tmp))
     print(f"\n{'dataset':8s} {'ours':>8s} {'torchvision':>12s}")
     for name in args.datasets:
-        if name in result:
+        if name in result and len(args.models) == 2:
             ours, theirs = result[name]["ours"]["mAP"], result[name]["torchvision"]["mAP"]
             print(f"{name:8s} {100 * ours:7.1f}% {100 * theirs:11.1f}%")
     write_json(args.out, result)
