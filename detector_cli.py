@@ -48,7 +48,7 @@ DEMO = {
     "num_val": 96,
     "image_size": 128,
     "fpn_channels": 64,
-    "max_iters": 420,
+    "max_iters": 360,
     "batch_size": 16,
     "learning_rate": 0.02,
     "warmup_iters": 30,
