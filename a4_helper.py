@@ -1744,15 +1744,16 @@ def train_detector(
         bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{pending[-1][2]:.2e}")
         pending.clear()
 
+    # Off the CPU, forward skips the class-id check (a sync); check batches on the host instead.
+    host_check = getattr(detector, "check_inputs", None) if device.type != "cpu" else None
     start_time = time.time()
     if device.type == "cpu":  # set here: any error above must not leave it on (restored below)
         torch.set_flush_denormal(True)
     try:
         for iteration in range(start_iter, max_iters):
             _, images, gt_boxes = stream.next()
-            check_inputs = getattr(detector, "check_inputs", None)
-            if check_inputs is not None and device.type != "cpu":  # on CPU forward checks
-                check_inputs(gt_boxes=gt_boxes)  # still on the host: no device sync
+            if host_check is not None:
+                host_check(gt_boxes=gt_boxes)  # still on the host: no device sync
             images = images.to(device, non_blocking=True)
             if images.dtype == torch.uint8:  # CachedDetection(normalize=False)
                 images = normalize_uint8(images)

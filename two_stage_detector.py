@@ -1012,7 +1012,7 @@ class FasterRCNN(nn.Module):
             # Only the sampled RoIs are pooled and classified: the head is the costly part.
             proposals, valid, matched, foreground = self._sample_rois(proposals, valid, gt_boxes)
 
-        roi_feats = self._pool(feats, strides, proposals, valid)  # (B*R, C, h, w)
+        roi_feats = fpn_roi_align(feats, strides, proposals, valid, self.roi_size)  # (B*R, C, h, w)
         hidden = self.cls_pred[:-1](roi_feats)
         cls_logits = self.cls_pred[-1](hidden).view(*valid.shape, -1)  # (B, R, C+1)
         box_deltas = None
@@ -1091,23 +1091,6 @@ class FasterRCNN(nn.Module):
             f"gt_boxes[{b}, {j}] = {gt_boxes[b, j].tolist()} is not a usable box: coordinates "
             "must be finite with x2 >= x1 and y2 >= y1 (padding rows have class -1)"
         )
-
-    def _pool(
-        self,
-        feats: dict[str, torch.Tensor],
-        strides: dict[str, int],
-        boxes: torch.Tensor,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """RoI Align of every valid box from its FPN level (``fpn_roi_align``).
-
-        Args:
-            boxes: (B, R, 4); valid: (B, R).
-
-        Returns:
-            (B*R, C, h, w) pooled features, zeros for invalid boxes.
-        """
-        return fpn_roi_align(feats, strides, boxes, valid, self.roi_size, sampling_ratio=2)
 
     @torch.no_grad()
     def _sample_rois(

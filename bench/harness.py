@@ -97,7 +97,7 @@ def environment(device: torch.device | str) -> dict[str, object]:
 def shapes_batch(
     batch_size: int, image_size: int, device: torch.device | str = "cpu", seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch of the generated dataset, every image resized to a square.
+    """A fixed batch of the generated dataset (train transform: resized, centre-cropped square).
 
     Returns:
         ``images (B, 3, S, S)`` normalised and ``gt_boxes (B, 40, 5)`` padded with -1.
@@ -108,16 +108,9 @@ def shapes_batch(
         )
         data = a4_helper.ShapesDetection(root, "train", image_size=image_size)
         items = [data[i] for i in range(batch_size)]
-    images = torch.stack([_square(img, image_size) for _, img, _ in items])
+    images = torch.stack([img for _, img, _ in items])  # train items are square crops
     boxes = torch.stack([b for _, _, b in items])
     return images.to(device), boxes.to(device)
-
-
-def _square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad a ``(3, h, w)`` image to ``(3, size, size)`` (boxes stay where they are)."""
-    out = image.new_zeros(3, size, size)
-    out[:, : image.shape[1], : image.shape[2]] = image[:, :size, :size]
-    return out
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -334,7 +334,7 @@ def _roi_align_case(seed: int, dtype: torch.dtype = torch.float64):
     return feats, strides, boxes, valid
 
 
-def _roi_align_reference(feats, strides, boxes, valid, level_ids):
+def _roi_align_reference(feats, strides, boxes, valid):
     """torchvision's roi_align, one call per level over that level's valid boxes."""
     batch, num = valid.shape
     channels = next(iter(feats.values())).shape[1]
@@ -356,7 +356,7 @@ def test_fpn_roi_align_matches_torchvision_values_and_gradients(seed):
     levels = assign_fpn_levels(boxes)[valid]
     assert set(levels.tolist()) == {3, 4, 5}  # every level is exercised
     ours = fpn_roi_align(feats, strides, boxes, valid)
-    ref = _roi_align_reference(feats, strides, boxes, valid, (3, 4, 5))
+    ref = _roi_align_reference(feats, strides, boxes, valid)
     assert ours.shape == (boxes.shape[0] * boxes.shape[1], 5, 7, 7)
     assert torch.allclose(ours, ref, atol=1e-12)
     assert (ours[~valid.reshape(-1)] == 0).all()
@@ -370,7 +370,7 @@ def test_fpn_roi_align_matches_torchvision_values_and_gradients(seed):
 def test_fpn_roi_align_float32_and_no_valid_boxes():
     feats, strides, boxes, valid = _roi_align_case(3, torch.float32)
     ours = fpn_roi_align(feats, strides, boxes, valid)
-    ref = _roi_align_reference(feats, strides, boxes, valid, (3, 4, 5))
+    ref = _roi_align_reference(feats, strides, boxes, valid)
     assert ours.dtype == torch.float32
     assert (ours - ref).abs().max() < 1e-5
     none = fpn_roi_align(feats, strides, boxes, torch.zeros_like(valid))
