@@ -73,7 +73,7 @@ def build_detector(
     pretrained: bool = True,
     rpn_batch_size: int = 16,
     roi_batch_size: int = 32,
-    anchor_scale: float = 8,
+    anchor_scale: float | Sequence[float] = 8,
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
@@ -87,7 +87,7 @@ def build_detector(
         fpn_channels=fpn_channels,
         stem_channels=[fpn_channels, fpn_channels],
         batch_size_per_image=rpn_batch_size,
-        anchor_stride_scale=anchor_scale,
+        anchor_stride_scale=anchor_scale[0] if _single(anchor_scale) else anchor_scale,
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
     )
@@ -96,6 +96,11 @@ def build_detector(
         stem_channels=[fpn_channels, fpn_channels], batch_size_per_image=roi_batch_size,
         box_regression=box_regression,
     )  # fmt: skip
+
+
+def _single(values: float | Sequence[float]) -> bool:
+    """One number, or a one-element sequence (argparse ``nargs="+"``)."""
+    return not isinstance(values, (int, float)) and len(values) == 1
 
 
 def load_weights(model: FasterRCNN, checkpoint: dict, path: str | os.PathLike) -> None:
@@ -475,8 +480,10 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument(
         "--anchor-scale",
         type=float,
+        nargs="+",
         default=defaults.get("anchor_scale", 8),
-        help="anchor side in units of the FPN level's stride (8: 64-256 px on p3-p5)",
+        help="anchor side(s) in units of the FPN level's stride (8: 64-256 px on p3-p5); "
+        "several values give several anchor sizes per level",
     )
     p.add_argument(
         "--no-pretrained",

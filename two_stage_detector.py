@@ -128,34 +128,46 @@ class RPNPredictionNetwork(nn.Module):
 def generate_fpn_anchors(
     locations_per_fpn_level: dict[str, torch.Tensor],
     strides_per_fpn_level: dict[str, int],
-    stride_scale: float,
+    stride_scale: float | Sequence[float],
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
 ) -> dict[str, torch.Tensor]:
-    """``A = len(aspect_ratios)`` anchors centred on every FPN location.
+    """``A = len(stride_scale) * len(aspect_ratios)`` anchors centred on every FPN location.
 
-    An anchor of a level with stride ``s`` has area ``(stride_scale * s) ** 2`` and aspect ratio
-    ``h / w``, so ``w = sqrt(area / ratio)`` and ``h = ratio * w``.
+    An anchor of a level with stride ``s`` has area ``(scale * s) ** 2`` for each ``scale`` in
+    ``stride_scale`` (the notebook passes one number: one size per level, as torchvision's and
+    detectron2's FPN defaults) and aspect ratio ``h / w``, so ``w = sqrt(area / ratio)`` and
+    ``h = ratio * w``.
 
     Args:
         locations_per_fpn_level: ``{level: (H*W, 2)}`` centres from ``get_fpn_location_coords``.
         strides_per_fpn_level: ``{level: stride}``.
-        stride_scale: anchor side in units of the level's stride.
-        aspect_ratios: ``h / w`` of the ``A`` anchors at each location.
+        stride_scale: anchor side(s) in units of the level's stride: a number or a sequence.
+        aspect_ratios: ``h / w`` of the anchors of each size.
 
     Returns:
-        ``{level: (H*W*A, 4)}`` anchors, location-major with ``A`` varying fastest: the order of
-        ``RPNPredictionNetwork``'s outputs.
+        ``{level: (H*W*A, 4)}`` anchors, location-major, then scale, with the aspect ratio
+        varying fastest: the order of ``RPNPredictionNetwork``'s outputs.
     """
+    scales = anchor_scales(stride_scale)
     anchors_per_fpn_level = {}
     for level, locations in locations_per_fpn_level.items():
-        area = (stride_scale * strides_per_fpn_level[level]) ** 2
-        ratios = torch.as_tensor(aspect_ratios, dtype=locations.dtype, device=locations.device)
-        widths = torch.sqrt(area / ratios)
-        half_wh = torch.stack([widths, ratios * widths], dim=1) / 2  # (A, 2)
+        options = dict(dtype=locations.dtype, device=locations.device)
+        ratios = torch.as_tensor(aspect_ratios, **options)
+        areas = (torch.as_tensor(scales, **options) * strides_per_fpn_level[level]) ** 2
+        widths = torch.sqrt(areas[:, None] / ratios).reshape(-1)  # (A,)
+        heights = (ratios * widths.view(len(scales), -1)).reshape(-1)
+        half_wh = torch.stack([widths, heights], dim=1) / 2  # (A, 2)
         centres = locations[:, None, :]  # (H*W, 1, 2)
         anchors = torch.cat([centres - half_wh, centres + half_wh], dim=2)  # (H*W, A, 4)
         anchors_per_fpn_level[level] = anchors.reshape(-1, 4)
     return anchors_per_fpn_level
+
+
+def anchor_scales(stride_scale: float | Sequence[float]) -> list[float]:
+    """``stride_scale`` as a list: a number gives one anchor size per level."""
+    if isinstance(stride_scale, (int, float)):
+        return [float(stride_scale)]
+    return [float(v) for v in stride_scale]
 
 
 def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -566,8 +578,10 @@ class RPN(nn.Module):
         fpn_channels: channels of the FPN features.
         stem_channels: the prediction network's stem.
         batch_size_per_image: anchors sampled per image for the losses (16 in the notebook).
-        anchor_stride_scale: anchor side in units of the level's stride.
-        anchor_aspect_ratios: anchor ``h / w`` ratios (``A`` anchors per location).
+        anchor_stride_scale: anchor side in units of the level's stride; a sequence gives
+            several sizes per level.
+        anchor_aspect_ratios: anchor ``h / w`` ratios (``A = sizes * ratios`` anchors per
+            location).
         anchor_iou_thresholds: ``(low, high)`` for background / foreground.
         nms_thresh: IoU threshold of the per-level NMS on proposals.
         pre_nms_topk: proposals kept per level and image before NMS.
@@ -582,7 +596,7 @@ class RPN(nn.Module):
         fpn_channels: int,
         stem_channels: Sequence[int],
         batch_size_per_image: int = 16,
-        anchor_stride_scale: float = 8,
+        anchor_stride_scale: float | Sequence[float] = 8,
         anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         anchor_iou_thresholds: tuple[float, float] = (0.3, 0.6),
         nms_thresh: float = 0.7,
@@ -593,7 +607,9 @@ class RPN(nn.Module):
     ):
         super().__init__()
         self.pred_net = RPNPredictionNetwork(
-            fpn_channels, stem_channels, num_anchors=len(anchor_aspect_ratios)
+            fpn_channels,
+            stem_channels,
+            num_anchors=len(anchor_scales(anchor_stride_scale)) * len(anchor_aspect_ratios),
         )
         self.batch_size_per_image = batch_size_per_image
         self.anchor_stride_scale = anchor_stride_scale
@@ -608,7 +624,11 @@ class RPN(nn.Module):
             "fpn_channels": fpn_channels,
             "stem_channels": list(stem_channels),
             "batch_size_per_image": batch_size_per_image,
-            "anchor_stride_scale": anchor_stride_scale,
+            "anchor_stride_scale": (
+                anchor_stride_scale
+                if isinstance(anchor_stride_scale, (int, float))
+                else anchor_scales(anchor_stride_scale)
+            ),
             "anchor_aspect_ratios": list(anchor_aspect_ratios),
             "anchor_iou_thresholds": list(anchor_iou_thresholds),
             "nms_thresh": nms_thresh,

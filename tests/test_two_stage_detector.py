@@ -104,6 +104,59 @@ def test_notebook_anchors_p5():
     assert same_rows(anchors[2::3], expected_2_1)
 
 
+def test_multi_scale_anchors_match_torchvision_anchor_generator():
+    """Several sizes per level: the same boxes as torchvision's ``AnchorGenerator`` (which
+    puts anchors on cell corners, so ours shift by half a stride), in our documented order:
+    location, then size, then aspect ratio."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    strides = {"p3": 8, "p4": 16}
+    shapes = {"p3": (1, 4, 6, 4), "p4": (1, 4, 3, 2)}
+    ratios = (0.5, 1.0, 2.0)
+    scales = (2.0, 4.0)
+    locations = get_fpn_location_coords(shapes, strides, dtype=torch.float64)
+    ours = generate_fpn_anchors(locations, strides, scales, ratios)
+    generator = AnchorGenerator(
+        sizes=tuple(tuple(k * s for k in scales) for s in strides.values()),
+        aspect_ratios=(ratios,) * len(strides),
+    )
+    images = ImageList(torch.zeros(1, 3, 48, 32, dtype=torch.float64), [(48, 32)])
+    theirs = generator(images, [torch.zeros(shapes[k], dtype=torch.float64) for k in strides])[0]
+    start = 0
+    for level, stride in strides.items():
+        count = len(ours[level])
+        assert count == shapes[level][2] * shapes[level][3] * len(scales) * len(ratios)
+        # torchvision: (H*W, ratio, size) with rounded half sizes; ours: (H*W, size, ratio).
+        expected = theirs[start : start + count].view(-1, len(ratios), len(scales), 4)
+        expected = expected.transpose(1, 2).reshape(-1, 4) + stride / 2
+        torch.testing.assert_close(ours[level], expected, atol=0.5, rtol=0)
+        start += count
+        sides = (ours[level][:, 2:] - ours[level][:, :2]).prod(dim=1).sqrt().view(-1, 2, 3)
+        torch.testing.assert_close(
+            sides[0, :, 0], torch.tensor(scales, dtype=torch.float64) * stride
+        )
+    # A single number gives exactly the notebook's anchors.
+    single = generate_fpn_anchors(locations, strides, 4.0, ratios)
+    listed = generate_fpn_anchors(locations, strides, [4.0], ratios)
+    for level in strides:
+        assert torch.equal(single[level], listed[level])
+
+
+def test_rpn_with_two_anchor_sizes_trains():
+    """``anchor_stride_scale=(2, 4)``: 6 anchors per location end to end (outputs, losses)."""
+    torch.manual_seed(0)
+    rpn = RPN(fpn_channels=8, stem_channels=[8], anchor_stride_scale=(2, 4), post_nms_topk=10)
+    feats = {"p3": torch.randn(2, 8, 8, 8), "p4": torch.randn(2, 8, 4, 4)}
+    gt = torch.tensor([[[4.0, 4.0, 20.0, 20.0, 0.0]], [[10.0, 30.0, 60.0, 62.0, 1.0]]])
+    out = rpn(feats, {"p3": 8, "p4": 16}, gt)
+    assert rpn.pred_net.num_anchors == 6
+    assert rpn.config["anchor_stride_scale"] == [2.0, 4.0]
+    assert out["proposal_boxes"].shape == (2, 10, 4)
+    assert torch.isfinite(out["loss_rpn_obj"]) and out["loss_rpn_box"] > 0
+    (out["loss_rpn_obj"] + out["loss_rpn_box"]).backward()
+
+
 def test_notebook_iou():
     """Section 3.6.2: relative error 1e-7 or less."""
     boxes1 = torch.Tensor([[10, 10, 90, 90], [20, 20, 40, 40], [60, 60, 80, 80]])
