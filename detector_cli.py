@@ -30,6 +30,7 @@ from a4_helper import (
     CorruptImageError,
     VOC2007DetectionTiny,
     VOCLayoutDetection,
+    compile_detector,
     inference_with_detector,
     load_checkpoint,
     load_model_weights,
@@ -299,6 +300,8 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
         train = CachedDetection(train, cache_dir, progress=args.progress, normalize=False)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:
+        compile_detector(model)
     loader = _loader(
         train, args.batch_size // world, args.workers, True, args.seed, world=world, rank=rank
     )
@@ -492,6 +495,11 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         help="skip loading ImageNet weights for the backbone",
     )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the backbone and heads (compile_detector); pays off on long GPU runs",
+    )
     p.add_argument("--log-period", type=int, default=50)
     p.add_argument("--checkpoint-period", type=int, default=500)
     p.add_argument(

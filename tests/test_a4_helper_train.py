@@ -296,3 +296,27 @@ def test_train_detector_restores_flush_denormal_setting():
     train_detector(model, batches, max_iters=2, show_plot=False, progress=False, log_period=0)
     assert model.seen is True
     assert not _flush_denormal_enabled()
+
+
+def test_compile_detector_keeps_weights_losses_and_checkpoints(shapes96, tmp_path):
+    """``compile_detector`` compiles the fixed-shape parts in place: the same state_dict keys,
+    the same training losses as eager, and a checkpoint an eager model loads. ``aot_eager``
+    traces forward and backward like inductor but skips C++ code generation (test time)."""
+    from a4_helper import compile_detector
+
+    seed_all(0)
+    eager = build_faster_rcnn(len(SHAPES_CLASSES))
+    compiled = build_faster_rcnn(len(SHAPES_CLASSES))
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_detector(compiled, backend="aot_eager") is compiled
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    kwargs = dict(learning_rate=0.01, max_iters=3, warmup_iters=1, grad_clip=5.0, **QUIET)
+    seed_all(1)
+    want = train_detector(eager, real_loader(shapes96), **kwargs)
+    seed_all(1)
+    got = train_detector(compiled, real_loader(shapes96), checkpoint_path=tmp_path / "c.pt",
+                         **kwargs)  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert compiled.backbone._compiled_call_impl is not None
+    fresh = build_faster_rcnn(len(SHAPES_CLASSES))
+    fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model"])
