@@ -59,6 +59,7 @@ DEMO = {
     "roi_batch_size": 64,
     "anchor_scale": 4,
     "no_pretrained": True,
+    "test_image_size": 160,
 }
 
 
@@ -147,12 +148,13 @@ def discover_classes(root: Path) -> list[str]:
 def make_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """Train and val datasets plus class names for ``--dataset``."""
     size = args.image_size
+    test_size = getattr(args, "test_image_size", None) or size
     skip = getattr(args, "skip_corrupt", False)
     if args.dataset == "voc2007":
         train = VOC2007DetectionTiny(
             args.data_dir, "train", args.download, image_size=size, skip_corrupt=skip
         )
-        val = VOC2007DetectionTiny(args.data_dir, "val", image_size=size, skip_corrupt=skip)
+        val = VOC2007DetectionTiny(args.data_dir, "val", image_size=test_size, skip_corrupt=skip)
         return train, val, [train.idx_to_class[i] for i in range(len(train.idx_to_class))]
     if args.dataset == "shapes":
         root = Path(args.data_dir) / "shapes"
@@ -164,7 +166,7 @@ def make_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         root = Path(args.dataset)
         classes = args.classes.split(",") if args.classes else discover_classes(root)
     train = VOCLayoutDetection(root, args.train_split, classes, image_size=size, skip_corrupt=skip)
-    val = VOCLayoutDetection(root, args.val_split, classes, image_size=size, skip_corrupt=skip)
+    val = VOCLayoutDetection(root, args.val_split, classes, image_size=test_size, skip_corrupt=skip)
     return train, val, classes
 
 
@@ -294,7 +296,11 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
         anchor_scale=args.anchor_scale,
     )  # fmt: skip
-    model.meta = {"class_names": classes, "image_size": args.image_size}
+    model.meta = {
+        "class_names": classes,
+        "image_size": args.image_size,
+        "test_image_size": args.test_image_size or args.image_size,
+    }
     if args.cache != "off":
         cache_dir = Path(args.cache_dir or out / "cache") if args.cache == "disk" else None
         train = CachedDetection(train, cache_dir, progress=args.progress, normalize=False)
@@ -339,11 +345,18 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     model, checkpoint = load_detector(args.checkpoint, args.device)
     classes = list(checkpoint["meta"]["class_names"])
     args.image_size = checkpoint["meta"]["image_size"]
+    args.test_image_size = args.test_image_size or _test_image_size(checkpoint["meta"])
     args.classes = ",".join(classes)
     _, val, _ = make_datasets(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return evaluate_and_report(model, val, classes, out, args)
+
+
+def _test_image_size(meta: dict) -> int:
+    """Short side for evaluation and prediction: the checkpoint's test size (older checkpoints:
+    its training size)."""
+    return int(meta.get("test_image_size") or meta["image_size"])
 
 
 def _image_files(inputs: Sequence[str]) -> list[Path]:
@@ -375,7 +388,7 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
 
     model, checkpoint = load_detector(args.checkpoint, args.device)
     classes = list(checkpoint["meta"]["class_names"])
-    size = int(checkpoint["meta"]["image_size"])
+    size = args.test_image_size or _test_image_size(checkpoint["meta"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -445,7 +458,14 @@ def _add_data_args(p: argparse.ArgumentParser, default_size: int) -> None:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))  # fmt: skip
 
 
-def _add_eval_args(p: argparse.ArgumentParser) -> None:
+def _add_eval_args(p: argparse.ArgumentParser, test_image_size: int | None = None) -> None:
+    p.add_argument(
+        "--test-image-size",
+        type=int,
+        default=test_image_size,
+        help="short side of evaluation and prediction images (default: the checkpoint's, "
+        "else --image-size); larger than the training size finds more small objects",
+    )
     p.add_argument("--score-thresh", type=float, default=0.05)
     p.add_argument("--nms-thresh", type=float, default=0.5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -542,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_data_args(demo, DEMO["image_size"])
     _add_train_args(demo, {**DEMO, "out": "outputs/demo"})
-    _add_eval_args(demo)
+    _add_eval_args(demo, DEMO["test_image_size"])
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser(

@@ -16,7 +16,7 @@ Runs alternate within one process and medians are reported with ratios to torchv
 Usage::
 
     python bench/bench_train_step.py [--device cpu|cuda] [--repeats 7]
-                                     [--out bench/results/train_step.json]
+                                     [--compile] [--out bench/results/train_step.json]
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add 'ours, compiled' rows (a4_helper.compile_detector, inductor); the warm-up "
+        "steps absorb the compilation",
+    )
     parser.add_argument("--out", default="bench/results/train_step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -62,6 +68,17 @@ def main() -> None:
         return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     opt_ours, opt_theirs, opt_floor = sgd(ours), sgd(theirs), sgd(floor_backbone)
+    compiled = None
+    if args.compile:
+        from a4_helper import compile_detector
+
+        compiled = compile_detector(copy.deepcopy(ours))
+        opt_compiled = sgd(compiled)
+
+        def step_compiled() -> None:
+            opt_compiled.zero_grad(set_to_none=True)
+            sum(compiled(images, gt_boxes).values()).backward()
+            opt_compiled.step()
 
     def step_ours() -> None:
         opt_ours.zero_grad(set_to_none=True)
@@ -80,11 +97,10 @@ def main() -> None:
 
     for model in (ours, theirs, floor_backbone):
         model.train()
-    times = alternate(
-        {"ours": step_ours, "torchvision": step_theirs, "floor (backbone+FPN)": step_floor},
-        args.repeats,
-        device=device,
-    )
+    steps = {"ours": step_ours, "torchvision": step_theirs, "floor (backbone+FPN)": step_floor}
+    if compiled is not None:
+        steps["ours, compiled"] = step_compiled
+    times = alternate(steps, args.repeats, device=device)
     train = summarise(times, "torchvision")
     print_table(
         f"training step, batch {args.batch_size}, {args.image_size} px, {device}",
@@ -119,6 +135,14 @@ def main() -> None:
 
             repeats = args.repeats * (3 if batch == 1 else 1)
             runs = {"ours": infer_ours, "torchvision": infer_theirs}
+            if compiled is not None:
+                compiled.eval()
+
+                @torch.no_grad()
+                def infer_compiled(x=sub_images) -> None:
+                    compiled(x)
+
+                runs["ours, compiled"] = infer_compiled
             rows = summarise(alternate(runs, repeats, device=device), "torchvision")
             print_table(f"inference, batch {batch}", rows, "torchvision")
             result[f"inference_batch_{batch}"] = rows

@@ -41,6 +41,8 @@ def test_checkpoint_carries_config_and_classes(demo_run):
     model, checkpoint = detector_cli.load_detector(demo_run / "checkpoint.pt")
     assert checkpoint["meta"]["class_names"][0] == "red_circle"
     assert checkpoint["meta"]["image_size"] == 64
+    # The demo evaluates at a larger short side than it trains at (small objects).
+    assert checkpoint["meta"]["test_image_size"] == detector_cli.DEMO["test_image_size"] == 160
     assert model.config["backbone"]["out_channels"] == 16
     assert model.config["rpn"]["anchor_stride_scale"] == detector_cli.DEMO["anchor_scale"]
     assert model.rpn.anchor_stride_scale == detector_cli.DEMO["anchor_scale"]
@@ -59,6 +61,9 @@ def test_evaluate_needs_no_repeated_flags(demo_run, tmp_path, capsys):
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     trained = json.loads((demo_run / "metrics.json").read_text())
     assert evaluated["mAP"] == pytest.approx(trained["mAP"])
+    lines = [line for f in (tmp_path / "mAP" / "ground-truth").iterdir()
+             for line in f.read_text().splitlines()]  # fmt: skip
+    assert max(float(v) for line in lines for v in line.split()[1:5]) > 64  # 160 px images
 
 
 def test_predict_writes_images_and_json(demo_run, tmp_path):
