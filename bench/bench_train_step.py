@@ -15,8 +15,12 @@ Runs alternate within one process and medians are reported with ratios to torchv
 
 Usage::
 
-    python bench/bench_train_step.py [--device cpu|cuda] [--repeats 7]
+    python bench/bench_train_step.py [--device cpu|cuda] [--repeats 7] [--amp]
                                      [--compile] [--out bench/results/train_step.json]
+
+On CUDA, ``--amp`` runs every training row under float16 autocast with a ``GradScaler`` (as
+``train_detector(amp=True)`` does), and the peak GPU memory is reported. The notebook's full
+training configuration is ``--device cuda --fpn-channels 128`` (with and without ``--amp``).
 """
 
 from __future__ import annotations
@@ -51,9 +55,14 @@ def main() -> None:
         help="add 'ours, compiled' rows (a4_helper.compile_detector, inductor); the warm-up "
         "steps absorb the compilation",
     )
+    parser.add_argument(
+        "--amp", action="store_true", help="float16 autocast + GradScaler (CUDA only)"
+    )
     parser.add_argument("--out", default="bench/results/train_step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.amp and device.type != "cuda":
+        parser.error("--amp needs --device cuda (mixed precision is CUDA-only here)")
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as train_detector does on CPU (random-init trunk)
 
@@ -67,39 +76,43 @@ def main() -> None:
     def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
+    scalers: dict[int, torch.amp.GradScaler] = {}  # one per optimizer (row)
+
+    def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> None:
+        """zero_grad, forward (under autocast with --amp), backward, step."""
+        scaler = scalers.setdefault(id(optimizer), torch.amp.GradScaler("cuda", enabled=args.amp))
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+            loss = loss_fn(model)
+        scaler.scale(loss.float()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def detector_loss(model: torch.nn.Module) -> torch.Tensor:
+        return sum(model(images, gt_boxes).values())
+
+    def torchvision_loss(model: torch.nn.Module) -> torch.Tensor:
+        return sum(model(image_list, targets).values())
+
+    def floor_loss(model: torch.nn.Module) -> torch.Tensor:
+        return sum(f.float().sum() for f in model(images).values())
+
     opt_ours, opt_theirs, opt_floor = sgd(ours), sgd(theirs), sgd(floor_backbone)
+    steps = {
+        "ours": lambda: sgd_step(ours, opt_ours, detector_loss),
+        "torchvision": lambda: sgd_step(theirs, opt_theirs, torchvision_loss),
+        "floor (backbone+FPN)": lambda: sgd_step(floor_backbone, opt_floor, floor_loss),
+    }
     compiled = None
     if args.compile:
         from a4_helper import compile_detector
 
         compiled = compile_detector(copy.deepcopy(ours))
         opt_compiled = sgd(compiled)
-
-        def step_compiled() -> None:
-            opt_compiled.zero_grad(set_to_none=True)
-            sum(compiled(images, gt_boxes).values()).backward()
-            opt_compiled.step()
-
-    def step_ours() -> None:
-        opt_ours.zero_grad(set_to_none=True)
-        sum(ours(images, gt_boxes).values()).backward()
-        opt_ours.step()
-
-    def step_theirs() -> None:
-        opt_theirs.zero_grad(set_to_none=True)
-        sum(theirs(image_list, targets).values()).backward()
-        opt_theirs.step()
-
-    def step_floor() -> None:
-        opt_floor.zero_grad(set_to_none=True)
-        sum(f.float().sum() for f in floor_backbone(images).values()).backward()
-        opt_floor.step()
+        steps["ours, compiled"] = lambda: sgd_step(compiled, opt_compiled, detector_loss)
 
     for model in (ours, theirs, floor_backbone):
         model.train()
-    steps = {"ours": step_ours, "torchvision": step_theirs, "floor (backbone+FPN)": step_floor}
-    if compiled is not None:
-        steps["ours, compiled"] = step_compiled
     times = alternate(steps, args.repeats, device=device)
     train = summarise(times, "torchvision")
     print_table(
@@ -109,6 +122,7 @@ def main() -> None:
     )
     floor = train["floor (backbone+FPN)"]["median_s"]
     print(f"ours / floor: {train['ours']['median_s'] / floor:.2f}x")
+    print(f"ours: {1 / train['ours']['median_s']:.1f} it/s" + (" (amp)" if args.amp else ""))
     result = {
         "environment": environment(device),
         "config": vars(args),
@@ -118,6 +132,7 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        print(f"peak GPU memory (all training rows): {result['peak_gpu_mib']:.0f} MiB")
 
     if not args.skip_inference:
         ours.eval()
