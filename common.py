@@ -149,10 +149,16 @@ def get_fpn_location_coords(
     strides_per_fpn_level: dict[str, int],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    offset: float = 0.5,
 ) -> dict[str, torch.Tensor]:
     """Absolute image coordinates of the centre of every FPN feature location.
 
-    Location ``(h, w)`` of a level with stride ``s`` sits at ``((w + 0.5) * s, (h + 0.5) * s)``.
+    Location ``(h, w)`` of a level with stride ``s`` sits at
+    ``((w + offset) * s, (h + offset) * s)``: the notebook's ``offset = 0.5`` puts it in the
+    middle of its ``s x s`` cell. ``offset = 0`` puts it on the cell's top-left pixel, which is
+    where the receptive field of a feature of this backbone is centred (every stride-2 conv has
+    a 3x3 or 1x1 kernel with padding ``k // 2``, so output ``j`` is centred on input ``2 j``);
+    torchvision's ``AnchorGenerator`` and detectron2's default anchor offset use that too.
     Locations are listed row-major with x varying fastest, the order in which
     ``tensor.permute(0, 2, 3, 1).reshape(B, H * W, -1)`` flattens an NCHW map; every head in this
     package flattens its outputs that way.
@@ -160,6 +166,7 @@ def get_fpn_location_coords(
     Args:
         shape_per_fpn_level: ``{level: (B, C, H, W)}``, e.g. the shapes of the FPN features.
         strides_per_fpn_level: ``{level: stride}``.
+        offset: position of a location within its cell, in strides (0.5: the centre).
 
     Returns:
         ``{level: (H * W, 2)}`` tensors of ``(xc, yc)``.
@@ -168,8 +175,8 @@ def get_fpn_location_coords(
     for level, shape in shape_per_fpn_level.items():
         stride = strides_per_fpn_level[level]
         height, width = int(shape[-2]), int(shape[-1])
-        ys = (torch.arange(height, dtype=dtype, device=device) + 0.5) * stride
-        xs = (torch.arange(width, dtype=dtype, device=device) + 0.5) * stride
+        ys = (torch.arange(height, dtype=dtype, device=device) + offset) * stride
+        xs = (torch.arange(width, dtype=dtype, device=device) + offset) * stride
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         location_coords[level] = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
     return location_coords

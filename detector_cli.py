@@ -76,13 +76,15 @@ def build_detector(
     rpn_batch_size: int = 16,
     roi_batch_size: int = 32,
     anchor_scale: float | Sequence[float] = 8,
+    anchor_offset: float = 0.0,
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
     ``rpn_batch_size`` / ``roi_batch_size`` are the anchors and RoIs sampled per image for the
     losses (the notebook's 16 and 32; torchvision uses 256 and 512). ``anchor_scale`` is the
     anchor side in strides: the notebook's 8 gives 64-256 px anchors on p3-p5; 4 (RetinaNet's
-    base size) gives 32-128 px, for small images and objects.
+    base size) gives 32-128 px, for small images and objects. ``anchor_offset`` is
+    ``RPN``'s (0: anchors centred on each feature cell's top-left pixel).
     """
     backbone = DetectorBackboneWithFPN(out_channels=fpn_channels, pretrained=pretrained)
     rpn = RPN(
@@ -92,6 +94,7 @@ def build_detector(
         anchor_stride_scale=anchor_scale[0] if _single(anchor_scale) else anchor_scale,
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
+        anchor_offset=anchor_offset,
     )
     return FasterRCNN(
         backbone, rpn, num_classes=num_classes, roi_size=(7, 7),
@@ -294,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
         len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
-        anchor_scale=args.anchor_scale,
+        anchor_scale=args.anchor_scale, anchor_offset=args.anchor_offset,
     )  # fmt: skip
     model.meta = {
         "class_names": classes,
@@ -507,6 +510,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         default=defaults.get("anchor_scale", 8),
         help="anchor side(s) in units of the FPN level's stride (8: 64-256 px on p3-p5); "
         "several values give several anchor sizes per level",
+    )
+    p.add_argument(
+        "--anchor-offset",
+        type=float,
+        default=0.0,
+        help="anchor centres within each feature cell, in strides: 0 on the cell's top-left "
+        "pixel (where this backbone's receptive fields are centred), 0.5 in its middle (the "
+        "notebook's section 4.2.1)",
     )
     p.add_argument(
         "--no-pretrained",

@@ -6,10 +6,13 @@ post-processing), not different networks:
 
 - backbone + FPN: one ``common.DetectorBackboneWithFPN`` (random init), shared by deep copy;
 - RPN head: our 3x3-conv stem plus 3x3 objectness and delta convs, wrapped for torchvision;
-- anchors: ``anchor_stride_scale * stride`` per level (p3, p4, p5), ratios (0.5, 1, 2);
+- anchors: ``anchor_stride_scale * stride`` per level (p3, p4, p5), ratios (0.5, 1, 2),
+  centred on the top-left pixel of each feature cell in both (our RPN's default
+  ``anchor_offset = 0``; ``AnchorGenerator``'s only placement);
 - RPN: IoU (0.3, 0.6), ``rpn_batch`` anchors per image, half foreground, pre/post-NMS top-k,
   NMS 0.7;
-- second stage: RoI Align 7x7 (sampling ratio 2, aligned) from the level chosen by the
+- second stage: RoI Align 7x7 (sampling ratio 2; ours half-pixel aligned, torchvision's
+  ``MultiScaleRoIAlign`` not, having no such option) from the level chosen by the
   box size, our conv stem + flatten as the box head, a linear classifier over ``C + 1``
   classes, class-specific box deltas with weights (10, 10, 5, 5), IoU 0.5 matching, ``roi_batch``
   RoIs per image, 25% foreground;

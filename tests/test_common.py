@@ -171,3 +171,26 @@ def test_nms_property_matches_torchvision(rows, threshold):
     # Distinct scores: with ties torchvision's order is unspecified.
     scores = t[:, 4] + torch.arange(len(t)) * 1e-3
     assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
+
+
+def test_location_coords_offset():
+    """``offset`` places each location within its cell: 0 on the top-left pixel, 0.5 (the
+    notebook's default) in the middle."""
+    corner = get_fpn_location_coords({"p5": (1, 8, 2, 2)}, {"p5": 32}, offset=0.0)["p5"]
+    assert torch.equal(corner, torch.tensor([[0.0, 0.0], [32.0, 0.0], [0.0, 32.0], [32.0, 32.0]]))
+    centre = get_fpn_location_coords({"p5": (1, 8, 2, 2)}, {"p5": 32}, offset=0.5)["p5"]
+    assert torch.equal(centre, corner + 16.0)
+
+
+def test_backbone_receptive_fields_are_centred_on_cell_corners():
+    """The fact behind the RPN's default ``anchor_offset = 0``: every conv of the trunk has an
+    odd kernel and ``k // 2`` padding, so output ``j`` of a stride-2 conv is centred on input
+    ``2 j`` and feature ``(i, j)`` of stride ``s`` on pixel ``(s i, s j)``, the cell's corner.
+    """
+    model = DetectorBackboneWithFPN(out_channels=8, pretrained=False)
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) > 20
+    for conv in convs:
+        assert all(k % 2 == 1 for k in conv.kernel_size), conv
+        assert conv.padding == tuple(k // 2 for k in conv.kernel_size), conv
+        assert conv.dilation == (1, 1), conv

@@ -46,7 +46,16 @@ def test_checkpoint_carries_config_and_classes(demo_run):
     assert model.config["backbone"]["out_channels"] == 16
     assert model.config["rpn"]["anchor_stride_scale"] == detector_cli.DEMO["anchor_scale"]
     assert model.rpn.anchor_stride_scale == detector_cli.DEMO["anchor_scale"]
+    assert model.config["rpn"]["anchor_offset"] == model.rpn.anchor_offset == 0.0
     assert not model.training
+
+
+def test_anchor_offset_flag_reaches_the_rpn():
+    args = detector_cli.build_parser().parse_args(["train", "--anchor-offset", "0.5"])
+    model = detector_cli.build_detector(3, fpn_channels=8, pretrained=False,
+                                        anchor_offset=args.anchor_offset)  # fmt: skip
+    assert args.anchor_offset == 0.5 and model.rpn.anchor_offset == 0.5
+    assert detector_cli.build_parser().parse_args(["demo"]).anchor_offset == 0.0
 
 
 def test_evaluate_needs_no_repeated_flags(demo_run, tmp_path, capsys):

@@ -3,6 +3,8 @@ torchvision's references, and the RPN / Faster R-CNN modules end to end."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -387,7 +389,7 @@ def _roi_align_case(seed: int, dtype: torch.dtype = torch.float64):
     return feats, strides, boxes, valid
 
 
-def _roi_align_reference(feats, strides, boxes, valid):
+def _roi_align_reference(feats, strides, boxes, valid, aligned=True):
     """torchvision's roi_align, one call per level over that level's valid boxes."""
     batch, num = valid.shape
     channels = next(iter(feats.values())).shape[1]
@@ -398,7 +400,7 @@ def _roi_align_reference(feats, strides, boxes, valid):
     for name, level_feats in feats.items():
         take = valid.reshape(-1) & (levels == int(name[1:]))
         out[take] = torchvision.ops.roi_align(
-            level_feats, rois[take], (7, 7), 1.0 / strides[name], 2, aligned=True
+            level_feats, rois[take], (7, 7), 1.0 / strides[name], 2, aligned=aligned
         )
     return out
 
@@ -418,6 +420,21 @@ def test_fpn_roi_align_matches_torchvision_values_and_gradients(seed):
     ref_grads = torch.autograd.grad(ref, list(feats.values()), upstream)
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.allclose(g, r, atol=1e-12)
+
+
+def test_fpn_roi_align_offset_zero_matches_unaligned_roi_align():
+    """``offset=0`` (features on their cell's corner, as the RPN's default anchors) samples
+    where ``roi_align(aligned=False)`` does; that kernel also stretches RoIs under one feature
+    pixel to one pixel, so only boxes of at least 32 px (the largest stride) are compared."""
+    feats, strides, boxes, valid = _roi_align_case(4)
+    wh = boxes[..., 2:] - boxes[..., :2]
+    valid &= (wh >= 32).all(dim=-1)
+    assert valid.sum() > 20
+    ours = fpn_roi_align(feats, strides, boxes, valid, offset=0.0)
+    ref = _roi_align_reference(feats, strides, boxes, valid, aligned=False)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    aligned = fpn_roi_align(feats, strides, boxes, valid)
+    assert not torch.allclose(ours, aligned, atol=1e-3)
 
 
 def test_fpn_roi_align_float32_and_no_valid_boxes():
@@ -655,3 +672,37 @@ def test_dtype_agnostic_float64_and_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         boxes, classes, scores = model(torch.randn(1, 3, 96, 96), test_score_thresh=0.0)
     assert boxes.dtype == torch.float32 and len(boxes) > 0
+
+
+def test_rpn_anchor_offset_matches_torchvision_and_old_checkpoints_keep_theirs():
+    """``RPN``'s default anchors sit on cell corners, exactly torchvision's ``AnchorGenerator``
+    boxes (up to its rounding of half sizes); ``anchor_offset=0.5`` gives the notebook's
+    cell-centre anchors; a config saved before the option existed rebuilds with 0.5."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    strides = {"p3": 8, "p4": 16}
+    feats = {"p3": torch.zeros(1, 4, 6, 4), "p4": torch.zeros(1, 4, 3, 2)}
+    rpn = RPN(fpn_channels=4, stem_channels=[4], anchor_stride_scale=4)
+    assert rpn.config["anchor_offset"] == 0.0
+    ours = rpn.get_anchors(feats, strides, torch.float32)
+    generator = AnchorGenerator(
+        sizes=tuple((4 * s,) for s in strides.values()), aspect_ratios=((0.5, 1.0, 2.0),) * 2
+    )
+    images = ImageList(torch.zeros(1, 3, 48, 32), [(48, 32)])
+    theirs = generator(images, list(feats.values()))[0]
+    torch.testing.assert_close(torch.cat(list(ours.values())), theirs, atol=0.5, rtol=0)
+
+    centred = RPN(fpn_channels=4, stem_channels=[4], anchor_stride_scale=4, anchor_offset=0.5)
+    shifted = centred.get_anchors(feats, strides, torch.float32)
+    for level, stride in strides.items():
+        torch.testing.assert_close(shifted[level], ours[level] + stride / 2)
+        locations = get_fpn_location_coords({level: feats[level].shape}, {level: stride})
+        notebook = generate_fpn_anchors(locations, {level: stride}, 4)[level]
+        assert torch.equal(shifted[level], notebook)
+
+    model = FasterRCNN(DetectorBackboneWithFPN(8, pretrained=False), RPN(8, [8]), [8], 3, 8)
+    old_config = copy.deepcopy(model.config)
+    del old_config["rpn"]["anchor_offset"]
+    assert FasterRCNN.from_config(old_config).rpn.anchor_offset == 0.5
+    assert FasterRCNN.from_config(model.config).rpn.anchor_offset == 0.0
