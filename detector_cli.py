@@ -433,7 +433,7 @@ def _add_data_args(p: argparse.ArgumentParser, default_size: int) -> None:
     p.add_argument(
         "--dataset",
         default="shapes",
-        help="voc2007, shapes, or a folder in PASCAL VOC layout (default: shapes)",
+        help="voc2007, shapes, or a folder in PASCAL VOC layout",
     )
     p.add_argument(
         "--data-dir",
@@ -450,15 +450,16 @@ def _add_data_args(p: argparse.ArgumentParser, default_size: int) -> None:
     p.add_argument(
         "--classes",
         default=None,
-        help="comma-separated class list for a VOC-layout folder (default: sorted "
-        "names found in its annotations)",
+        help="comma-separated class list for a VOC-layout folder (when not given: the "
+        "sorted names found in its annotations)",
     )
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
+    p.add_argument("--train-split", default="train", help="ImageSets/Main list to train on")
+    p.add_argument("--val-split", default="val", help="ImageSets/Main list to evaluate on")
     p.add_argument("--image-size", type=int, default=default_size, help="short image side")
     p.add_argument("--num-train", type=int, default=DEMO["num_train"], help="shapes: images")
     p.add_argument("--num-val", type=int, default=DEMO["num_val"], help="shapes: images")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))  # fmt: skip
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="DataLoader worker processes")  # fmt: skip
 
 
 def _add_eval_args(p: argparse.ArgumentParser, test_image_size: int | None = None) -> None:
@@ -466,25 +467,37 @@ def _add_eval_args(p: argparse.ArgumentParser, test_image_size: int | None = Non
         "--test-image-size",
         type=int,
         default=test_image_size,
-        help="short side of evaluation and prediction images (default: the checkpoint's, "
-        "else --image-size); larger than the training size finds more small objects",
+        help="short side of evaluation and prediction images (when not given: the "
+        "checkpoint's, else --image-size); larger than the training size finds more small "
+        "objects",
     )
-    p.add_argument("--score-thresh", type=float, default=0.05)
-    p.add_argument("--nms-thresh", type=float, default=0.5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--score-thresh", type=float, default=0.05,
+                   help="drop detections scored below this")  # fmt: skip
+    p.add_argument("--nms-thresh", type=float, default=0.5,
+                   help="IoU above which a detection hides a lower one of its class")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")  # fmt: skip
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--out", default=defaults["out"], help="output folder")
-    p.add_argument("--max-iters", type=int, default=defaults["max_iters"])
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    p.add_argument("--lr", type=float, default=defaults["learning_rate"])
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-iters", type=int, default=defaults["warmup_iters"])
-    p.add_argument("--grad-clip", type=float, default=defaults["grad_clip"])
-    p.add_argument("--fpn-channels", type=int, default=defaults["fpn_channels"])
-    p.add_argument("--pre-nms-topk", type=int, default=NOTEBOOK_MODEL["pre_nms_topk"])
-    p.add_argument("--post-nms-topk", type=int, default=NOTEBOOK_MODEL["post_nms_topk"])
+    p.add_argument("--max-iters", type=int, default=defaults["max_iters"],
+                   help="SGD iterations")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help="images per iteration (over all processes under torchrun)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=defaults["learning_rate"],
+                   help="learning rate; x0.1 at 60%% and 90%% of --max-iters")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--warmup-iters", type=int, default=defaults["warmup_iters"],
+                   help="linear learning-rate warm-up from 0.1%% of --lr")  # fmt: skip
+    p.add_argument("--grad-clip", type=float, default=defaults["grad_clip"],
+                   help="clip the gradient norm at this value (none when not given)")  # fmt: skip
+    p.add_argument("--fpn-channels", type=int, default=defaults["fpn_channels"],
+                   help="channels of the FPN levels and the heads' stems")  # fmt: skip
+    p.add_argument("--pre-nms-topk", type=int, default=NOTEBOOK_MODEL["pre_nms_topk"],
+                   help="RPN: best anchors per level and image that go into NMS")  # fmt: skip
+    p.add_argument("--post-nms-topk", type=int, default=NOTEBOOK_MODEL["post_nms_topk"],
+                   help="RPN: proposals kept per image after NMS")  # fmt: skip
     p.add_argument(
         "--box-regression",
         action=argparse.BooleanOptionalAction,
@@ -531,8 +544,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         action="store_true",
         help="torch.compile the backbone and heads (compile_detector); pays off on long GPU runs",
     )
-    p.add_argument("--log-period", type=int, default=50)
-    p.add_argument("--checkpoint-period", type=int, default=500)
+    p.add_argument("--log-period", type=int, default=50, help="print the losses every N iterations")
+    p.add_argument("--checkpoint-period", type=int, default=500,
+                   help="write OUT/checkpoint.pt every N iterations (and at the end)")  # fmt: skip
     p.add_argument(
         "--resume",
         action="store_true",
@@ -546,23 +560,39 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
         help="decode and resize the training images once (CachedDetection); 'disk' also "
         "keeps them in a file under --cache-dir for later runs",
     )
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/cache)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (when not given: OUT/cache)")
     p.add_argument(
         "--sync-bn",
         action="store_true",
         help="under torchrun on GPUs: batch-norm statistics over all processes' batches",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", dest="progress", action="store_false")  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="initial weights, data order and sampling (and the shapes data)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (log lines only)")  # fmt: skip
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for switches and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        switch = (argparse._StoreTrueAction, argparse._StoreFalseAction)
+        if action.default is None or isinstance(action, switch):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detector_cli.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     demo = sub.add_parser(
         "demo", formatter_class=fmt,
@@ -594,8 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes the mAP table, ap_per_class.png, detections.png, metrics.json and "
         "the mAP tool's ground-truth/ and detection-results/ files into --out.",
     )  # fmt: skip
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--out", default="runs/evaluate")
+    evaluate.add_argument("checkpoint", help="a checkpoint.pt written by train or demo")
+    evaluate.add_argument("--out", default="runs/evaluate", help="output folder")
     _add_data_args(evaluate, 224)
     _add_eval_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate, seed=0)
@@ -605,9 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes <name>_pred.png with the detections drawn, and detections.json "
         "(boxes in the original image's pixels).",
     )  # fmt: skip
-    predict.add_argument("checkpoint")
+    predict.add_argument("checkpoint", help="a checkpoint.pt written by train or demo")
     predict.add_argument("images", nargs="+", help="image files and/or folders")
-    predict.add_argument("--out", default="runs/predict")
+    predict.add_argument("--out", default="runs/predict", help="output folder")
     _add_eval_args(predict)
     predict.set_defaults(func=cmd_predict)
     return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -107,7 +108,15 @@ def test_help_for_every_subcommand(capsys):
         with pytest.raises(SystemExit) as exit_info:
             detector_cli.main([command, "--help"])
         assert exit_info.value.code == 0
-        assert "usage: detector_cli.py " + command in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "usage: detector_cli.py " + command in text
+        assert "(default: None)" not in text and text.count("(default: shapes)") <= 1
+    subparsers = next(
+        a for a in detector_cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for command, parser in subparsers.choices.items():
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert undocumented == [], f"{command}: options without help: {undocumented}"
 
 
 def test_predict_preprocessing_is_the_val_transform(demo_run):
