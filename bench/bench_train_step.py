@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 from harness import (
@@ -73,20 +74,21 @@ def main() -> None:
     image_list = list(images)
     targets = torchvision_targets(gt_boxes)
 
-    def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    def make_step(model: torch.nn.Module, loss_fn) -> Callable[[], None]:
+        """One timed SGD step of ``model`` (its own optimizer and GradScaler): zero_grad,
+        forward (under autocast with --amp), backward, step."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
 
-    scalers: dict[int, torch.amp.GradScaler] = {}  # one per optimizer (row)
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+                loss = loss_fn(model)
+            scaler.scale(loss.float()).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
-    def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> None:
-        """zero_grad, forward (under autocast with --amp), backward, step."""
-        scaler = scalers.setdefault(id(optimizer), torch.amp.GradScaler("cuda", enabled=args.amp))
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
-            loss = loss_fn(model)
-        scaler.scale(loss.float()).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        return step
 
     def detector_loss(model: torch.nn.Module) -> torch.Tensor:
         return sum(model(images, gt_boxes).values())
@@ -97,19 +99,17 @@ def main() -> None:
     def floor_loss(model: torch.nn.Module) -> torch.Tensor:
         return sum(f.float().sum() for f in model(images).values())
 
-    opt_ours, opt_theirs, opt_floor = sgd(ours), sgd(theirs), sgd(floor_backbone)
     steps = {
-        "ours": lambda: sgd_step(ours, opt_ours, detector_loss),
-        "torchvision": lambda: sgd_step(theirs, opt_theirs, torchvision_loss),
-        "floor (backbone+FPN)": lambda: sgd_step(floor_backbone, opt_floor, floor_loss),
+        "ours": make_step(ours, detector_loss),
+        "torchvision": make_step(theirs, torchvision_loss),
+        "floor (backbone+FPN)": make_step(floor_backbone, floor_loss),
     }
     compiled = None
     if args.compile:
         from a4_helper import compile_detector
 
         compiled = compile_detector(copy.deepcopy(ours))
-        opt_compiled = sgd(compiled)
-        steps["ours, compiled"] = lambda: sgd_step(compiled, opt_compiled, detector_loss)
+        steps["ours, compiled"] = make_step(compiled, detector_loss)
 
     for model in (ours, theirs, floor_backbone):
         model.train()
