@@ -8,9 +8,12 @@ The module reads top-down in the order the notebook teaches:
 4. ``rcnn_get_deltas_from_anchors`` / ``rcnn_apply_deltas_to_anchors``: box deltas.
 5. ``sample_rpn_training``: foreground / background sampling.
 6. ``RPN``: the first stage, losses and proposals.
-7. ``reassign_proposals_to_fpn_levels``: which FPN level pools each proposal.
-8. ``FasterRCNN``: RoI Align, the second-stage classifier (and optional box regression),
-   training losses and inference.
+7. ``assign_fpn_levels`` and ``fpn_roi_align``: which FPN level pools each box, and RoI Align
+   of every box from its level in one call (what ``FasterRCNN`` uses).
+   ``reassign_proposals_to_fpn_levels`` is the assignment's form of the same step, proposal
+   lists grouped per level (GT boxes mixed in for training); the model does not call it.
+8. ``FasterRCNN``: the second-stage classifier (and optional box regression), training losses
+   and inference; ``compile_detector`` compiles its fixed-shape parts.
 
 Conventions. ``B`` is the batch size, ``A`` the anchors per location, ``C`` the number of object
 classes. Boxes are ``(x1, y1, x2, y2)`` in absolute pixels of the (resized) input image. GT boxes
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -44,9 +48,11 @@ __all__ = [
     "sample_rpn_training",
     "sample_rpn_training_masks",
     "assign_fpn_levels",
+    "fpn_roi_align",
     "reassign_proposals_to_fpn_levels",
     "RPN",
     "FasterRCNN",
+    "compile_detector",
     "class_spec_nms",
 ]
 
@@ -382,7 +388,9 @@ def reassign_proposals_to_fpn_levels(
     """Group proposals by the FPN level that should pool them (``assign_fpn_levels``).
 
     During training the valid GT boxes of each image are mixed in, so the second stage sees
-    good boxes even while the RPN is still poor.
+    good boxes even while the RPN is still poor. This is the assignment's per-level form;
+    ``FasterRCNN`` does not call it: it keeps proposals padded (B, R, 4), mixes GT in itself
+    and lets ``fpn_roi_align`` pick each box's level, without splitting per image or level.
 
     Args:
         proposals_per_image: B tensors of shape (N_i, 4).
@@ -454,8 +462,8 @@ def fpn_roi_align(
     sampling grid of detectron2's ROIAlignV2): each output bin averages
     ``sampling_ratio ** 2`` bilinear samples. It is written as a single weighted
     ``F.embedding_bag`` over all levels' features stacked as rows (each output bin sums 16
-    weighted feature rows), so the backward pass is one scatter-add instead of a loop over RoIs;
-    on CPU that is about 3x faster than torchvision's kernel, forward plus backward.
+    weighted feature rows), so the backward pass is one scatter-add instead of a loop over RoIs
+    (faster than torchvision's kernel on CPU, forward plus backward: ``bench/README.md``).
 
     Args:
         feats: ``{level: (B, C, H_l, W_l)}`` features, e.g. ``{"p3": ..., "p5": ...}``.
@@ -533,6 +541,7 @@ def _check_gt_boxes(gt_boxes: torch.Tensor, batch_size: int | None = None) -> No
 
 
 def _check_images(images: torch.Tensor) -> None:
+    """Raise a ValueError unless ``images`` is a (B, 3, H, W) floating point tensor."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
@@ -563,6 +572,60 @@ def _check_inputs_match_model(
             f"one of them (images.to({weight.dtype}) or model.to({images.dtype})), or use "
             "torch.autocast"
         )
+
+
+def _check_gt_values(gt_boxes: torch.Tensor, num_classes: int) -> None:
+    """Raise a ValueError naming the first bad value of (B, M, 5) ``gt_boxes``.
+
+    Class ids must be -1 (padding) or integers in ``0..num_classes-1``; the boxes of
+    non-padding rows must be finite with ``x2 >= x1`` and ``y2 >= y1`` (a zero-size box overlaps
+    nothing, so it is simply never matched). A host-device sync unless ``gt_boxes`` is on the
+    CPU (see ``FasterRCNN.check_inputs``).
+    """
+    classes = gt_boxes[..., 4]
+    bad = (classes != BACKGROUND) & (
+        (classes < 0) | (classes >= num_classes) | (classes != classes.round())
+    )
+    boxes = gt_boxes[..., :4]
+    bad_box = (
+        ~torch.isfinite(boxes).all(dim=-1)
+        | (boxes[..., 2] < boxes[..., 0])
+        | (boxes[..., 3] < boxes[..., 1])
+    ) & (classes != BACKGROUND)
+    if not (bad | bad_box).any():
+        return
+    if bad.any():
+        raise ValueError(
+            f"gt_boxes class ids must be integers in [0, {num_classes - 1}] or -1 for "
+            f"padding, got {classes[bad].unique().tolist()}"
+        )
+    b, j = bad_box.nonzero()[0].tolist()
+    raise ValueError(
+        f"gt_boxes[{b}, {j}] = {gt_boxes[b, j].tolist()} is not a usable box: coordinates "
+        "must be finite with x2 >= x1 and y2 >= y1 (padding rows have class -1)"
+    )
+
+
+def _warn_few_batchnorm_values(images: torch.Tensor, stride: int) -> bool:
+    """Warn when a (B, 3, H, W) training batch leaves fewer than 8 values per channel at the
+    backbone's coarsest level (``stride``); return whether it warned.
+
+    Normalising so few values makes BatchNorm's gradients explode (measured with the RegNet
+    trunk: norm ~1e17 for 2 images of 32x32, ~1e5 for one 64x64 image, ~3e2 for 8 values), and
+    the next step turns the weights to NaN. ``stacklevel=4`` names the frame that called
+    ``FasterRCNN.forward`` (this function and ``FasterRCNN._check_forward_inputs`` lie between).
+    """
+    height, width = images.shape[-2:]
+    values = len(images) * math.ceil(height / stride) * math.ceil(width / stride)
+    if values >= 8:
+        return False
+    warnings.warn(
+        f"A training batch of {len(images)} image(s) of {height}x{width} px leaves "
+        f"{values} value(s) per channel in the backbone's last BatchNorm layers; their "
+        "gradients explode. Use a larger batch or larger images, or set grad_clip.",
+        stacklevel=4,
+    )
+    return True
 
 
 class RPN(nn.Module):
@@ -597,9 +660,10 @@ class RPN(nn.Module):
             ``stride x stride`` cell, in strides (``get_fpn_location_coords``' ``offset``).
             Default 0: on the cell's top-left pixel, where this backbone's receptive fields are
             centred, as torchvision's ``AnchorGenerator`` and detectron2's default do. The
-            notebook's locations (``0.5``, the cell centre) sit ``stride / 2`` away from that;
-            from random init on the generated data, offset 0 scored 80.4% mAP@0.5 against
-            78.7% for 0.5 (mean of 5 seeds, ``bench/README.md``).
+            notebook's locations (``0.5``, the cell centre) sit ``stride / 2`` away from the
+            receptive fields, and trained to a lower mAP (figures in ``bench/README.md``).
+
+    ``config`` gives these settings as stored in checkpoints.
     """
 
     def __init__(
@@ -623,6 +687,8 @@ class RPN(nn.Module):
             stem_channels,
             num_anchors=len(anchor_scales(anchor_stride_scale)) * len(anchor_aspect_ratios),
         )
+        self.fpn_channels = fpn_channels
+        self.stem_channels = list(stem_channels)
         self.batch_size_per_image = batch_size_per_image
         self.anchor_stride_scale = anchor_stride_scale
         self.anchor_aspect_ratios = list(anchor_aspect_ratios)
@@ -633,25 +699,32 @@ class RPN(nn.Module):
         self.allow_low_quality_matches = allow_low_quality_matches
         self.min_proposal_size = min_proposal_size
         self.anchor_offset = anchor_offset
-        self.config = {
-            "fpn_channels": fpn_channels,
-            "stem_channels": list(stem_channels),
-            "batch_size_per_image": batch_size_per_image,
-            "anchor_stride_scale": (
-                anchor_stride_scale
-                if isinstance(anchor_stride_scale, (int, float))
-                else anchor_scales(anchor_stride_scale)
-            ),
-            "anchor_aspect_ratios": list(anchor_aspect_ratios),
-            "anchor_iou_thresholds": list(anchor_iou_thresholds),
-            "nms_thresh": nms_thresh,
-            "pre_nms_topk": pre_nms_topk,
-            "post_nms_topk": post_nms_topk,
-            "allow_low_quality_matches": allow_low_quality_matches,
-            "min_proposal_size": min_proposal_size,
-            "anchor_offset": anchor_offset,
-        }
         self._anchor_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @property
+    def config(self) -> dict:
+        """The constructor's arguments, as stored in checkpoints (``RPN(**config)`` rebuilds it).
+
+        A fresh dict of plain values: sequences as lists, a sequence ``anchor_stride_scale`` as
+        a list of floats (a number stays as given).
+        """
+        scale = self.anchor_stride_scale
+        if not isinstance(scale, (int, float)):
+            scale = anchor_scales(scale)
+        return {
+            "fpn_channels": self.fpn_channels,
+            "stem_channels": list(self.stem_channels),
+            "batch_size_per_image": self.batch_size_per_image,
+            "anchor_stride_scale": scale,
+            "anchor_aspect_ratios": list(self.anchor_aspect_ratios),
+            "anchor_iou_thresholds": list(self.anchor_iou_thresholds),
+            "nms_thresh": self.nms_thresh,
+            "pre_nms_topk": self.pre_nms_topk,
+            "post_nms_topk": self.post_nms_topk,
+            "allow_low_quality_matches": self.allow_low_quality_matches,
+            "min_proposal_size": self.min_proposal_size,
+            "anchor_offset": self.anchor_offset,
+        }
 
     def get_anchors(
         self,
@@ -712,7 +785,9 @@ class RPN(nn.Module):
         dtype = torch.promote_types(feats.dtype, torch.float32)
         anchors = self.get_anchors(feats_per_fpn_level, strides_per_fpn_level, dtype)
 
-        boxes, scores, mask = self._propose(anchors, obj_logits, boxreg_deltas, image_size)
+        boxes, scores, mask = self.predict_proposals(
+            anchors, obj_logits, boxreg_deltas, image_size, padded=True
+        )
         output = {"proposal_boxes": boxes, "proposal_scores": scores, "proposal_mask": mask}
         if proposal_list:
             output["proposals"] = _unpad(boxes, mask)
@@ -758,38 +833,28 @@ class RPN(nn.Module):
         pred_obj_logits: dict[str, torch.Tensor],
         pred_boxreg_deltas: dict[str, torch.Tensor],
         image_size: tuple[int, int],
-    ) -> list[torch.Tensor]:
+        *,
+        padded: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Proposals of every image, best first.
 
         Per level and image the ``pre_nms_topk`` anchors with the highest objectness are
-        decoded, clipped to the image, and NMS'd at ``nms_thresh``; the best ``post_nms_topk``
-        over all levels are kept.
+        decoded, clipped to the image, and NMS'd at ``nms_thresh`` (boxes narrower or shorter
+        than ``min_proposal_size`` are dropped); the best ``post_nms_topk`` over all levels are
+        kept. All images and levels go through one batched NMS.
 
         Args:
             anchors_per_fpn_level: ``{level: (H*W*A, 4)}``.
             pred_obj_logits: ``{level: (B, H*W*A)}``.
             pred_boxreg_deltas: ``{level: (B, H*W*A, 4)}``.
             image_size: ``(H, W)`` of the input images.
+            padded: return the padded layout below instead of a list; it skips the host-device
+                sync of splitting per image (``RPN.forward`` uses it).
 
         Returns:
-            B tensors of shape (N_i, 4), N_i <= post_nms_topk.
-        """
-        boxes, _, mask = self._propose(
-            anchors_per_fpn_level, pred_obj_logits, pred_boxreg_deltas, image_size
-        )
-        return _unpad(boxes, mask)
-
-    @torch.no_grad()
-    def _propose(
-        self,
-        anchors_per_fpn_level: dict[str, torch.Tensor],
-        pred_obj_logits: dict[str, torch.Tensor],
-        pred_boxreg_deltas: dict[str, torch.Tensor],
-        image_size: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``predict_proposals`` in a padded layout: boxes (B, K, 4), logits (B, K), mask (B, K).
-
-        All images and levels go through one batched NMS; K = ``post_nms_topk``.
+            B tensors of shape (N_i, 4), N_i <= post_nms_topk. With ``padded``:
+            ``(boxes (B, K, 4), logits (B, K), mask (B, K))`` with ``K = post_nms_topk``;
+            empty slots have zero boxes, ``-inf`` logits and ``mask`` False.
         """
         boxes, logits, groups = [], [], []
         for level_id, (level, anchors) in enumerate(anchors_per_fpn_level.items()):
@@ -815,6 +880,8 @@ class RPN(nn.Module):
             boxes, logits, groups, big_enough, self.nms_thresh, self.post_nms_topk
         )
         boxes = _gather_rows(boxes, index) * mask[..., None]
+        if not padded:
+            return _unpad(boxes, mask)
         logits = _gather_rows(logits, index).masked_fill(~mask, float("-inf"))
         return boxes, logits, mask
 
@@ -892,9 +959,10 @@ def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class FasterRCNN(nn.Module):
     """Faster R-CNN: backbone with FPN, RPN, and a Fast R-CNN second stage.
 
-    Second stage. Each proposal is pooled by ``torchvision.ops.roi_align`` (``aligned=True``,
-    ``spatial_scale = 1 / stride``) from the FPN level ``assign_fpn_levels`` picks, into a
-    ``roi_size`` map. A conv stem (3x3 conv + ReLU per ``stem_channels``) and a linear layer
+    Second stage. Each proposal is pooled by ``fpn_roi_align`` into a ``roi_size`` map from the
+    FPN level ``assign_fpn_levels`` picks: the values of ``torchvision.ops.roi_align(...,
+    aligned=True, spatial_scale=1 / stride, sampling_ratio=2)`` run on each FPN level, in one
+    call for all levels. A conv stem (3x3 conv + ReLU per ``stem_channels``) and a linear layer
     give ``C + 1`` logits (index 0 is background).
 
     Training. Valid GT boxes are mixed into each image's proposals; proposals are matched
@@ -921,6 +989,8 @@ class FasterRCNN(nn.Module):
         roi_size: RoI Align output size.
         box_regression: add class-specific second-stage box regression.
         detections_per_image: the most detections returned per image.
+
+    ``config`` gives these settings as stored in checkpoints; ``from_config`` rebuilds the model.
     """
 
     def __init__(
@@ -937,6 +1007,7 @@ class FasterRCNN(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
+        self.stem_channels = list(stem_channels)
         self.num_classes = num_classes
         self.roi_size = tuple(roi_size)
         self.batch_size_per_image = batch_size_per_image
@@ -956,15 +1027,25 @@ class FasterRCNN(nn.Module):
             self.box_pred = nn.Linear(self.cls_pred[-1].in_features, 4 * num_classes)
             nn.init.normal_(self.box_pred.weight, std=0.001)
             nn.init.zeros_(self.box_pred.bias)
-        self.config = {
+
+    @property
+    def config(self) -> dict:
+        """The constructor's settings, as stored in checkpoints (a fresh dict of plain values).
+
+        ``"backbone"`` and ``"rpn"`` are the submodules' own ``config`` (a backbone without one
+        gives ``{"out_channels": ...}``, an RPN without one ``{}``); the other keys are this
+        model's arguments, sequences as lists.
+        """
+        backbone = self.backbone
+        return {
             "backbone": dict(getattr(backbone, "config", {"out_channels": backbone.out_channels})),
-            "rpn": dict(getattr(rpn, "config", {})),
-            "stem_channels": list(stem_channels),
-            "num_classes": num_classes,
-            "batch_size_per_image": batch_size_per_image,
+            "rpn": dict(getattr(self.rpn, "config", {})),
+            "stem_channels": list(self.stem_channels),
+            "num_classes": self.num_classes,
+            "batch_size_per_image": self.batch_size_per_image,
             "roi_size": list(self.roi_size),
-            "box_regression": box_regression,
-            "detections_per_image": detections_per_image,
+            "box_regression": self.box_regression,
+            "detections_per_image": self.detections_per_image,
         }
 
     @classmethod
@@ -991,7 +1072,8 @@ class FasterRCNN(nn.Module):
         """
         Args:
             images: (B, 3, H, W) normalised images.
-            gt_boxes: (B, M, 5) GT rows, padded with ``-1``; required in training mode.
+            gt_boxes: (B, M, 5) GT rows, padded with ``-1``; required in training mode,
+                ignored in eval mode.
             test_score_thresh: inference score threshold (default 0.05).
             test_nms_thresh: inference class-specific NMS threshold (default 0.5).
 
@@ -1013,82 +1095,22 @@ class FasterRCNN(nn.Module):
         Warns once per model when a training batch has fewer than 8 values per channel at the
         coarsest backbone level (e.g. 2 images of 32x32 px): BatchNorm's gradients explode.
         """
-        _check_images(images)
-        _check_inputs_match_model(
-            images, gt_boxes if self.training else None, next(self.parameters())
-        )
-        if self.training:
-            if gt_boxes is None:
-                raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
-            _check_gt_boxes(gt_boxes, batch_size=len(images))
-            if gt_boxes.device.type == "cpu":  # elsewhere it would be a sync per step
-                self._check_classes(gt_boxes)
-            self._warn_few_batchnorm_values(images)
-        try:
-            feats = self.backbone(images)
-        except ValueError as err:  # BatchNorm's bare message does not say what to change
-            if "more than 1 value per channel" not in str(err):
-                raise
-            raise ValueError(
-                f"A training batch of {len(images)} image of {images.shape[-2]}x"
-                f"{images.shape[-1]} px leaves one value per channel in the backbone's last "
-                "BatchNorm layers, which cannot normalise it. Use a batch of 2 or more images "
-                "(e.g. DataLoader(drop_last=True)) or images larger than 32 px on a side."
-            ) from err
-        strides = self.backbone.fpn_strides
+        gt_boxes = gt_boxes if self.training else None
+        self._check_forward_inputs(images, gt_boxes)
         image_size = tuple(images.shape[-2:])
-        rpn_output = self.rpn(
-            feats,
-            strides,
-            gt_boxes if self.training else None,
-            image_size=image_size,
-            proposal_list=False,
-        )
-        proposals = rpn_output["proposal_boxes"]  # (B, K, 4)
-        valid = rpn_output["proposal_mask"]  # (B, K)
+        feats = self._features(images)
+        rois, valid, rpn_losses = self._proposals(feats, gt_boxes, image_size)
         if self.training:
-            gt_boxes = gt_boxes.to(proposals)
-            proposals = torch.cat([proposals, gt_boxes[..., :4]], dim=1)
-            valid = torch.cat([valid, gt_boxes[..., 4] != BACKGROUND], dim=1)
-            # Only the sampled RoIs are pooled and classified: the head is the costly part.
-            proposals, valid, matched, foreground = self._sample_rois(proposals, valid, gt_boxes)
-
-        roi_feats = fpn_roi_align(feats, strides, proposals, valid, self.roi_size)  # (B*R, C, h, w)
-        hidden = self.cls_pred[:-1](roi_feats)
-        cls_logits = self.cls_pred[-1](hidden).view(*valid.shape, -1)  # (B, R, C+1)
-        box_deltas = None
-        if self.box_regression:
-            box_deltas = self.box_pred(hidden).view(*valid.shape, self.num_classes, 4)
-
+            rois, valid, matched, foreground = self._select_training_rois(rois, valid, gt_boxes)
+        cls_logits, box_deltas = self._box_head(feats, rois, valid)
         if not self.training:
             detections = self.inference(
-                proposals, valid, cls_logits, box_deltas, image_size,
+                rois, valid, cls_logits, box_deltas, image_size,
                 test_score_thresh, test_nms_thresh,
             )  # fmt: skip
             return detections[0] if len(detections) == 1 else detections
-
-        losses = {k: v for k, v in rpn_output.items() if k.startswith("loss")}
-        losses.update(self._losses(proposals, valid, matched, foreground, cls_logits, box_deltas))
-        return losses
-
-    def _warn_few_batchnorm_values(self, images: torch.Tensor) -> None:
-        """Warn (once per model) when a training batch leaves fewer than 8 values per channel
-        at the coarsest backbone level: normalising so few values makes BatchNorm's gradients
-        explode (measured with the RegNet trunk: norm ~1e17 for 2 images of 32x32, ~1e5 for
-        one 64x64 image, ~3e2 for 8 values), and the next step turns the weights to NaN."""
-        if getattr(self, "_warned_few_values", False) or not self.backbone.training:
-            return
-        stride = max(getattr(self.backbone, "fpn_strides", {"p5": 32}).values())
-        height, width = images.shape[-2:]
-        values = len(images) * math.ceil(height / stride) * math.ceil(width / stride)
-        if values < 8:
-            self._warned_few_values = True
-            warnings.warn(
-                f"A training batch of {len(images)} image(s) of {height}x{width} px leaves "
-                f"{values} value(s) per channel in the backbone's last BatchNorm layers; their "
-                "gradients explode. Use a larger batch or larger images, or set grad_clip.",
-                stacklevel=3,
-            )
+        losses = self._losses(rois, valid, matched, foreground, cls_logits, box_deltas)
+        return {**rpn_losses, **losses}
 
     def check_inputs(
         self, images: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None
@@ -1098,56 +1120,99 @@ class FasterRCNN(nn.Module):
         ``forward`` checks shapes always and class ids of CPU ``gt_boxes``; on an accelerator
         the class-id check would stall every step on a host-device sync, so
         ``a4_helper.train_detector`` calls this on each batch while it is still on the CPU.
+
+        Args:
+            images: (B, 3, H, W) floating point images.
+            gt_boxes: (B, M, 5) GT rows (``(M, 5)`` or ``(B, M, 5)`` without ``images``).
         """
         if images is not None:
             _check_images(images)
         if gt_boxes is not None:
             _check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
-            self._check_classes(gt_boxes)
+            _check_gt_values(gt_boxes, self.num_classes)
 
-    def _check_classes(self, gt_boxes: torch.Tensor) -> None:
-        """Class ids must be -1 (padding) or in ``0..C-1``; the boxes of non-padding rows must
-        be finite with ``x2 >= x1`` and ``y2 >= y1`` (a zero-size box overlaps nothing, so it
-        is simply never matched). A host-device sync unless ``gt_boxes`` is on
-        the CPU (see :meth:`check_inputs`)."""
-        classes = gt_boxes[..., 4]
-        bad = (classes != BACKGROUND) & (
-            (classes < 0) | (classes >= self.num_classes) | (classes != classes.round())
-        )
-        boxes = gt_boxes[..., :4]
-        bad_box = (
-            ~torch.isfinite(boxes).all(dim=-1)
-            | (boxes[..., 2] < boxes[..., 0])
-            | (boxes[..., 3] < boxes[..., 1])
-        ) & (classes != BACKGROUND)
-        if not (bad | bad_box).any():
-            return
-        if bad.any():
-            raise ValueError(
-                f"gt_boxes class ids must be integers in [0, {self.num_classes - 1}] or -1 for "
-                f"padding, got {classes[bad].unique().tolist()}"
-            )
-        b, j = bad_box.nonzero()[0].tolist()
-        raise ValueError(
-            f"gt_boxes[{b}, {j}] = {gt_boxes[b, j].tolist()} is not a usable box: coordinates "
-            "must be finite with x2 >= x1 and y2 >= y1 (padding rows have class -1)"
-        )
-
-    @torch.no_grad()
-    def _sample_rois(
-        self, proposals: torch.Tensor, valid: torch.Tensor, gt_boxes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Match RoIs with GT at IoU 0.5 and sample ``batch_size_per_image`` per image.
+    def _check_forward_inputs(self, images: torch.Tensor, gt_boxes: torch.Tensor | None) -> None:
+        """``forward``'s checks (see its Raises), and the few-BatchNorm-values warning.
 
         Args:
-            proposals: (B, R, 4) RoIs (proposals plus GT boxes); valid: (B, R).
+            images: (B, 3, H, W).
+            gt_boxes: (B, M, 5) in training mode, None in eval mode.
+        """
+        _check_images(images)
+        _check_inputs_match_model(images, gt_boxes, next(self.parameters()))
+        if not self.training:
+            return
+        if gt_boxes is None:
+            raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
+        _check_gt_boxes(gt_boxes, batch_size=len(images))
+        if gt_boxes.device.type == "cpu":  # elsewhere it would be a sync per step
+            _check_gt_values(gt_boxes, self.num_classes)
+        if not getattr(self, "_warned_few_values", False) and self.backbone.training:
+            stride = max(getattr(self.backbone, "fpn_strides", {"p5": 32}).values())
+            if _warn_few_batchnorm_values(images, stride):
+                self._warned_few_values = True  # once per model
+
+    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's ``{level: (B, C, H_l, W_l)}`` features of (B, 3, H, W) ``images``.
+
+        BatchNorm's bare error for one value per channel (a training batch of one image of at
+        most 32x32 px) is re-raised as a ValueError saying what to change.
+        """
+        try:
+            return self.backbone(images)
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise ValueError(
+                f"A training batch of {len(images)} image of {images.shape[-2]}x"
+                f"{images.shape[-1]} px leaves one value per channel in the backbone's last "
+                "BatchNorm layers, which cannot normalise it. Use a batch of 2 or more images "
+                "(e.g. DataLoader(drop_last=True)) or images larger than 32 px on a side."
+            ) from err
+
+    def _proposals(
+        self,
+        feats: dict[str, torch.Tensor],
+        gt_boxes: torch.Tensor | None,
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The RPN's proposals in the padded layout, and its losses.
+
+        Args:
+            feats: ``{level: (B, C, H_l, W_l)}``.
+            gt_boxes: (B, M, 5) in training mode, else None.
+            image_size: ``(H, W)`` of the input images.
+
+        Returns:
+            ``(proposals (B, K, 4), valid (B, K), losses)``: ``losses`` holds
+            ``loss_rpn_obj`` and ``loss_rpn_box`` in training, nothing in eval mode.
+        """
+        output = self.rpn(
+            feats, self.backbone.fpn_strides, gt_boxes, image_size=image_size, proposal_list=False
+        )
+        losses = {k: v for k, v in output.items() if k.startswith("loss")}
+        return output["proposal_boxes"], output["proposal_mask"], losses
+
+    @torch.no_grad()
+    def _select_training_rois(
+        self, proposals: torch.Tensor, valid: torch.Tensor, gt_boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add the GT boxes to the proposals, match them with GT at IoU 0.5, and sample
+        ``batch_size_per_image`` RoIs per image: only these are pooled and classified (the
+        head is the costly part).
+
+        Args:
+            proposals: (B, K, 4); valid: (B, K).
             gt_boxes: (B, M, 5) GT rows.
 
         Returns:
             ``(rois (B, S, 4), sampled (B, S), matched (B, S, 5), foreground (B, S))`` with
-            ``S = min(batch_size_per_image, R)``: the sampled RoIs first in each row, padded
-            slots marked False in ``sampled``.
+            ``S = min(batch_size_per_image, K + M)``: the sampled RoIs first in each row,
+            padded slots marked False in ``sampled``.
         """
+        gt_boxes = gt_boxes.to(proposals)
+        proposals = torch.cat([proposals, gt_boxes[..., :4]], dim=1)  # (B, R = K + M, 4)
+        valid = torch.cat([valid, gt_boxes[..., 4] != BACKGROUND], dim=1)
         matched = rcnn_match_anchors_to_gt(proposals, gt_boxes, (0.5, 0.5))  # (B, R, 5)
         matched = torch.where(valid[..., None], matched, matched.new_tensor(NEUTRAL))
         fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.25)
@@ -1161,6 +1226,28 @@ class FasterRCNN(nn.Module):
             _gather_rows(matched, order),
             torch.gather(fg, 1, order),
         )
+
+    def _box_head(
+        self, feats: dict[str, torch.Tensor], rois: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pool every RoI (``fpn_roi_align``) and predict class logits and box deltas.
+
+        Args:
+            feats: ``{level: (B, C, H_l, W_l)}``.
+            rois: (B, R, 4); valid: (B, R) (invalid slots pool zeros).
+
+        Returns:
+            ``(cls_logits (B, R, C+1), box_deltas (B, R, C, 4))``; ``box_deltas`` is None
+            without box regression.
+        """
+        strides = self.backbone.fpn_strides
+        roi_feats = fpn_roi_align(feats, strides, rois, valid, self.roi_size)  # (B*R, C, h, w)
+        hidden = self.cls_pred[:-1](roi_feats)
+        cls_logits = self.cls_pred[-1](hidden).view(*valid.shape, -1)
+        box_deltas = None
+        if self.box_regression:
+            box_deltas = self.box_pred(hidden).view(*valid.shape, self.num_classes, 4)
+        return cls_logits, box_deltas
 
     def _losses(
         self,
@@ -1176,6 +1263,9 @@ class FasterRCNN(nn.Module):
         Args:
             rois: (B, S, 4); sampled, foreground: (B, S); matched: (B, S, 5) GT rows;
             cls_logits: (B, S, C+1); box_deltas: (B, S, C, 4) or None.
+
+        Returns:
+            ``{"loss_cls": ()}`` and, with ``box_deltas``, ``"loss_box": ()``: scalars.
         """
         target = torch.where(foreground, matched[..., 4].long() + 1, 0)  # background is 0
         loss_cls = F.cross_entropy(
@@ -1241,3 +1331,26 @@ class FasterRCNN(nn.Module):
         boxes, scores = _gather_rows(boxes, index), _gather_rows(scores, index)
         classes = index % num_classes
         return list(zip(*(_unpad(t, mask) for t in (boxes, classes, scores)), strict=True))
+
+
+def compile_detector(detector: nn.Module, **options: Any) -> nn.Module:
+    """Compile the fixed-shape parts of a Faster R-CNN with ``torch.compile``, in place.
+
+    Compiled: the backbone with its FPN, the RPN's prediction network and the second stage's
+    conv stem (``cls_pred[0]``), which do nearly all the arithmetic. Anchor matching, sampling
+    and NMS have data-dependent shapes and stay eager, as torchvision's detection models do.
+    ``nn.Module.compile`` is used, so ``state_dict`` keys, checkpoints and ``train_detector``
+    are unchanged. The first steps are slow while the graphs compile, and new input shapes
+    (e.g. evaluation images of another size) compile again.
+
+    Args:
+        detector: ``FasterRCNN`` (anything with ``backbone``, ``rpn.pred_net`` and
+            ``cls_pred``).
+        **options: passed to ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ...).
+
+    Returns:
+        ``detector`` itself.
+    """
+    for part in (detector.backbone, detector.rpn.pred_net, detector.cls_pred[0]):
+        part.compile(**options)
+    return detector

@@ -20,6 +20,7 @@ from two_stage_detector import (
     FasterRCNN,
     RPNPredictionNetwork,
     assign_fpn_levels,
+    compile_detector,
     fpn_roi_align,
     generate_fpn_anchors,
     hello_two_stage_detector,
@@ -706,3 +707,52 @@ def test_rpn_anchor_offset_matches_torchvision_and_old_checkpoints_keep_theirs()
     del old_config["rpn"]["anchor_offset"]
     assert FasterRCNN.from_config(old_config).rpn.anchor_offset == 0.5
     assert FasterRCNN.from_config(model.config).rpn.anchor_offset == 0.0
+
+
+def test_config_round_trips_with_its_value_formats():
+    """``config`` is derived from the settings: plain lists, a sequence anchor scale as floats;
+    ``from_config`` rebuilds the same config and state_dict keys, and editing the returned dict
+    leaves the model alone."""
+    rpn = RPN(8, (8,), anchor_stride_scale=(2, 4), anchor_iou_thresholds=(0.2, 0.7), nms_thresh=0.6)
+    model = FasterRCNN(
+        DetectorBackboneWithFPN(8, pretrained=False), rpn, (8,), 3, 8, roi_size=(5, 5),
+        box_regression=True, detections_per_image=30,
+    )  # fmt: skip
+    config = model.config
+    assert config["rpn"] == rpn.config and config["backbone"] == {"out_channels": 8}
+    assert config["rpn"]["anchor_stride_scale"] == [2.0, 4.0]
+    assert config["rpn"]["anchor_iou_thresholds"] == [0.2, 0.7]
+    assert config["stem_channels"] == [8] and config["roi_size"] == [5, 5]
+    rebuilt = FasterRCNN.from_config(copy.deepcopy(config))
+    assert rebuilt.config == config and rebuilt.roi_size == (5, 5)
+    assert list(rebuilt.state_dict()) == list(model.state_dict())
+    config["rpn"]["stem_channels"].append(99)
+    config["stem_channels"].append(99)
+    assert model.config == rebuilt.config
+
+
+def test_predict_proposals_padded_layout_holds_the_same_boxes():
+    torch.manual_seed(0)
+    rpn = RPN(8, [8], pre_nms_topk=50, post_nms_topk=20).eval()
+    feats = {"p3": torch.randn(2, 8, 8, 8), "p4": torch.randn(2, 8, 4, 4)}
+    strides = {"p3": 8, "p4": 16}
+    obj, deltas = rpn.pred_net(feats)
+    anchors = rpn.get_anchors(feats, strides, torch.float32)
+    listed = rpn.predict_proposals(anchors, obj, deltas, (64, 64))
+    boxes, logits, mask = rpn.predict_proposals(anchors, obj, deltas, (64, 64), padded=True)
+    assert boxes.shape == (2, 20, 4) and logits.shape == mask.shape == (2, 20)
+    assert (logits[~mask] == float("-inf")).all() and (boxes[~mask] == 0).all()
+    for image, ours in enumerate(listed):
+        assert torch.equal(ours, boxes[image][mask[image]])
+
+
+def test_compile_detector_compiles_the_fixed_shape_parts_in_place(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **options: compiled.append((self, options))
+    )
+    model = small_faster_rcnn()
+    assert compile_detector(model, backend="eager") is model
+    parts = [model.backbone, model.rpn.pred_net, model.cls_pred[0]]
+    assert [part for part, _ in compiled] == parts
+    assert all(options == {"backend": "eager"} for _, options in compiled)
