@@ -15,9 +15,9 @@ def flush_denormal():
     A freshly initialised RegNet produces subnormal floats in its first iterations, which can
     make CPU convolutions ~100x slower. Not set globally: hypothesis needs subnormals.
     """
-    from a4_helper import _flush_denormal_enabled
+    from eecs598.training import flush_denormal_enabled
 
-    previous = _flush_denormal_enabled()
+    previous = flush_denormal_enabled()
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(previous)

@@ -58,7 +58,7 @@ def test_disk_cache_reused_then_rebuilt_when_a_file_changes(shapes_root, tmp_pat
     assert torch.equal(second[3][1], first[3][1])
 
     # A changed image invalidates the file: the reader is asked again.
-    image_path = plain._image_paths[0]
+    image_path = plain.image_paths[0]
     stat = os.stat(image_path)
     os.utime(image_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="cache file should have been used"):

@@ -19,6 +19,7 @@ from a4_helper import (
     VOCLayoutDetection,
     make_shapes_dataset,
 )
+from eecs598.inference import annotation_lookup
 
 CLASSES = ("cat", "dog", "car")
 
@@ -102,7 +103,7 @@ def test_difficult_objects_kept_for_evaluation_only(voc_root):
     assert ds.annotation_for_path(ds[index][0])["image_id"] == "land"
     # Same lookup through a Subset, as inference_with_detector does it.
     subset = torch.utils.data.Subset(ds, [index])
-    assert a4_helper._annotation_lookup(subset) == ds.annotation_for_path
+    assert annotation_lookup(subset) == ds.annotation_for_path
 
     # Train geometry: the difficult box (5,10,45,40) survives the crop, the two others do not.
     train = VOCLayoutDetection(voc_root, "train", CLASSES, image_size=50, max_boxes=6)
@@ -211,15 +212,15 @@ def test_shapes_dataset_content(tmp_path):
     val = ShapesDetection(root, "val", image_size=96, generate={"num_train": 150, "num_val": 50})
     trainval = VOCLayoutDetection(root, "trainval", SHAPES_CLASSES)
     assert (len(train), len(val), len(trainval)) == (150, 50, 200)
-    boxes = np.concatenate(train._boxes)
-    difficult = np.concatenate(train._difficult)
-    classes = np.concatenate(train._classes)
+    boxes = np.concatenate([r.boxes for r in train.records])
+    difficult = np.concatenate([r.difficult for r in train.records])
+    classes = np.concatenate([r.classes for r in train.records])
     sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     assert sides.min() < 16 and sides.max() > 80  # small to most of the image
     assert 0 < difficult.mean() < 0.2  # a few difficult objects
     assert set(classes.tolist()) == set(range(len(SHAPES_CLASSES)))
     assert ((boxes[:, 0] == 0) | (boxes[:, 1] == 0)).any()  # some touch the border
-    assert all((~d).any() for d in train._difficult)  # every image has a usable object
+    assert all((~r.difficult).any() for r in train.records)  # every image has a usable object
     assert {tuple(val[i][1].shape[1:]) for i in range(len(val))} > {(96, 96)}  # uncropped sizes
 
 

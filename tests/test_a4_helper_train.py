@@ -279,7 +279,7 @@ def test_faster_rcnn_resume_matches_uninterrupted_run(shapes96, tmp_path):
 
 def test_train_detector_restores_flush_denormal_setting():
     """Flush-to-zero is on during CPU training only; later code still sees subnormals."""
-    from a4_helper import _flush_denormal_enabled
+    from eecs598.training import flush_denormal_enabled as _flush_denormal_enabled
 
     class Tiny(torch.nn.Module):
         def __init__(self):

@@ -31,13 +31,13 @@ import detector_cli
 from a4_helper import (
     ShapesDetection,
     VOCLayoutDetection,
-    _flush_denormal_enabled,
     inference_with_detector,
     load_checkpoint,
     make_shapes_dataset,
     train_detector,
 )
 from common import DetectorBackboneWithFPN
+from eecs598.training import flush_denormal_enabled
 from two_stage_detector import RPN, FasterRCNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,8 +188,10 @@ def test_tiny_and_elongated_images_run_end_to_end(odd_root, tmp_path):
     unclipped = small_model()
     with (
         pytest.warns(UserWarning, match="set grad_clip"),
+        # Which step overflows first (1 or 2) depends on the CPU's float kernels.
         pytest.raises(
-            FloatingPointError, match=r"iteration 1: total=nan, loss_rpn_obj=nan.*probably diverged"
+            FloatingPointError,
+            match=r"iteration [12]: total=nan, loss_rpn_obj=nan.*probably diverged",
         ),
     ):
         train_detector(unclipped, loader, learning_rate=0.01, max_iters=3, warmup_iters=1,
@@ -249,7 +251,7 @@ def test_resume_into_another_configuration_names_the_settings(tmp_path):
     message = str(info.value)
     assert message.startswith(f"Checkpoint {path} does not match this model.")
     assert "num_classes: checkpoint 5, model 3" in message and "size mismatch" not in message
-    assert not _flush_denormal_enabled()  # the failed start left no global state behind
+    assert not flush_denormal_enabled()  # the failed start left no global state behind
 
     # Weights fit but a setting differs, or a training argument differs: warnings, named.
     with pytest.warns(UserWarning) as record:

@@ -1,0 +1,145 @@
+"""Running a detector over a loader: showing its detections, or scoring them by mAP."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .images import unnormalize_image
+
+__all__ = ["annotation_lookup", "inference_with_detector"]
+
+GroundTruth = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def annotation_lookup(dataset: Any) -> Callable[[str], dict[str, Any]] | None:
+    """Find ``annotation_for_path`` on a dataset, looking through ``Subset`` wrappers."""
+    while dataset is not None:
+        lookup = getattr(dataset, "annotation_for_path", None)
+        if callable(lookup):
+            return lookup
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def _ground_truth(lookup: Callable | None, path: str, gt_boxes: torch.Tensor) -> GroundTruth:
+    """``(boxes (N, 4), classes (N,), difficult (N,))`` of one image: every object from the
+    dataset's annotation when it has the lookup, else the valid rows of ``gt_boxes (M, 5)``."""
+    if lookup is not None:
+        ann = lookup(path)
+        return ann["boxes"], ann["classes"], ann["difficult"]
+    valid = gt_boxes[gt_boxes[:, 4] >= 0]
+    return valid[:, :4], valid[:, 4].long(), torch.zeros(len(valid), dtype=torch.bool)
+
+
+def _predict(detector: nn.Module, images: torch.Tensor, **options: Any) -> GroundTruth:
+    """``(boxes (N, 4), classes (N,) int64, scores (N,))`` on the CPU for a batch of one."""
+    if images.shape[0] != 1:
+        raise ValueError(
+            f"inference_with_detector needs a loader with batch_size=1, got a batch "
+            f"of {images.shape[0]}"
+        )
+    prediction = detector(images, **options)
+    if isinstance(prediction, list):
+        prediction = prediction[0]
+    boxes, classes, scores = (t.detach().float().cpu() for t in prediction)
+    return boxes, classes.long(), scores
+
+
+def _show_detections(
+    image: torch.Tensor,
+    idx_to_class: Mapping[int, str],
+    gt: GroundTruth,
+    prediction: GroundTruth,
+) -> None:
+    """Show one ``(3, H, W)`` normalised image with its GT and detections."""
+    import matplotlib.pyplot as plt
+
+    from .utils import detection_visualizer
+
+    (gt_boxes, gt_classes, _), (boxes, classes, scores) = gt, prediction
+    gt_rows = torch.cat([gt_boxes, gt_classes[:, None].float()], dim=1)
+    pred = torch.cat([boxes, classes[:, None].float(), scores[:, None]], dim=1)
+    fig = detection_visualizer(
+        unnormalize_image(image.cpu()), idx_to_class, gt_rows, pred, show=True
+    )
+    plt.close(fig)  # already shown (or headless); avoid piling up open figures
+
+
+def inference_with_detector(
+    detector: nn.Module,
+    test_loader: Iterable,
+    idx_to_class: Mapping[int, str],
+    score_thresh: float,
+    nms_thresh: float,
+    output_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    max_show: int | None = None,
+    progress: bool = True,
+) -> Any:
+    """Run the detector on every image of ``test_loader`` (batch size 1).
+
+    The detector is put in eval mode and called under ``torch.no_grad()`` as
+    ``detector(images, test_score_thresh=score_thresh, test_nms_thresh=nms_thresh)``, returning
+    ``(boxes (N, 4), classes (N,), scores (N,))`` (or a one-element list of such tuples).
+
+    Without ``output_dir``: each image is un-normalised and shown with its ground truth and
+    detections by ``eecs598.utils.detection_visualizer`` (at most ``max_show`` images).
+
+    With ``output_dir``: writes ``output_dir/ground-truth/<id>.txt`` and
+    ``output_dir/detection-results/<id>.txt`` for every image (``<id>`` = image file stem; an
+    empty detection file when nothing is detected), evaluates VOC mAP at IoU 0.5 with
+    ``eecs598.mean_ap.MeanAPAccumulator``, prints the per-class table and returns the
+    ``MeanAPResult``. Ground truth comes from the dataset's ``annotation_for_path`` when the
+    loader's dataset (or the dataset under its ``Subset`` wrappers) has it, so difficult objects
+    are marked as such; otherwise from the valid rows of ``gt_boxes`` (none difficult).
+
+    Returns:
+        ``MeanAPResult`` with ``output_dir``, else ``None``.
+    """
+    from tqdm.auto import tqdm
+
+    from .mean_ap import MeanAPAccumulator, write_tool_files
+
+    device = torch.device(device)
+    detector.to(device=device, dtype=dtype)
+    was_training = detector.training
+    detector.eval()
+    lookup = annotation_lookup(getattr(test_loader, "dataset", None))
+    accumulator = MeanAPAccumulator(dict(idx_to_class)) if output_dir is not None else None
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        for sub in ("ground-truth", "detection-results"):
+            (output_dir / sub).mkdir(parents=True, exist_ok=True)
+    options = {"test_score_thresh": score_thresh, "test_nms_thresh": nms_thresh}
+    batches = tqdm(test_loader, disable=not progress or output_dir is None, desc="inference")
+    start_time = time.time()
+    try:
+        with torch.no_grad():
+            for shown, (image_paths, images, gt_boxes) in enumerate(batches):
+                prediction = _predict(detector, images.to(device=device, dtype=dtype), **options)
+                gt = _ground_truth(lookup, image_paths[0], gt_boxes[0])
+                if accumulator is None:
+                    if max_show is not None and shown >= max_show:
+                        break
+                    _show_detections(images[0], idx_to_class, gt, prediction)
+                    continue
+                image_id = Path(image_paths[0]).stem
+                write_tool_files(output_dir, image_id, *gt, *prediction, idx_to_class)
+                accumulator.add(image_id, *gt, *prediction)
+    finally:
+        detector.train(was_training)
+    print(f"Total inference time: {time.time() - start_time:.1f} s")
+    if accumulator is None:
+        return None
+    result = accumulator.compute(iou_threshold=0.5)
+    print(result.summary())
+    return result

@@ -1,0 +1,582 @@
+"""The training loop and its parts: schedule, resumable batch stream, loss log, one step.
+
+:func:`train_detector` is the orchestration; each piece it uses is named here:
+:class:`LRFactor` (warmup + step schedule), :class:`BatchStream` (an endless loader whose
+position is saved in checkpoints), :class:`_TrainState` (optimizer, schedule, scaler, stream
+and loss history, with their checkpoint state), :class:`LossLog` (loss values read from the
+device in batches, checked and printed), :func:`train_step` and :func:`flush_denormal`. The
+checkpoint format is documented in :mod:`eecs598.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_finite_weights,
+    load_for_resume,
+    plain_config,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .files import remove_stale_temp_files
+from .images import normalize_uint8
+
+__all__ = [
+    "BatchStream",
+    "LRFactor",
+    "LossHistory",
+    "LossLog",
+    "distributed_world",
+    "flush_denormal",
+    "flush_denormal_enabled",
+    "plot_losses",
+    "train_detector",
+    "train_step",
+]
+
+
+class LossHistory(list):
+    """List of total losses per iteration; ``terms`` maps each loss name to its own history."""
+
+    def __init__(self, values: Iterable[float] = (), terms: Mapping[str, list] | None = None):
+        super().__init__(values)
+        self.terms: dict[str, list[float]] = {k: list(v) for k, v in (terms or {}).items()}
+
+
+class LRFactor:
+    """Learning-rate multiplier: linear warmup, then x``gamma`` at each milestone.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` stores it.
+    """
+
+    def __init__(
+        self, milestones: Sequence[int], gamma: float, warmup_iters: int, warmup_factor: float
+    ) -> None:
+        self.milestones = list(milestones)
+        self.gamma = gamma
+        self.warmup_iters = warmup_iters
+        self.warmup_factor = warmup_factor
+
+    def __call__(self, iteration: int) -> float:
+        factor = self.gamma ** sum(iteration >= m for m in self.milestones)
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            factor *= self.warmup_factor * (1 - alpha) + alpha
+        return factor
+
+
+class BatchStream:
+    """Endless iterator over a loader whose position can be saved and restored.
+
+    At the start of each pass over the loader the global torch RNG state (and the state of any
+    ``torch.Generator`` owned by the loader or its sampler) is recorded, because the shuffling
+    order and worker seeds of that pass are drawn from it. Restoring means: put those states
+    back, start a new pass and skip the batches already consumed. Skipped batches are loaded
+    and discarded, which costs some data-loading time on resume.
+    """
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.consumed = 0
+        self._iterator: Iterator | None = None
+        self._epoch_state: dict[str, Any] | None = None
+
+    def _generators(self) -> list[torch.Generator]:
+        found: list[torch.Generator] = []
+        candidates = [
+            getattr(self.loader, "generator", None),
+            getattr(getattr(self.loader, "sampler", None), "generator", None),
+            getattr(
+                getattr(getattr(self.loader, "batch_sampler", None), "sampler", None),
+                "generator",
+                None,
+            ),
+        ]
+        for gen in candidates:
+            if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+                found.append(gen)
+        return found
+
+    def _set_sampler_epoch(self) -> None:
+        """A ``DistributedSampler`` reshuffles per epoch only when told the epoch."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+
+    def _start_pass(self) -> None:
+        self._set_sampler_epoch()
+        self._epoch_state = {
+            "torch": torch.get_rng_state(),
+            "generators": [g.get_state() for g in self._generators()],
+        }
+        self._iterator = iter(self.loader)
+        self.consumed = 0
+
+    def next(self) -> Any:
+        if self._iterator is None:
+            self._start_pass()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch += 1
+            self._start_pass()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise ValueError("train_loader yields no batches") from None
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "epoch_state": self._epoch_state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Fast-forward to the saved position. Changes the global torch RNG state."""
+        if state.get("epoch_state") is None:
+            return
+        torch.set_rng_state(state["epoch_state"]["torch"])
+        generators = self._generators()
+        saved = state["epoch_state"]["generators"]
+        if len(saved) != len(generators):
+            warnings.warn(
+                "Loader generators differ from the checkpoint; data order may differ.", stacklevel=2
+            )
+        for gen, gen_state in zip(generators, saved, strict=False):
+            gen.set_state(gen_state)
+        self._epoch_state = state["epoch_state"]
+        self.epoch = int(state["epoch"])
+        self._set_sampler_epoch()
+        self._iterator = iter(self.loader)
+        for _ in range(int(state["consumed"])):
+            next(self._iterator)
+        self.consumed = int(state["consumed"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-time settings
+# ----------------------------------------------------------------------------------------------
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether CPU float math currently flushes subnormals to zero (torch has no getter)."""
+    return (torch.tensor([1e-30], dtype=torch.float32) * 1e-10).item() == 0.0
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool = True) -> Iterator[None]:
+    """Flush subnormal floats to zero inside the block (when ``enabled``), then restore the
+    previous setting, whatever happens. A random-init trunk makes subnormal floats early in
+    training, which slow CPU convolutions about 100x."""
+    was_on = flush_denormal_enabled()
+    if enabled:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _interactive_backend() -> bool:
+    import matplotlib
+
+    backend = matplotlib.get_backend().lower()
+    return backend not in {"agg", "pdf", "ps", "svg", "cairo", "template", "pgf"}
+
+
+def plot_losses(history: Sequence[float], plot_path: str | Path | None, show: bool) -> None:
+    """Plot the total loss per iteration; save it to ``plot_path`` and/or show it."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(np.arange(len(history)), np.asarray(history, dtype=np.float64), linewidth=1)
+    ax.set_xlabel("Iteration")
+    ax.set_ylabel("Total loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    if plot_path is not None:
+        fig.savefig(plot_path, bbox_inches="tight")
+    if show and _interactive_backend():
+        plt.show()
+    else:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss log
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossLog:
+    """Loss values kept on the device and read in batches: one host-device sync per read.
+
+    :meth:`add` queues a step's ``(1 + T,)`` tensor ``[total, term_1, ..., term_T]``;
+    :meth:`read` moves every queued step to ``history``, raises on a non-finite total, prints
+    the log lines that are due and updates the progress bar.
+    """
+
+    history: LossHistory
+    max_iters: int
+    log_period: int
+    bar: Any
+    verbose: bool
+    names: list[str] = field(default_factory=list)
+    pending: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)
+
+    def add(self, iteration: int, values: torch.Tensor, names: list[str], lr: float) -> None:
+        self.names = names
+        self.pending.append((iteration, values, lr))
+
+    def read(self) -> None:
+        """Move the pending loss values to ``history`` (one sync); stop on a non-finite one."""
+        if not self.pending:
+            return
+        values = torch.stack([v for _, v, _ in self.pending]).tolist()
+        for (iteration, _, lr), row in zip(self.pending, values, strict=True):
+            total_value, terms = row[0], dict(zip(self.names, row[1:], strict=True))
+            if not math.isfinite(total_value):
+                raise self._non_finite(iteration, total_value, terms)
+            self.history.append(total_value)
+            for k, v in terms.items():
+                self.history.terms.setdefault(k, []).append(v)
+            self._print(iteration, total_value, terms, lr)
+        self.bar.set_postfix(loss=f"{self.history[-1]:.3f}", lr=f"{self.pending[-1][2]:.2e}")
+        self.pending.clear()
+
+    def _print(self, iteration: int, total: float, terms: dict[str, float], lr: float) -> None:
+        last = iteration == self.max_iters - 1
+        if self.verbose and self.log_period and (iteration % self.log_period == 0 or last):
+            from tqdm.auto import tqdm
+
+            parts = "".join(f"[{k}: {v:.3f}]" for k, v in terms.items())
+            tqdm.write(f"[Iter {iteration}][loss: {total:.3f}]{parts}[lr: {lr:.2e}]")
+
+    def _non_finite(self, iteration: int, total: float, terms: dict) -> FloatingPointError:
+        detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+        hint = (
+            " Earlier losses were finite, so the weights probably diverged: lower the "
+            "learning rate, set grad_clip, or use larger batches or images."
+            if self.history
+            else ""
+        )
+        return FloatingPointError(
+            f"Non-finite loss at iteration {iteration}: total={total}, {detail}. "
+            "Training stopped; the last checkpoint (if any) is the last good state." + hint
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state and one step
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TrainState:
+    """Everything a checkpoint restores besides the weights, and what it was started with."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    stream: BatchStream
+    train_args: dict[str, Any]
+    use_amp: bool
+    history: LossHistory = field(default_factory=LossHistory)
+    start_iter: int = 0
+
+    @classmethod
+    def create(
+        cls, params: list[nn.Parameter], loader: Iterable, use_amp: bool, **train_args: Any
+    ) -> _TrainState:
+        """SGD over ``params`` with the warmup + step schedule of ``train_args``."""
+        a = train_args
+        optimizer = torch.optim.SGD(
+            params, lr=a["learning_rate"], momentum=a["momentum"], weight_decay=a["weight_decay"]
+        )
+        factor = LRFactor(a["lr_milestones"], a["lr_gamma"], a["warmup_iters"], a["warmup_factor"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        return cls(optimizer, scheduler, scaler, BatchStream(loader), train_args, use_amp)
+
+    def resume(self, path: Path, detector: nn.Module) -> None:
+        """Restore weights, optimizer, schedule, history, loader position and RNG states from
+        ``path`` if it exists (after deleting temp files a killed write left)."""
+        remove_stale_temp_files(path, report=True)
+        if not path.is_file():
+            print(f"No checkpoint at {path}; starting from scratch.")
+            return
+        ckpt = load_for_resume(path, detector, self.train_args)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        max_iters = self.train_args["max_iters"]
+        if ckpt["max_iters"] != max_iters:
+            warnings.warn(
+                f"Resuming a run planned for {ckpt['max_iters']} iterations with "
+                f"max_iters={max_iters}; the schedule of the checkpoint is kept.",
+                stacklevel=3,
+            )
+        self.history = LossHistory(ckpt["loss_history"], ckpt.get("loss_terms"))
+        self.start_iter = int(ckpt["iteration"])
+        self.stream.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+        print(f"Resumed from {path} at iteration {self.start_iter}.")
+
+    def checkpoint(self, detector: nn.Module, iteration: int) -> dict[str, Any]:
+        """The checkpoint after ``iteration`` completed iterations (format: ``checkpoint``)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": iteration,
+            "max_iters": self.train_args["max_iters"],
+            "model": detector.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_amp else None,
+            "loss_history": list(self.history),
+            "loss_terms": {k: list(v) for k, v in self.history.terms.items()},
+            "rng": rng_state(),
+            "data": self.stream.state_dict(),
+            "config": plain_config(getattr(detector, "config", None)),
+            "meta": plain_config(getattr(detector, "meta", None)),
+            "train_args": self.train_args,
+        }
+
+
+def _loss_terms(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    terms = {k: v for k, v in outputs.items() if "loss" in k}
+    if not terms:
+        raise ValueError(f"detector returned no loss terms (keys: {list(outputs)})")
+    return terms
+
+
+def train_step(
+    model: nn.Module,
+    batch: Sequence[Any],
+    state: _TrainState,
+    device: torch.device,
+    grad_clip: float | None = None,
+    world: int = 1,
+) -> tuple[torch.Tensor, list[str]]:
+    """One SGD step on ``batch = (paths, images (B, 3, H, W), gt_boxes (B, M, 5))``.
+
+    uint8 images (``CachedDetection(normalize=False)``) are normalised on ``device``. Returns
+    the ``(1 + T,)`` loss values ``[total, term_1, ...]`` (detached, still on the device;
+    averaged over processes when ``world > 1``) and the term names.
+    """
+    _, images, gt_boxes = batch
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize_uint8(images)
+    gt_boxes = gt_boxes.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=state.use_amp):
+        terms = _loss_terms(model(images, gt_boxes))
+    total = sum(v.float() for v in terms.values())
+    values = torch.stack(
+        [total.detach().reshape(())] + [v.detach().float().reshape(()) for v in terms.values()]
+    )
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values /= world
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(total).backward()
+    if grad_clip is not None:
+        state.scaler.unscale_(state.optimizer)
+        params = [p for group in state.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return values, list(terms)
+
+
+def _due(done: int, period: int, max_iters: int) -> bool:
+    """Whether a periodic event is due after ``done`` completed iterations (always at the end)."""
+    return done % max(1, period) == 0 or done == max_iters
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train_detector(
+    detector: nn.Module,
+    train_loader: Iterable,
+    learning_rate: float = 5e-3,
+    weight_decay: float = 1e-4,
+    max_iters: int = 5000,
+    log_period: int = 20,
+    device: str | torch.device = "cpu",
+    *,
+    momentum: float = 0.9,
+    lr_milestones: Sequence[float] = (0.6, 0.9),
+    lr_gamma: float = 0.1,
+    warmup_iters: int = 100,
+    warmup_factor: float = 0.001,
+    amp: bool = False,
+    grad_clip: float | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_period: int = 500,
+    resume: bool = False,
+    show_plot: bool = True,
+    plot_path: str | Path | None = None,
+    progress: bool = True,
+    sync_period: int = 20,
+) -> LossHistory:
+    """Train ``detector`` with SGD for ``max_iters`` iterations.
+
+    Each batch of ``train_loader`` is ``(image_paths, images (B, 3, H, W), gt_boxes (B, N, 5))``.
+    The detector is called in training mode as ``detector(images, gt_boxes)`` and must return
+    a dict; every entry whose key contains ``"loss"`` is a scalar loss and they are summed
+    (other entries, e.g. proposals, are ignored). The loader is cycled until ``max_iters``.
+
+    Distributed training: when ``torch.distributed`` is initialised with more than one process
+    (e.g. under ``torchrun``), the detector is wrapped in ``DistributedDataParallel`` (gradients
+    averaged over processes), each process trains on its own batches (give its loader a
+    ``DistributedSampler``; its epoch is set at every pass), the logged losses are averaged over
+    processes, and only rank 0 prints, plots and writes checkpoints. All processes should be
+    seeded alike: their RNG states then stay equal, and rank 0's checkpoint resumes all of them.
+
+    Host-device syncs: loss values stay on the device and are read (one transfer) every
+    ``sync_period`` iterations, at log lines and before checkpoints, not every iteration.
+    Off the CPU, each batch's class ids are checked on the host (``detector.check_inputs``)
+    before it is moved, so ``forward`` need not sync to check them.
+
+    On CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``) while training,
+    and the previous setting is restored afterwards: a freshly initialised backbone otherwise
+    makes convolutions about 100x slower.
+
+    Schedule: SGD (momentum, weight decay) over parameters with ``requires_grad``; learning rate
+    warmed up linearly from ``warmup_factor * learning_rate`` over ``warmup_iters`` iterations
+    and multiplied by ``lr_gamma`` at each fraction of ``max_iters`` in ``lr_milestones``
+    (default: at 60% and 90%).
+
+    Args:
+        detector: Model returning a loss dict in training mode.
+        train_loader: Iterable of batches, usually a DataLoader.
+        learning_rate, weight_decay, momentum: SGD settings.
+        max_iters: Total number of iterations (also when resuming).
+        log_period: Print a log line every ``log_period`` iterations.
+        device: Device for the model and batches.
+        lr_milestones, lr_gamma, warmup_iters, warmup_factor: Schedule (see above).
+        amp: Mixed precision (``torch.autocast`` float16 + ``GradScaler``) on CUDA; ignored with
+            a note on other devices.
+        grad_clip: Clip the global gradient norm to this value (``None``: no clipping).
+        checkpoint_path: Where to write checkpoints (``None``: none). Written atomically every
+            ``checkpoint_period`` iterations and after the last one; the format is described
+            in :mod:`eecs598.checkpoint`.
+        resume: Continue from ``checkpoint_path`` if it exists: weights, optimizer, schedule,
+            iteration count, loss history, RNG states and the loader position are restored, so
+            on CPU the remaining losses equal those of an uninterrupted run. Data order is
+            reproduced by replaying the loader's shuffling from the recorded RNG state and
+            skipping the batches already used (they are loaded again, not trained on). Temp
+            files left by a run killed while writing a checkpoint are deleted first.
+        show_plot: Plot the loss history at the end (shown only on interactive backends).
+        plot_path: Also save the plot there.
+        progress: Show a tqdm progress bar with the current loss.
+        sync_period: Read the loss values from the device at least this often (iterations).
+            A non-finite loss is detected when they are read.
+
+    Returns:
+        :class:`LossHistory`: total loss per iteration (a list of floats) with ``.terms``
+        holding each loss term's history. When resuming it includes the restored iterations.
+
+    Raises:
+        FloatingPointError: A loss is NaN or infinite. The message names the iteration and each
+            loss term's value. Losses are checked before every checkpoint is written, so the
+            last checkpoint on disk stays the last good one. Also raised, naming the parameter,
+            when a checkpoint is due but a weight or buffer is not finite (a non-finite gradient
+            from a finite loss); that checkpoint is not written.
+        ValueError: ``resume`` finds a file that is not a resumable checkpoint, or whose
+            weights do not fit ``detector``; the message names the settings that differ.
+            Settings that differ without changing the weights, and training arguments that
+            differ, only warn (the checkpoint's optimizer and schedule are kept).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    use_amp = bool(amp) and device.type == "cuda"
+    if amp and not use_amp:
+        print(f"Note: amp=True is ignored on device '{device}' (mixed precision is CUDA-only).")
+    detector.to(device)
+    detector.train()
+    state = _TrainState.create(
+        [p for p in detector.parameters() if p.requires_grad], train_loader, use_amp,
+        learning_rate=learning_rate, weight_decay=weight_decay, momentum=momentum,
+        max_iters=max_iters, lr_milestones=[int(f * max_iters) for f in lr_milestones],
+        lr_gamma=lr_gamma, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
+    )  # fmt: skip
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if resume:
+        if checkpoint_path is None:
+            raise ValueError("resume=True needs checkpoint_path")
+        state.resume(checkpoint_path, detector)
+    world, rank = distributed_world()
+    model = _parallel(detector, device) if world > 1 else detector
+    main = rank == 0
+    bar = tqdm(
+        total=max_iters, initial=state.start_iter, disable=not (progress and main),
+        desc="train", dynamic_ncols=True,
+    )  # fmt: skip
+    log = LossLog(state.history, max_iters, log_period, bar, verbose=main)
+    # Off the CPU, forward skips the class-id check (a sync); check batches on the host instead.
+    host_check = getattr(detector, "check_inputs", None) if device.type != "cpu" else None
+    start_time = time.time()
+    with flush_denormal(device.type == "cpu"), contextlib.closing(bar):
+        for iteration in range(state.start_iter, max_iters):
+            batch = state.stream.next()
+            if host_check is not None:
+                host_check(gt_boxes=batch[2])  # still on the host: no device sync
+            values, names = train_step(model, batch, state, device, grad_clip, world)
+            log.add(iteration, values, names, state.optimizer.param_groups[0]["lr"])
+            state.scheduler.step()
+            bar.update(1)
+            done = iteration + 1
+            checkpoint_due = checkpoint_path is not None and _due(
+                done, checkpoint_period, max_iters
+            )
+            logging_due = log_period and iteration % log_period == 0
+            if (
+                checkpoint_due
+                or logging_due
+                or len(log.pending) >= sync_period
+                or done == max_iters
+            ):
+                log.read()
+            if checkpoint_due:  # every rank: DDP keeps weights equal, so all stop together
+                check_finite_weights(detector, done)
+            if checkpoint_due and main:
+                save_checkpoint(checkpoint_path, state.checkpoint(detector, done))
+    if progress and main and max_iters > state.start_iter:
+        elapsed = time.time() - start_time
+        print(f"Trained {max_iters - state.start_iter} iterations in {elapsed:.1f} s.")
+    if main and (show_plot or plot_path is not None):
+        plot_losses(state.history, plot_path, show_plot)
+    return state.history
+
+
+def _parallel(detector: nn.Module, device: torch.device) -> nn.Module:
+    """``detector`` wrapped in ``DistributedDataParallel`` for the current process group."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(detector, device_ids=device_ids)
