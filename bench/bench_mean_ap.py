@@ -5,7 +5,8 @@ Default workload: 5000 images x 100 detections each over 20 classes, 1-8 GT boxe
 rest are random boxes. Reports the median over several runs of:
 
 - ``compute``: ``MeanAPAccumulator.compute()`` (concatenation, sorting, IoU, matching, AP);
-- ``add``: feeding all images one by one through ``MeanAPAccumulator.add`` (for reference).
+- ``add``: feeding all images one by one through ``image_detections`` and
+  ``MeanAPAccumulator.add`` (for reference).
 
 Usage::
 
@@ -27,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eecs598.mean_ap import MeanAPAccumulator  # noqa: E402
+from eecs598.mean_ap import MeanAPAccumulator, image_detections  # noqa: E402
 
 
 def make_data(
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = MeanAPAccumulator(names)
         t0 = time.perf_counter()
         for i, item in enumerate(data):
-            acc.add(i, *item)
+            acc.add(image_detections(i, *item))
         t1 = time.perf_counter()
         result = acc.compute()
         t2 = time.perf_counter()

@@ -107,7 +107,7 @@ def inference_with_detector(
     """
     from tqdm.auto import tqdm
 
-    from .mean_ap import MeanAPAccumulator, write_tool_files
+    from .mean_ap import MeanAPAccumulator, image_detections, write_tool_files
 
     device = torch.device(device)
     detector.to(device=device, dtype=dtype)
@@ -133,8 +133,9 @@ def inference_with_detector(
                     _show_detections(images[0], idx_to_class, gt, prediction)
                     continue
                 image_id = Path(image_paths[0]).stem
-                write_tool_files(output_dir, image_id, *gt, *prediction, idx_to_class)
-                accumulator.add(image_id, *gt, *prediction)
+                image = image_detections(image_id, *gt, *prediction)
+                write_tool_files(output_dir, image, idx_to_class)
+                accumulator.add(image)
     finally:
         detector.train(was_training)
     print(f"Total inference time: {time.time() - start_time:.1f} s")

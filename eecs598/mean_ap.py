@@ -37,6 +37,14 @@ Which classes count, and edge cases:
   too).
 - With no evaluated class at all, ``map`` is ``0.0``.
 
+In memory (:class:`MeanAPAccumulator`, :func:`evaluate_detections`):
+
+- Each image's GT boxes and detections (tensors, arrays or lists) are converted and checked
+  once, by :func:`image_detections`, into an :class:`ImageDetections` record; that record is
+  what :meth:`MeanAPAccumulator.add` and :func:`write_tool_files` take. GT rows with a negative
+  class index are padding and dropped; detection scores must be finite; a class index that is
+  not in ``class_names`` is an error (:class:`ValueError` naming the image).
+
 Folder format (:func:`evaluate_folder`, :func:`write_tool_files`):
 
 - ``INPUT_DIR/ground-truth/<id>.txt``: one line per box, ``class x1 y1 x2 y2`` with the literal
@@ -71,15 +79,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .utils import to_numpy
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "ImageDetections",
     "MeanAPAccumulator",
     "MeanAPResult",
     "average_precision",
     "evaluate_detections",
     "evaluate_folder",
+    "image_detections",
     "main",
     "plot_ap",
     "read_folder",
@@ -179,8 +191,166 @@ def average_precision(
 
 
 # ----------------------------------------------------------------------------------------------
+# One image's data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDetections:
+    """One image's GT boxes and detections as checked numpy arrays.
+
+    Build it with :func:`image_detections`, which converts and checks the inputs; every entry
+    point (:meth:`MeanAPAccumulator.add`, :func:`write_tool_files`, :func:`read_folder`,
+    :func:`evaluate_detections`) takes or makes this record.
+
+    Attributes:
+        image_id: Any hashable id, unique per image (a file stem for :func:`write_tool_files`).
+        gt_boxes: ``(N, 4)`` float64 ``x1, y1, x2, y2`` pixel coordinates.
+        gt_classes: ``(N,)`` int64 class indices, all ``>= 0`` (padding rows are dropped).
+        gt_difficult: ``(N,)`` bool difficult flags.
+        det_boxes: ``(M, 4)`` float64.
+        det_classes: ``(M,)`` int64 class indices.
+        det_scores: ``(M,)`` float64 finite confidences.
+    """
+
+    image_id: Hashable
+    gt_boxes: np.ndarray
+    gt_classes: np.ndarray
+    gt_difficult: np.ndarray
+    det_boxes: np.ndarray
+    det_classes: np.ndarray
+    det_scores: np.ndarray
+
+
+def image_detections(
+    image_id: Hashable,
+    gt_boxes: Any,
+    gt_classes: Any,
+    gt_difficult: Any | None,
+    det_boxes: Any,
+    det_classes: Any,
+    det_scores: Any,
+) -> ImageDetections:
+    """One image's GT and detections -> :class:`ImageDetections` (the one place that checks them).
+
+    Inputs may be torch tensors, numpy arrays or lists.
+
+    Args:
+        image_id: Any hashable id, unique per image.
+        gt_boxes: ``(N, 4)`` ``x1, y1, x2, y2`` pixel coordinates.
+        gt_classes: ``(N,)`` int class indices. Rows with a negative index (padding) are
+            dropped.
+        gt_difficult: ``(N,)`` bool, or ``None`` for "none are difficult".
+        det_boxes: ``(M, 4)``.
+        det_classes: ``(M,)`` int class indices.
+        det_scores: ``(M,)`` confidences (finite).
+
+    Raises:
+        ValueError: Sizes differ, or a score is not finite.
+    """
+    gb = to_numpy(gt_boxes, np.float64).reshape(-1, 4)
+    gl = to_numpy(gt_classes, np.int64).reshape(-1)
+    if gt_difficult is None:
+        gd = np.zeros(gl.shape[0], dtype=bool)
+    else:
+        gd = to_numpy(gt_difficult, bool).reshape(-1)
+    if not gb.shape[0] == gl.shape[0] == gd.shape[0]:
+        raise ValueError(
+            f"image {image_id!r}: GT sizes differ: boxes {gb.shape[0]}, "
+            f"classes {gl.shape[0]}, difficult {gd.shape[0]}"
+        )
+    keep = gl >= 0
+    db = to_numpy(det_boxes, np.float64).reshape(-1, 4)
+    dl = to_numpy(det_classes, np.int64).reshape(-1)
+    ds = to_numpy(det_scores, np.float64).reshape(-1)
+    if not db.shape[0] == dl.shape[0] == ds.shape[0]:
+        raise ValueError(
+            f"image {image_id!r}: detection sizes differ: boxes {db.shape[0]}, "
+            f"classes {dl.shape[0]}, scores {ds.shape[0]}"
+        )
+    if not np.all(np.isfinite(ds)):
+        raise ValueError(f"image {image_id!r}: detection scores must be finite")
+    return ImageDetections(image_id, gb[keep], gl[keep], gd[keep], db, dl, ds)
+
+
+def _class_map(class_names: Sequence[str] | Mapping[int, str]) -> dict[int, str]:
+    """Class names as a list (index -> name) or dict -> ``{index: name}``; names must be unique."""
+    if isinstance(class_names, Mapping):
+        mapping = {int(k): str(v) for k, v in class_names.items()}
+    else:
+        mapping = {i: str(v) for i, v in enumerate(class_names)}
+    names = list(mapping.values())
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be unique")
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------
 # Core evaluation on flat arrays (shared by every entry point)
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _FlatArrays:
+    """Every image's GT boxes and detections, concatenated in the order the images came.
+
+    ``gt_img`` / ``det_img`` hold the position of each row's image in that order; the other
+    fields are those of :class:`ImageDetections`: ``(G,)`` / ``(G, 4)`` for GT, ``(D,)`` /
+    ``(D, 4)`` for detections.
+    """
+
+    gt_img: np.ndarray
+    gt_boxes: np.ndarray
+    gt_classes: np.ndarray
+    gt_difficult: np.ndarray
+    det_img: np.ndarray
+    det_boxes: np.ndarray
+    det_classes: np.ndarray
+    det_scores: np.ndarray
+
+    @classmethod
+    def concat(cls, images: Sequence[ImageDetections]) -> _FlatArrays:
+        """Concatenate the images' arrays (empty arrays of the right shape for no images)."""
+
+        def cat(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+            return np.concatenate(parts) if parts else empty
+
+        def img(counts: list[int]) -> np.ndarray:
+            return np.repeat(np.arange(len(images), dtype=np.int64), np.array(counts, np.int64))
+
+        no_ids, no_boxes = np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
+        return cls(
+            gt_img=img([im.gt_classes.shape[0] for im in images]),
+            gt_boxes=cat([im.gt_boxes for im in images], no_boxes),
+            gt_classes=cat([im.gt_classes for im in images], no_ids),
+            gt_difficult=cat([im.gt_difficult for im in images], np.zeros(0, bool)),
+            det_img=img([im.det_classes.shape[0] for im in images]),
+            det_boxes=cat([im.det_boxes for im in images], no_boxes),
+            det_classes=cat([im.det_classes for im in images], no_ids),
+            det_scores=cat([im.det_scores for im in images], np.zeros(0, np.float64)),
+        )
+
+    def sorted(self) -> _FlatArrays:
+        """GT by class, then image; detections by class, then score descending. Both sorts are
+        stable (``lexsort``), so GT boxes keep row order and tied scores keep input order."""
+        return self._take(
+            np.lexsort((self.gt_img, self.gt_classes)),
+            np.lexsort((-self.det_scores, self.det_classes)),
+        )
+
+    def of_class(self, c: int) -> _FlatArrays:
+        """The rows of class ``c`` (views); the arrays must be :meth:`sorted`."""
+        return self._take(
+            slice(*np.searchsorted(self.gt_classes, [c, c + 1])),
+            slice(*np.searchsorted(self.det_classes, [c, c + 1])),
+        )
+
+    def _take(self, g: np.ndarray | slice, d: np.ndarray | slice) -> _FlatArrays:
+        """GT rows ``g`` and detection rows ``d`` (an index array or a slice each)."""
+        return _FlatArrays(
+            self.gt_img[g], self.gt_boxes[g], self.gt_classes[g], self.gt_difficult[g],
+            self.det_img[d], self.det_boxes[d], self.det_classes[d], self.det_scores[d],
+        )  # fmt: skip
 
 
 def _best_match(
@@ -214,60 +384,61 @@ def _best_match(
     return np.maximum(ovmax, -1.0), arg
 
 
-def _evaluate_class(
-    gt_img: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_difficult: np.ndarray,
-    det_img: np.ndarray,
-    det_boxes: np.ndarray,
-    iou_threshold: float,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """TP/FP flags of one class's detections.
+def _best_gt(rows: _FlatArrays) -> tuple[np.ndarray, np.ndarray]:
+    """Best-IoU GT box of each detection of one class among the GT boxes of its image.
 
     Args:
-        gt_img: ``(G,)`` int64 image index of each GT box, sorted ascending (stable within an
-            image, i.e. file/row order is kept).
-        gt_boxes: ``(G, 4)`` float64 GT boxes in the same order.
-        gt_difficult: ``(G,)`` bool difficult flags.
-        det_img: ``(D,)`` int64 image index of each detection, already in score order.
-        det_boxes: ``(D, 4)`` float64 detection boxes in score order.
-        iou_threshold: Minimum IoU for a match.
+        rows: One class's rows (:meth:`_FlatArrays.of_class`): GT boxes sorted by image (row
+            order kept within an image), detections in score order; at least one GT box.
 
     Returns:
-        ``(tp, fp, n_ignored)``: ``(D,)`` bool flags and the count of ignored detections.
+        ``(ovmax, gt_index)``: ``(D,)`` float64 best IoU (``-1`` when the image has no GT box of
+        the class or none overlaps) and ``(D,)`` int64 position of that GT box in ``rows``.
     """
-    n_det = det_img.shape[0]
-    tp = np.zeros(n_det, dtype=bool)
-    fp = np.ones(n_det, dtype=bool)
-    if n_det == 0 or gt_img.shape[0] == 0:
-        return tp, fp, 0
-
+    gt_img, det_img = rows.gt_img, rows.det_img
     # Group the GT boxes by image and pad each group to the largest group: (U, Gmax, 4).
     uniq_img, start, counts = np.unique(gt_img, return_index=True, return_counts=True)
     group = np.repeat(np.arange(uniq_img.shape[0]), counts)
     rank = np.arange(gt_img.shape[0]) - start[group]
     gmax = int(counts.max())
     padded = np.zeros((uniq_img.shape[0], gmax, 4), dtype=np.float64)
-    padded[group, rank] = gt_boxes
+    padded[group, rank] = rows.gt_boxes
     valid = np.zeros((uniq_img.shape[0], gmax), dtype=bool)
     valid[group, rank] = True
 
-    # Row of each detection's image in the padded table (-1: the image has no GT of this class).
-    pos = np.searchsorted(uniq_img, det_img)
-    pos_c = np.minimum(pos, uniq_img.shape[0] - 1)
-    has_gt = uniq_img[pos_c] == det_img
-    rows = np.flatnonzero(has_gt)
+    # Row of each detection's image in the padded table; only detections whose image has GT
+    # boxes of this class are compared at all.
+    pos = np.minimum(np.searchsorted(uniq_img, det_img), uniq_img.shape[0] - 1)
+    with_gt = np.flatnonzero(uniq_img[pos] == det_img)
 
-    ovmax = np.full(n_det, -1.0)
-    gt_index = np.zeros(n_det, dtype=np.int64)
+    ovmax = np.full(det_img.shape[0], -1.0)
+    gt_index = np.zeros(det_img.shape[0], dtype=np.int64)
     chunk = max(1, _IOU_CHUNK // gmax)
-    for lo in range(0, rows.shape[0], chunk):
-        sel = rows[lo : lo + chunk]
-        img_row = pos_c[sel]
-        ov, arg = _best_match(det_boxes[sel], padded[img_row], valid[img_row])
+    for lo in range(0, with_gt.shape[0], chunk):
+        sel = with_gt[lo : lo + chunk]
+        img_row = pos[sel]
+        ov, arg = _best_match(rows.det_boxes[sel], padded[img_row], valid[img_row])
         ovmax[sel] = ov
         gt_index[sel] = start[img_row] + arg
+    return ovmax, gt_index
 
+
+def _match_class(rows: _FlatArrays, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """TP/FP flags of one class's detections.
+
+    Args:
+        rows: One class's rows (:meth:`_FlatArrays.of_class`), detections in score order.
+        iou_threshold: Minimum IoU for a match.
+
+    Returns:
+        ``(tp, fp, n_ignored)``: ``(D,)`` bool flags and the count of ignored detections.
+    """
+    n_det = rows.det_img.shape[0]
+    tp = np.zeros(n_det, dtype=bool)
+    fp = np.ones(n_det, dtype=bool)
+    if n_det == 0 or rows.gt_img.shape[0] == 0:
+        return tp, fp, 0
+    ovmax, gt_index = _best_gt(rows)
     # Greedy matching in score order. A detection only ever looks at its best-IoU GT box, so two
     # detections interact only when they share that box: the first such detection (in score
     # order) takes the box, every later one is a duplicate. np.unique(return_index=True) gives
@@ -276,21 +447,14 @@ def _evaluate_class(
     keys = gt_index[matched]
     first = np.zeros(matched.shape[0], dtype=bool)
     first[np.unique(keys, return_index=True)[1]] = True
-    difficult = gt_difficult[keys]
+    difficult = rows.gt_difficult[keys]
     tp[matched] = first & ~difficult
     fp[matched] = ~first & ~difficult
     return tp, fp, int(difficult.sum())
 
 
-def _evaluate_arrays(
-    gt_img: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    gt_difficult: np.ndarray,
-    det_img: np.ndarray,
-    det_boxes: np.ndarray,
-    det_labels: np.ndarray,
-    det_scores: np.ndarray,
+def _evaluate(
+    flat: _FlatArrays,
     idx_to_class: Mapping[int, str],
     iou_threshold: float,
     use_11_point: bool,
@@ -298,30 +462,14 @@ def _evaluate_arrays(
     """Evaluate flat arrays; the one implementation behind every public entry point.
 
     Args:
-        gt_img: ``(G,)`` int64 image index of each GT box.
-        gt_boxes: ``(G, 4)`` float64 ``x1, y1, x2, y2``.
-        gt_labels: ``(G,)`` int64 class index.
-        gt_difficult: ``(G,)`` bool.
-        det_img: ``(D,)`` int64 image index of each detection.
-        det_boxes: ``(D, 4)`` float64.
-        det_labels: ``(D,)`` int64 class index.
-        det_scores: ``(D,)`` float64 confidence.
+        flat: Every image's GT boxes and detections.
         idx_to_class: Class index -> name.
         iou_threshold: Minimum IoU for a match.
         use_11_point: VOC2007 11-point AP instead of all-point AP.
     """
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
-    # GT: by class, then image, keeping row order (lexsort is stable).
-    g_order = np.lexsort((gt_img, gt_labels))
-    gt_img, gt_boxes = gt_img[g_order], gt_boxes[g_order]
-    gt_labels, gt_difficult = gt_labels[g_order], gt_difficult[g_order]
-    # Detections: by class, then score descending; ties keep input order (stable).
-    d_order = np.lexsort((-det_scores, det_labels))
-    det_img, det_boxes, det_labels = det_img[d_order], det_boxes[d_order], det_labels[d_order]
-
-    present = np.unique(gt_labels)
-    by_name = sorted((idx_to_class[int(c)], int(c)) for c in present)
+    flat = flat.sorted()
     result = MeanAPResult(
         ap={},
         map=0.0,
@@ -334,21 +482,13 @@ def _evaluate_arrays(
         iou_threshold=float(iou_threshold),
         use_11_point=bool(use_11_point),
     )
-    for name, c in by_name:
-        g_lo, g_hi = np.searchsorted(gt_labels, [c, c + 1])
-        n_pos = int(np.count_nonzero(~gt_difficult[g_lo:g_hi]))
+    for name, c in sorted((idx_to_class[int(c)], int(c)) for c in np.unique(flat.gt_classes)):
+        rows = flat.of_class(c)
+        n_pos = int(np.count_nonzero(~rows.gt_difficult))
         if n_pos == 0:
             result.skipped_classes.append(name)
             continue
-        d_lo, d_hi = np.searchsorted(det_labels, [c, c + 1])
-        tp, fp, n_ignored = _evaluate_class(
-            gt_img[g_lo:g_hi],
-            gt_boxes[g_lo:g_hi],
-            gt_difficult[g_lo:g_hi],
-            det_img[d_lo:d_hi],
-            det_boxes[d_lo:d_hi],
-            iou_threshold,
-        )
+        tp, fp, n_ignored = _match_class(rows, iou_threshold)
         tp_cum = np.cumsum(tp, dtype=np.float64)
         fp_cum = np.cumsum(fp, dtype=np.float64)
         rec = tp_cum / n_pos
@@ -366,27 +506,8 @@ def _evaluate_arrays(
 
 
 # ----------------------------------------------------------------------------------------------
-# Array / tensor API
+# In-memory API
 # ----------------------------------------------------------------------------------------------
-
-
-def _np(x: Any, dtype: Any) -> np.ndarray:
-    """Tensor / array / list -> numpy array of ``dtype`` (tensors are detached, moved to CPU)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
-def _class_map(class_names: Sequence[str] | Mapping[int, str]) -> dict[int, str]:
-    """Class names as a list (index -> name) or dict -> ``{index: name}``; names must be unique."""
-    if isinstance(class_names, Mapping):
-        mapping = {int(k): str(v) for k, v in class_names.items()}
-    else:
-        mapping = {i: str(v) for i, v in enumerate(class_names)}
-    names = list(mapping.values())
-    if len(set(names)) != len(names):
-        raise ValueError("class names must be unique")
-    return mapping
 
 
 class MeanAPAccumulator:
@@ -396,11 +517,12 @@ class MeanAPAccumulator:
 
         acc = MeanAPAccumulator(class_names)
         for image_id, gt, det in loader:
-            acc.add(image_id, gt_boxes, gt_classes, gt_difficult, det_boxes, det_classes, scores)
+            acc.add(image_detections(image_id, gt_boxes, gt_classes, gt_difficult,
+                                     det_boxes, det_classes, scores))
         result = acc.compute()
 
-    Inputs may be torch tensors, numpy arrays or lists. Ties in detection scores keep the order
-    in which images were added (and row order within an image).
+    Ties in detection scores keep the order in which images were added (and row order within
+    an image).
     """
 
     def __init__(self, class_names: Sequence[str] | Mapping[int, str]) -> None:
@@ -409,18 +531,12 @@ class MeanAPAccumulator:
             class_names: Class index -> name, as a list or a dict (e.g. ``idx_to_class``).
         """
         self.idx_to_class = _class_map(class_names)
-        self._image_index: dict[Hashable, int] = {}
-        self._gt: list[tuple[np.ndarray, ...]] = []
-        self._det: list[tuple[np.ndarray, ...]] = []
+        self._images: list[ImageDetections] = []
+        self._ids: set[Hashable] = set()
 
     def __len__(self) -> int:
         """Number of images added so far."""
-        return len(self._image_index)
-
-    @property
-    def image_ids(self) -> list[Hashable]:
-        """Image ids in the order they were added."""
-        return list(self._image_index)
+        return len(self._images)
 
     def _check_labels(self, labels: np.ndarray, what: str, image_id: Hashable) -> None:
         """Raise ValueError when a ``(K,)`` array of class indices has one not in the mapping."""
@@ -428,87 +544,19 @@ class MeanAPAccumulator:
         if unknown:
             raise ValueError(f"image {image_id!r}: unknown {what} class index {sorted(unknown)}")
 
-    def add(
-        self,
-        image_id: Hashable,
-        gt_boxes: Any,
-        gt_classes: Any,
-        gt_difficult: Any | None,
-        det_boxes: Any,
-        det_classes: Any,
-        det_scores: Any,
-    ) -> None:
-        """Add one image's GT boxes and detections.
-
-        Args:
-            image_id: Any hashable id, unique per image (adding an id twice is an error).
-            gt_boxes: ``(N, 4)`` ``x1, y1, x2, y2`` pixel coordinates.
-            gt_classes: ``(N,)`` int class indices. Rows with a negative index (padding) are
-                dropped.
-            gt_difficult: ``(N,)`` bool, or ``None`` for "none are difficult".
-            det_boxes: ``(M, 4)``.
-            det_classes: ``(M,)`` int class indices.
-            det_scores: ``(M,)`` confidences (finite).
+    def add(self, image: ImageDetections) -> None:
+        """Add one image's GT boxes and detections (made by :func:`image_detections`).
 
         Raises:
-            ValueError: The id was added before, sizes differ, a class index is not a key of
-                ``class_names``, or a score is not finite.
+            ValueError: The id was added before, or a class index is not a key of
+                ``class_names``; nothing is added then.
         """
-        if image_id in self._image_index:
-            raise ValueError(f"image {image_id!r} was already added")
-        gb = _np(gt_boxes, np.float64).reshape(-1, 4)
-        gl = _np(gt_classes, np.int64).reshape(-1)
-        if gt_difficult is None:
-            gd = np.zeros(gl.shape[0], dtype=bool)
-        else:
-            gd = _np(gt_difficult, bool).reshape(-1)
-        if not gb.shape[0] == gl.shape[0] == gd.shape[0]:
-            raise ValueError(
-                f"image {image_id!r}: GT sizes differ: boxes {gb.shape[0]}, "
-                f"classes {gl.shape[0]}, difficult {gd.shape[0]}"
-            )
-        keep = gl >= 0
-        gb, gl, gd = gb[keep], gl[keep], gd[keep]
-        db = _np(det_boxes, np.float64).reshape(-1, 4)
-        dl = _np(det_classes, np.int64).reshape(-1)
-        ds = _np(det_scores, np.float64).reshape(-1)
-        if not db.shape[0] == dl.shape[0] == ds.shape[0]:
-            raise ValueError(
-                f"image {image_id!r}: detection sizes differ: boxes {db.shape[0]}, "
-                f"classes {dl.shape[0]}, scores {ds.shape[0]}"
-            )
-        if not np.all(np.isfinite(ds)):
-            raise ValueError(f"image {image_id!r}: detection scores must be finite")
-        self._check_labels(gl, "GT", image_id)
-        self._check_labels(dl, "detection", image_id)
-        idx = len(self._image_index)
-        self._image_index[image_id] = idx
-        self._gt.append((np.full(gl.shape[0], idx, dtype=np.int64), gb, gl, gd))
-        self._det.append((np.full(dl.shape[0], idx, dtype=np.int64), db, dl, ds))
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        """All data as flat arrays.
-
-        Returns:
-            ``(gt_img (G,), gt_boxes (G, 4), gt_labels (G,), gt_difficult (G,), det_img (D,),
-            det_boxes (D, 4), det_labels (D,), det_scores (D,))``; image indices count images in
-            the order they were added.
-        """
-
-        def cat(parts: list[tuple[np.ndarray, ...]], i: int, empty: np.ndarray) -> np.ndarray:
-            return np.concatenate([p[i] for p in parts]) if parts else empty
-
-        e_i, e_b = np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
-        return (
-            cat(self._gt, 0, e_i),
-            cat(self._gt, 1, e_b),
-            cat(self._gt, 2, e_i),
-            cat(self._gt, 3, np.zeros(0, bool)),
-            cat(self._det, 0, e_i),
-            cat(self._det, 1, e_b),
-            cat(self._det, 2, e_i),
-            cat(self._det, 3, np.zeros(0, np.float64)),
-        )
+        if image.image_id in self._ids:
+            raise ValueError(f"image {image.image_id!r} was already added")
+        self._check_labels(image.gt_classes, "GT", image.image_id)
+        self._check_labels(image.det_classes, "detection", image.image_id)
+        self._ids.add(image.image_id)
+        self._images.append(image)
 
     def compute(self, iou_threshold: float = 0.5, use_11_point: bool = False) -> MeanAPResult:
         """Evaluate everything added so far (see the module docstring for the protocol).
@@ -517,19 +565,15 @@ class MeanAPAccumulator:
             iou_threshold: Minimum IoU (+1-pixel convention) for a match, in ``[0, 1]``.
             use_11_point: VOC2007 11-point AP instead of all-point AP.
         """
-        return _evaluate_arrays(
-            *self.arrays(),
-            idx_to_class=self.idx_to_class,
-            iou_threshold=iou_threshold,
-            use_11_point=use_11_point,
-        )
+        flat = _FlatArrays.concat(self._images)
+        return _evaluate(flat, self.idx_to_class, iou_threshold, use_11_point)
 
 
 def _split_gt(item: Any) -> tuple[Any, Any, Any]:
     """One image's GT as a dict or an ``(N, 5)`` ``x1, y1, x2, y2, class`` array."""
     if isinstance(item, Mapping):
         return item["boxes"], item["classes"], item.get("difficult")
-    arr = _np(item, np.float64).reshape(-1, 5)
+    arr = to_numpy(item, np.float64).reshape(-1, 5)
     return arr[:, :4], arr[:, 4], None
 
 
@@ -537,7 +581,7 @@ def _split_det(item: Any) -> tuple[Any, Any, Any]:
     """One image's detections as a dict or an ``(M, 6)`` ``x1, y1, x2, y2, class, score`` array."""
     if isinstance(item, Mapping):
         return item["boxes"], item["classes"], item["scores"]
-    arr = _np(item, np.float64).reshape(-1, 6)
+    arr = to_numpy(item, np.float64).reshape(-1, 6)
     return arr[:, :4], arr[:, 4], arr[:, 5]
 
 
@@ -573,7 +617,7 @@ def evaluate_detections(
         raise ValueError(f"{len(ids)} image ids for {len(gt)} images")
     acc = MeanAPAccumulator(class_names)
     for image_id, g, d in zip(ids, gt, detections, strict=True):
-        acc.add(image_id, *_split_gt(g), *_split_det(d))
+        acc.add(image_detections(image_id, *_split_gt(g), *_split_det(d)))
     return acc.compute(iou_threshold=iou_threshold, use_11_point=use_11_point)
 
 
@@ -606,6 +650,52 @@ def _txt_ids(folder: str) -> list[str]:
     return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".txt"))
 
 
+def _read_gt_file(path: str) -> list[tuple[str, list[float], bool]]:
+    """``(class, [x1, y1, x2, y2], difficult)`` for each box of a ground-truth file."""
+    boxes = []
+    for n, tok in _read_lines(path):
+        if len(tok) == 6 and tok[5] == "difficult":
+            boxes.append((tok[0], _floats(tok[1:5], path, n), True))
+        elif len(tok) == 5:
+            boxes.append((tok[0], _floats(tok[1:5], path, n), False))
+        else:
+            raise ValueError(
+                f"{path}, line {n}: expected 'class x1 y1 x2 y2 [difficult]', got {tok}"
+            )
+    return boxes
+
+
+def _read_det_file(path: str) -> list[tuple[str, float, list[float]]]:
+    """``(class, score, [x1, y1, x2, y2])`` for each line of a detection file (none if absent)."""
+    if not os.path.isfile(path):
+        return []
+    dets = []
+    for n, tok in _read_lines(path):
+        if len(tok) != 6:
+            raise ValueError(f"{path}, line {n}: expected 'class score x1 y1 x2 y2', got {tok}")
+        values = _floats(tok[1:6], path, n)
+        dets.append((tok[0], values[0], values[1:]))
+    return dets
+
+
+def _image_ids_of_folder(root: str) -> list[str]:
+    """Sorted ids of the GT files under ``root``, after checking the folder's layout."""
+    gt_dir, det_dir = os.path.join(root, GT_DIR), os.path.join(root, DET_DIR)
+    if not os.path.isdir(gt_dir):
+        raise FileNotFoundError(f"ground-truth folder not found: {gt_dir}")
+    if not os.path.isdir(det_dir):
+        raise FileNotFoundError(
+            f"detection-results folder not found: {det_dir} (images without detections need "
+            "an empty file there, not a missing folder)"
+        )
+    gt_ids = _txt_ids(gt_dir)
+    orphans = sorted(set(_txt_ids(det_dir)) - set(gt_ids))
+    if orphans:
+        missing = os.path.join(gt_dir, orphans[0] + ".txt")
+        raise FileNotFoundError(f"detection file without ground truth, missing: {missing}")
+    return gt_ids
+
+
 def read_folder(input_dir: str | os.PathLike[str]) -> MeanAPAccumulator:
     """Load a ``ground-truth/`` + ``detection-results/`` folder into an accumulator.
 
@@ -620,61 +710,30 @@ def read_folder(input_dir: str | os.PathLike[str]) -> MeanAPAccumulator:
         ValueError: A malformed line (the message names the file and the 1-based line).
     """
     root = os.fspath(input_dir)
-    gt_dir, det_dir = os.path.join(root, GT_DIR), os.path.join(root, DET_DIR)
-    if not os.path.isdir(gt_dir):
-        raise FileNotFoundError(f"ground-truth folder not found: {gt_dir}")
-    if not os.path.isdir(det_dir):
-        raise FileNotFoundError(
-            f"detection-results folder not found: {det_dir} (images without detections need "
-            "an empty file there, not a missing folder)"
+    parsed = [
+        (
+            image_id,
+            _read_gt_file(os.path.join(root, GT_DIR, image_id + ".txt")),
+            _read_det_file(os.path.join(root, DET_DIR, image_id + ".txt")),
         )
-    gt_ids = _txt_ids(gt_dir)
-    det_ids = _txt_ids(det_dir)
-    orphans = sorted(set(det_ids) - set(gt_ids))
-    if orphans:
-        missing = os.path.join(gt_dir, orphans[0] + ".txt")
-        raise FileNotFoundError(f"detection file without ground truth, missing: {missing}")
-
-    parsed: list[tuple[str, list, list]] = []
-    for image_id in gt_ids:
-        path = os.path.join(gt_dir, image_id + ".txt")
-        gts = []
-        for n, tok in _read_lines(path):
-            if len(tok) == 6 and tok[5] == "difficult":
-                gts.append((tok[0], _floats(tok[1:5], path, n), True))
-            elif len(tok) == 5:
-                gts.append((tok[0], _floats(tok[1:5], path, n), False))
-            else:
-                raise ValueError(
-                    f"{path}, line {n}: expected 'class x1 y1 x2 y2 [difficult]', got {tok}"
-                )
-        dets = []
-        dpath = os.path.join(det_dir, image_id + ".txt")
-        if os.path.isfile(dpath):
-            for n, tok in _read_lines(dpath):
-                if len(tok) != 6:
-                    raise ValueError(
-                        f"{dpath}, line {n}: expected 'class score x1 y1 x2 y2', got {tok}"
-                    )
-                values = _floats(tok[1:6], dpath, n)
-                dets.append((tok[0], values[0], values[1:]))
-        parsed.append((image_id, gts, dets))
-
+        for image_id in _image_ids_of_folder(root)
+    ]
     names = sorted(
         {g[0] for _, gts, _ in parsed for g in gts} | {d[0] for *_, ds in parsed for d in ds}
     )
     index = {name: i for i, name in enumerate(names)}
     acc = MeanAPAccumulator(names)
     for image_id, gts, dets in parsed:
-        acc.add(
+        image = image_detections(
             image_id,
-            np.array([g[1] for g in gts], dtype=np.float64).reshape(-1, 4),
-            np.array([index[g[0]] for g in gts], dtype=np.int64),
-            np.array([g[2] for g in gts], dtype=bool),
-            np.array([d[2] for d in dets], dtype=np.float64).reshape(-1, 4),
-            np.array([index[d[0]] for d in dets], dtype=np.int64),
-            np.array([d[1] for d in dets], dtype=np.float64),
+            [g[1] for g in gts],
+            [index[g[0]] for g in gts],
+            [g[2] for g in gts],
+            [d[2] for d in dets],
+            [index[d[0]] for d in dets],
+            [d[1] for d in dets],
         )
+        acc.add(image)
     return acc
 
 
@@ -698,36 +757,26 @@ def _fmt(value: float) -> str:
 
 def write_tool_files(
     output_dir: str | os.PathLike[str],
-    image_id: str,
-    gt_boxes: Any,
-    gt_classes: Any,
-    gt_difficult: Any | None,
-    det_boxes: Any,
-    det_classes: Any,
-    det_scores: Any,
+    image: ImageDetections,
     idx_to_class: Sequence[str] | Mapping[int, str],
 ) -> tuple[str, str]:
     """Write one image's ``ground-truth/<id>.txt`` and ``detection-results/<id>.txt``.
 
     Numbers are written with full float64 precision, so evaluating the folder gives exactly the
     result of evaluating the same arrays in memory. The detection file is always written, empty
-    when there are no detections. GT rows with a negative class index (padding) are skipped.
+    when there are no detections. (GT padding rows were already dropped by
+    :func:`image_detections`.)
 
     Args:
         output_dir: Folder in which ``ground-truth/`` and ``detection-results/`` are created.
-        image_id: File stem; must not contain path separators or whitespace.
-        gt_boxes: ``(N, 4)`` ``x1, y1, x2, y2``.
-        gt_classes: ``(N,)`` int class indices.
-        gt_difficult: ``(N,)`` bool, or ``None``.
-        det_boxes: ``(M, 4)``.
-        det_classes: ``(M,)`` int class indices.
-        det_scores: ``(M,)``.
+        image: The image's data; ``str(image.image_id)`` is the file stem and must not contain
+            path separators or whitespace.
         idx_to_class: Class index -> name (names without whitespace).
 
     Returns:
         Paths of the GT file and the detection file.
     """
-    image_id = str(image_id)
+    image_id = str(image.image_id)
     if not image_id or image_id in {".", ".."} or any(c in image_id for c in "/\\ \t\n"):
         raise ValueError(f"image id not usable as a file name: {image_id!r}")
     names = _class_map(idx_to_class)
@@ -735,23 +784,17 @@ def write_tool_files(
         if not name or any(c.isspace() for c in name):
             raise ValueError(f"class names must be non-empty without whitespace: {name!r}")
 
-    gb = _np(gt_boxes, np.float64).reshape(-1, 4)
-    gl = _np(gt_classes, np.int64).reshape(-1)
-    gd = np.zeros(gl.shape[0], bool) if gt_difficult is None else _np(gt_difficult, bool)
-    db = _np(det_boxes, np.float64).reshape(-1, 4)
-    dl = _np(det_classes, np.int64).reshape(-1)
-    ds = _np(det_scores, np.float64).reshape(-1)
-
-    gt_lines = []
-    for box, c, diff in zip(gb.tolist(), gl.tolist(), gd.reshape(-1).tolist(), strict=True):
-        if c < 0:
-            continue
-        text = " ".join([names[c], *map(_fmt, box)])
-        gt_lines.append(text + (" difficult" if diff else ""))
-    det_lines = [
-        " ".join([names[c], _fmt(s), *map(_fmt, box)])
-        for box, c, s in zip(db.tolist(), dl.tolist(), ds.tolist(), strict=True)
+    gt = zip(
+        image.gt_boxes.tolist(), image.gt_classes.tolist(), image.gt_difficult.tolist(), strict=True
+    )
+    gt_lines = [
+        " ".join([names[c], *map(_fmt, box)]) + (" difficult" if diff else "")
+        for box, c, diff in gt
     ]
+    det = zip(
+        image.det_boxes.tolist(), image.det_classes.tolist(), image.det_scores.tolist(), strict=True
+    )
+    det_lines = [" ".join([names[c], _fmt(s), *map(_fmt, box)]) for box, c, s in det]
 
     paths = []
     for sub, lines in ((GT_DIR, gt_lines), (DET_DIR, det_lines)):

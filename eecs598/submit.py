@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zipfile
+from pathlib import Path
 
-__all__ = ["OPTIONAL_FILES", "REQUIRED_FILES", "make_a4_submission"]
+from .files import atomic_write
+
+__all__ = ["OPTIONAL_FILES", "PACKAGE", "REQUIRED_FILES", "make_a4_submission"]
 
 REQUIRED_FILES: tuple[str, ...] = (
     "common.py",
@@ -16,6 +18,8 @@ REQUIRED_FILES: tuple[str, ...] = (
     "two_stage_detector.ipynb",
 )
 OPTIONAL_FILES: tuple[str, ...] = ("rcnn_detector.pt",)
+# The package that ``a4_helper.py`` (and the notebook) import; its ``.py`` files go in the zip.
+PACKAGE = "eecs598"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -32,6 +36,16 @@ def _check_name(value: str | None, what: str, prompt: str) -> str:
     return value
 
 
+def _package_files(folder: str) -> list[str]:
+    """Paths (relative to ``folder``, ``/``-separated, sorted) of every ``.py`` file of the
+    :data:`PACKAGE` folder in ``folder``, found by listing it; none when there is no such folder.
+    Hidden folders and ``__pycache__`` (editor and interpreter leftovers) are skipped."""
+    root = Path(folder)
+    paths = [path.relative_to(root) for path in (root / PACKAGE).rglob("*.py")]
+    skipped = (".", "__pycache__")
+    return sorted(p.as_posix() for p in paths if not any(s.startswith(skipped) for s in p.parts))
+
+
 def make_a4_submission(
     assignment_path: str | os.PathLike[str],
     uniquename: str | None = None,
@@ -40,9 +54,11 @@ def make_a4_submission(
     """Zip the deliverables found in ``assignment_path`` into ``{uniquename}_{umid}_A4.zip``.
 
     The zip holds ``common.py``, ``two_stage_detector.py``, ``a4_helper.py`` and
-    ``two_stage_detector.ipynb`` (all required) plus ``rcnn_detector.pt`` when present, stored
-    flat under their base names. The archive is first written to a temporary file in the same
-    folder and renamed into place when complete, so a failure never leaves a partial zip.
+    ``two_stage_detector.ipynb`` (all required), ``rcnn_detector.pt`` when present, and every
+    ``.py`` file of the ``eecs598/`` package folder in ``assignment_path`` (``a4_helper`` is a
+    facade over it), so that the extracted zip runs on its own. Files keep their paths relative
+    to ``assignment_path``. The archive is written with :func:`eecs598.files.atomic_write`, so
+    a failure never leaves a partial zip.
 
     Args:
         assignment_path: Folder holding the deliverables; the zip is written there too.
@@ -69,18 +85,13 @@ def make_a4_submission(
 
     files = list(REQUIRED_FILES)
     files += [f for f in OPTIONAL_FILES if os.path.isfile(os.path.join(folder, f))]
+    files += _package_files(folder)
     zip_path = os.path.join(folder, f"{name}_{uid}_A4.zip")
-
-    fd, tmp_path = tempfile.mkstemp(prefix=".submission-", suffix=".zip.part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for f in files:
-                    zf.write(os.path.join(folder, f), arcname=f)
-        os.replace(tmp_path, zip_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with (
+        atomic_write(zip_path, mode="wb") as handle,
+        zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+    ):
+        for f in files:
+            zf.write(os.path.join(folder, f), arcname=f)
     print(f"Wrote {zip_path} with {len(files)} files: {', '.join(files)}")
     return zip_path

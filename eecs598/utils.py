@@ -1,4 +1,4 @@
-"""Seeding and drawing helpers for the detector notebook.
+"""Seeding, tensor-to-numpy conversion (:func:`to_numpy`) and drawing helpers for the notebook.
 
 ``matplotlib`` and ``torch`` are imported inside the functions that need them, so importing
 this module (and therefore ``eecs598``) is cheap.
@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["detection_visualizer", "reset_seed"]
+__all__ = ["detection_visualizer", "is_tensor", "reset_seed", "to_numpy"]
 
 # Backends that cannot show a window; ``plt.show()`` is skipped for them.
 _NON_INTERACTIVE_BACKENDS = frozenset({"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"})
@@ -41,11 +41,24 @@ def reset_seed(number: int) -> None:
         torch.cuda.manual_seed_all(number)
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    """Tensor / array / nested list -> numpy array (tensors are detached and moved to CPU)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+def is_tensor(x: Any) -> bool:
+    """True for a torch tensor (anything with ``detach`` and ``cpu``); torch is not imported."""
+    return hasattr(x, "detach") and hasattr(x, "cpu")
+
+
+def to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
+    """Tensor / array / number / nested list -> numpy array, of ``dtype`` when one is given.
+
+    The package's one tensor-to-numpy conversion. Tensors are detached and moved to the CPU;
+    a bfloat16 tensor, which numpy cannot hold, is first widened to float32 (exactly). Arrays
+    already of ``dtype`` are returned as they are, not copied.
+    """
+    if is_tensor(x):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
 
 
 def _image_hwc(img: Any) -> np.ndarray:
@@ -54,12 +67,12 @@ def _image_hwc(img: Any) -> np.ndarray:
     Accepts ``(3, H, W)`` or ``(H, W, 3)`` tensors/arrays, either float in ``[0, 1]`` or uint8,
     and ``(H, W)`` grayscale.
     """
-    arr = _as_numpy(img)
+    arr = to_numpy(img)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = np.transpose(arr, (1, 2, 0))
     elif arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] in (1, 3):
         # Ambiguous tiny image (e.g. 3x3x3): torch tensors are CHW, numpy arrays HWC.
-        if hasattr(img, "detach"):
+        if is_tensor(img):
             arr = np.transpose(arr, (1, 2, 0))
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
@@ -75,7 +88,7 @@ def _image_hwc(img: Any) -> np.ndarray:
 def _boxes_2d(boxes: Any, min_cols: int) -> np.ndarray:
     """Boxes as a tensor, array or list of per-box rows -> float ``(N, C)`` array, ``C >= 4``."""
     if isinstance(boxes, (list, tuple)):
-        rows = [_as_numpy(b).reshape(-1) for b in boxes]
+        rows = [to_numpy(b).reshape(-1) for b in boxes]
         if not rows:
             return np.zeros((0, min_cols), dtype=np.float64)
         width = max(r.shape[0] for r in rows)
@@ -84,7 +97,7 @@ def _boxes_2d(boxes: Any, min_cols: int) -> np.ndarray:
             out[i, : r.shape[0]] = r
         arr = out
     else:
-        arr = _as_numpy(boxes).astype(np.float64)
+        arr = to_numpy(boxes).astype(np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1) if arr.size else arr.reshape(0, min_cols)
     if arr.ndim != 2 or arr.shape[1] < 4:
@@ -200,7 +213,7 @@ def draw_detections(
                 )
 
     if points is not None:
-        pts = _as_numpy(points).astype(np.float64).reshape(-1, 2)
+        pts = to_numpy(points).astype(np.float64).reshape(-1, 2)
         ax.scatter(pts[:, 0], pts[:, 1], s=12, c=POINT_COLOR)
 
 

@@ -19,6 +19,7 @@ from eecs598.mean_ap import (
     average_precision,
     evaluate_detections,
     evaluate_folder,
+    image_detections,
     main,
     plot_ap,
     write_tool_files,
@@ -186,7 +187,7 @@ FAR = [1000.0, 1000.0, 1049.0, 1049.0]  # overlaps nothing
 
 def single_image(gt_boxes, gt_classes, det_boxes, det_classes, scores, difficult=None, names=None):
     acc = MeanAPAccumulator(names or ["cat", "dog"])
-    acc.add(0, gt_boxes, gt_classes, difficult, det_boxes, det_classes, scores)
+    acc.add(image_detections(0, gt_boxes, gt_classes, difficult, det_boxes, det_classes, scores))
     return acc
 
 
@@ -335,8 +336,8 @@ def test_score_ties_keep_input_order():
     assert r.ap["cat"] == 1.0
     # Ties across images follow the order of add() calls.
     acc = MeanAPAccumulator(["cat"])
-    acc.add("b", [box(1)], [0], None, [FAR], [0], [0.5])
-    acc.add("a", [box(0)], [0], None, [box(0)], [0], [0.5])
+    acc.add(image_detections("b", [box(1)], [0], None, [FAR], [0], [0.5]))
+    acc.add(image_detections("a", [box(0)], [0], None, [box(0)], [0], [0.5]))
     r = acc.compute()
     np.testing.assert_array_equal(r.precision["cat"], [0.0, 0.5])  # FP first, then TP
     assert r.ap["cat"] == pytest.approx(0.25)
@@ -353,8 +354,8 @@ def test_empty_inputs_give_defined_results():
     r = MeanAPAccumulator(["cat"]).compute()
     assert r.ap == {} and r.map == 0.0
     acc = MeanAPAccumulator(["cat", "dog"])
-    acc.add(0, [box(0)], [0], None, np.zeros((0, 4)), np.zeros(0), np.zeros(0))
-    acc.add(1, np.zeros((0, 4)), np.zeros(0), None, [box(0)], [1], [0.3])
+    acc.add(image_detections(0, [box(0)], [0], None, np.zeros((0, 4)), np.zeros(0), np.zeros(0)))
+    acc.add(image_detections(1, np.zeros((0, 4)), np.zeros(0), None, [box(0)], [1], [0.3]))
     r = acc.compute()
     assert r.ap == {"cat": 0.0} and r.map == 0.0
     assert acc.compute().ap == r.ap  # compute() can be called again
@@ -370,13 +371,13 @@ def test_tensor_inputs_and_detector_layout():
 
 def test_input_validation():
     acc = MeanAPAccumulator(["cat"])
-    acc.add("x", [box(0)], [0], None, [], [], [])
+    acc.add(image_detections("x", [box(0)], [0], None, [], [], []))
     with pytest.raises(ValueError, match="already added"):
-        acc.add("x", [box(0)], [0], None, [], [], [])
+        acc.add(image_detections("x", [box(0)], [0], None, [], [], []))
     with pytest.raises(ValueError, match="unknown"):
-        acc.add("y", [box(0)], [3], None, [], [], [])
+        acc.add(image_detections("y", [box(0)], [3], None, [], [], []))
     with pytest.raises(ValueError, match="finite"):
-        acc.add("z", [box(0)], [0], None, [box(0)], [0], [float("nan")])
+        acc.add(image_detections("z", [box(0)], [0], None, [box(0)], [0], [float("nan")]))
     with pytest.raises(ValueError, match="iou_threshold"):
         acc.compute(iou_threshold=1.5)
     with pytest.raises(ValueError, match="unique"):
@@ -489,22 +490,24 @@ def test_detection_file_without_gt_is_an_error(tmp_path):
 def test_write_tool_files_format(tmp_path):
     gt_path, det_path = write_tool_files(
         tmp_path,
-        "000005",
-        torch.tensor([[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 9.5, 9.0], [-1.0] * 4]),
-        torch.tensor([0, 1, -1]),
-        torch.tensor([False, True, False]),
-        torch.zeros(0, 4),
-        torch.zeros(0, dtype=torch.long),
-        torch.zeros(0),
+        image_detections(
+            "000005",
+            torch.tensor([[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 9.5, 9.0], [-1.0] * 4]),
+            torch.tensor([0, 1, -1]),
+            torch.tensor([False, True, False]),
+            torch.zeros(0, 4),
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0),
+        ),
         ["cat", "dog"],
     )
     assert Path(gt_path).read_text() == "cat 1.0 2.0 30.0 40.0\ndog 5.0 5.0 9.5 9.0 difficult\n"
     assert Path(det_path).read_text() == ""
     assert Path(det_path).parent.name == "detection-results"
     with pytest.raises(ValueError):
-        write_tool_files(tmp_path, "a/b", [], [], None, [], [], [], ["cat"])
+        write_tool_files(tmp_path, image_detections("a/b", [], [], None, [], [], []), ["cat"])
     with pytest.raises(ValueError):
-        write_tool_files(tmp_path, "c", [], [], None, [], [], [], ["big cat"])
+        write_tool_files(tmp_path, image_detections("c", [], [], None, [], [], []), ["big cat"])
 
 
 def test_folder_and_tensor_paths_agree_exactly(tmp_path):
@@ -525,9 +528,8 @@ def test_folder_and_tensor_paths_agree_exactly(tmp_path):
         )
         det_cls = torch.from_numpy(rng.integers(0, 3, m))
         scores = torch.rand(m)
-        write_tool_files(
-            tmp_path, f"{i:06d}", gt_boxes, gt_cls, diff, det_boxes, det_cls, scores, names
-        )
+        image = image_detections(f"{i:06d}", gt_boxes, gt_cls, diff, det_boxes, det_cls, scores)
+        write_tool_files(tmp_path, image, names)
         gt.append({"boxes": gt_boxes, "classes": gt_cls, "difficult": diff})
         det.append({"boxes": det_boxes, "classes": det_cls, "scores": scores})
     for use_11 in (False, True):

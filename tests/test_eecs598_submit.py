@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from eecs598 import submit
-from eecs598.submit import OPTIONAL_FILES, REQUIRED_FILES, make_a4_submission
+from eecs598.submit import OPTIONAL_FILES, PACKAGE, REQUIRED_FILES, make_a4_submission
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _populate(folder, names=REQUIRED_FILES):
@@ -80,3 +86,58 @@ def test_empty_prompt_answer_rejected(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": "")
     with pytest.raises(ValueError, match="uniquename"):
         make_a4_submission(tmp_path)
+
+
+def test_package_files_are_discovered_and_included(tmp_path):
+    _populate(tmp_path)
+    (tmp_path / PACKAGE / "sub").mkdir(parents=True)
+    (tmp_path / PACKAGE / "__pycache__").mkdir()
+    (tmp_path / PACKAGE / ".ipynb_checkpoints").mkdir()
+    for name in ("__init__.py", "later_module.py", "sub/deep.py", "notes.txt"):
+        (tmp_path / PACKAGE / name).write_text("# module\n")
+    (tmp_path / PACKAGE / "__pycache__" / "x.py").write_text("")
+    (tmp_path / PACKAGE / ".ipynb_checkpoints" / "later_module-checkpoint.py").write_text("")
+    path = make_a4_submission(tmp_path, "jdoe", "1")
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == sorted(
+            [
+                *REQUIRED_FILES,
+                "eecs598/__init__.py",
+                "eecs598/later_module.py",
+                "eecs598/sub/deep.py",
+            ]
+        )
+
+
+def test_zip_of_the_repo_runs_on_its_own(tmp_path):
+    """The repo's zip, extracted alone, imports everything the notebook does.
+
+    The zip is built from a copy of the repo's sources (every top-level ``.py`` and ``.ipynb``
+    file and the package), so the test never writes into the working tree; a module missing
+    from the zip fails the import in the child, which sees only the extracted files.
+    """
+    source = tmp_path / "assignment"
+    source.mkdir()
+    for path in [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("*.ipynb")]:
+        shutil.copy2(path, source / path.name)
+    shutil.copytree(REPO_ROOT / PACKAGE, source / PACKAGE)
+    zip_path = make_a4_submission(source, "jdoe", "1")
+    extracted = tmp_path / "extracted"
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(extracted)
+
+    code = (
+        "import a4_helper, common, two_stage_detector, eecs598.mean_ap; a4_helper.hello_helper()"
+        "; import sys; print(*(sys.modules[m].__file__ for m in "
+        "('a4_helper', 'common', 'two_stage_detector', 'eecs598', 'eecs598.mean_ap')), sep='\\n')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MPLBACKEND"] = "Agg"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=extracted, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "Hello from a4_helper.py!"
+    for module_file in lines[1:]:
+        assert Path(module_file).resolve().is_relative_to(extracted.resolve()), module_file

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 
-from eecs598.mean_ap import MeanAPAccumulator, evaluate_folder, main
+from eecs598.mean_ap import MeanAPAccumulator, evaluate_folder, image_detections, main
 from tests.test_eecs598_mean_ap import write_folder
 
 
@@ -76,7 +76,7 @@ def test_unknown_classes_in_detections(tmp_path):
     # In memory a class index must be known: the error names the image and the index.
     acc = MeanAPAccumulator(["cat", "dog"])
     with pytest.raises(ValueError, match=r"image 'img7': unknown detection class index \[5\]"):
-        acc.add("img7", [[0, 0, 9, 9]], [0], None, [[0, 0, 9, 9]], [5], [0.5])
+        acc.add(image_detections("img7", [[0, 0, 9, 9]], [0], None, [[0, 0, 9, 9]], [5], [0.5]))
     assert len(acc) == 0  # nothing half-added
 
 
@@ -85,8 +85,8 @@ def test_unknown_classes_in_detections(tmp_path):
 
 def test_no_detections_anywhere():
     acc = MeanAPAccumulator(["cat", "dog"])
-    acc.add("a", [[0, 0, 9, 9], [20, 20, 29, 29]], [0, 1], None, [], [], [])
-    acc.add("b", [], [], None, [], [], [])
+    acc.add(image_detections("a", [[0, 0, 9, 9], [20, 20, 29, 29]], [0, 1], None, [], [], []))
+    acc.add(image_detections("b", [], [], None, [], [], []))
     result = acc.compute()
     assert result.ap == {"cat": 0.0, "dog": 0.0} and result.map == 0.0
     assert result.precision["cat"].shape == (0,) and result.num_tp == {"cat": 0, "dog": 0}
@@ -95,13 +95,13 @@ def test_no_detections_anywhere():
 
 def test_only_difficult_boxes_everywhere():
     acc = MeanAPAccumulator(["cat", "dog"])
-    acc.add("a", [[0, 0, 9, 9]], [0], [True], [[0, 0, 9, 9]], [0], [0.9])
-    acc.add("b", [[0, 0, 9, 9]], [1], [True], [[50, 50, 59, 59]], [1], [0.8])
+    acc.add(image_detections("a", [[0, 0, 9, 9]], [0], [True], [[0, 0, 9, 9]], [0], [0.9]))
+    acc.add(image_detections("b", [[0, 0, 9, 9]], [1], [True], [[50, 50, 59, 59]], [1], [0.8]))
     result = acc.compute()
     assert result.ap == {} and result.map == 0.0
     assert result.skipped_classes == ["cat", "dog"]
     # One non-difficult box brings its class back; the ignored detection stays ignored.
-    acc.add("c", [[0, 0, 9, 9]], [0], None, [[0, 0, 9, 9]], [0], [0.7])
+    acc.add(image_detections("c", [[0, 0, 9, 9]], [0], None, [[0, 0, 9, 9]], [0], [0.7]))
     result = acc.compute()
     assert result.ap == {"cat": 1.0} and result.num_ignored == {"cat": 1}
     assert result.skipped_classes == ["dog"]
@@ -116,7 +116,7 @@ def test_all_scores_tied_equals_input_order():
 
     def evaluate(scores):
         acc = MeanAPAccumulator(["cat"])
-        acc.add("a", gt, [0, 0, 0], None, dets, [0] * 5, scores)
+        acc.add(image_detections("a", gt, [0, 0, 0], None, dets, [0] * 5, scores))
         return acc.compute()
 
     tied, ordered = evaluate([0.5] * 5), evaluate([0.9, 0.8, 0.7, 0.6, 0.5])
