@@ -23,6 +23,7 @@ from torchvision.models import feature_extraction
 
 __all__ = [
     "hello_common",
+    "check_images",
     "DetectorBackboneWithFPN",
     "get_fpn_location_coords",
     "box_iou",
@@ -72,6 +73,14 @@ def _regnet_trunk(pretrained: bool) -> nn.Module:
                 )
                 _PRETRAINED_WARNED = True
     return torchvision.models.regnet_x_400mf(weights=None)
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise a ValueError unless ``images`` is a (B, 3, H, W) floating point tensor."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating point tensor, got {images.dtype}")
 
 
 class DetectorBackboneWithFPN(nn.Module):
@@ -132,8 +141,7 @@ class DetectorBackboneWithFPN(nn.Module):
             ``{"p3": (B, C, ceil(H/8), ceil(W/8)), "p4": (..., /16), "p5": (..., /32)}`` with
             ``C = out_channels``.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        check_images(images)
         trunk = self.backbone(images)
         fpn = self.fpn_params
         lateral = {lvl: fpn[f"lateral_c{lvl}"](trunk[f"c{lvl}"]) for lvl in ("3", "4", "5")}

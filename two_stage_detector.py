@@ -35,7 +35,13 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from common import DetectorBackboneWithFPN, box_iou, class_spec_nms, get_fpn_location_coords
+from common import (
+    DetectorBackboneWithFPN,
+    box_iou,
+    check_images,
+    class_spec_nms,
+    get_fpn_location_coords,
+)
 
 __all__ = [
     "hello_two_stage_detector",
@@ -538,14 +544,6 @@ def _check_gt_boxes(gt_boxes: torch.Tensor, batch_size: int | None = None) -> No
             f"gt_boxes must have shape {expected} with rows (x1, y1, x2, y2, class), "
             f"got {tuple(gt_boxes.shape)}"
         )
-
-
-def _check_images(images: torch.Tensor) -> None:
-    """Raise a ValueError unless ``images`` is a (B, 3, H, W) floating point tensor."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating point tensor, got {images.dtype}")
 
 
 def _check_inputs_match_model(
@@ -1126,7 +1124,7 @@ class FasterRCNN(nn.Module):
             gt_boxes: (B, M, 5) GT rows (``(M, 5)`` or ``(B, M, 5)`` without ``images``).
         """
         if images is not None:
-            _check_images(images)
+            check_images(images)
         if gt_boxes is not None:
             _check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
             _check_gt_values(gt_boxes, self.num_classes)
@@ -1138,7 +1136,7 @@ class FasterRCNN(nn.Module):
             images: (B, 3, H, W).
             gt_boxes: (B, M, 5) in training mode, None in eval mode.
         """
-        _check_images(images)
+        check_images(images)
         _check_inputs_match_model(images, gt_boxes, next(self.parameters()))
         if not self.training:
             return

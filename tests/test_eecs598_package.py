@@ -134,3 +134,38 @@ def test_visualizer_skips_padding_and_handles_empty():
     assert len(fig.axes[0].patches) == 1
     fig = detection_visualizer((img * 255).to(torch.uint8), None)
     assert len(fig.axes[0].patches) == 0
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level module names and ``eecs598`` submodules (``.name``) imported by a file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.add(f".{node.module}" if node.module else ".")
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_imports_point_down_the_documented_layers():
+    # eecs598's own order, bottom-up, as its package docstring lists it.
+    order = ["files", "utils", "grad", "images", "voc", "voc2007", "shapes", "cache",
+             "mean_ap", "checkpoint", "training", "inference", "submit"]  # fmt: skip
+    assert sorted(order) == sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem[0] != "_")
+    for rank, name in enumerate(order):
+        for imported in _imported_modules(PACKAGE_DIR / f"{name}.py"):
+            if imported.startswith("."):
+                assert order.index(imported[1:]) < rank, f"eecs598.{name} imports {imported}"
+            if imported.startswith("eecs598."):
+                assert order.index(imported.split(".")[1]) < rank, f"{name} imports {imported}"
+    # The flat modules: common, then two_stage_detector, then a4_helper and the CLI.
+    above = {
+        "common": {"two_stage_detector", "a4_helper", "detector_cli"},
+        "two_stage_detector": {"a4_helper", "detector_cli"},
+        "a4_helper": {"detector_cli"},
+    }
+    for name, forbidden in above.items():
+        imported = {m.split(".")[0] for m in _imported_modules(REPO_ROOT / f"{name}.py")}
+        assert not imported & forbidden, f"{name} imports {imported & forbidden}"
