@@ -233,13 +233,14 @@ class LossLog:
     """Loss values kept on the device and read in batches: one host-device sync per read.
 
     :meth:`add` queues a step's ``(1 + T,)`` tensor ``[total, term_1, ..., term_T]``;
-    :meth:`read` moves every queued step to ``history``, raises on a non-finite total, prints
-    the log lines that are due and updates the progress bar.
+    :meth:`due` says when to read; :meth:`read` moves every queued step to ``history``, raises
+    on a non-finite total, prints the log lines that are due and updates the progress bar.
     """
 
     history: LossHistory
     max_iters: int
     log_period: int
+    sync_period: int
     bar: Any
     verbose: bool
     names: list[str] = field(default_factory=list)
@@ -248,6 +249,13 @@ class LossLog:
     def add(self, iteration: int, values: torch.Tensor, names: list[str], lr: float) -> None:
         self.names = names
         self.pending.append((iteration, values, lr))
+
+    def due(self, iteration: int) -> bool:
+        """Whether to read after ``iteration``: a log line is due, ``sync_period`` steps are
+        queued, or it is the last iteration."""
+        logging_due = self.log_period and iteration % self.log_period == 0
+        last = iteration == self.max_iters - 1
+        return bool(logging_due or len(self.pending) >= self.sync_period or last)
 
     def read(self) -> None:
         """Move the pending loss values to ``history`` (one sync); stop on a non-finite one."""
@@ -516,9 +524,7 @@ def train_detector(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    use_amp = bool(amp) and device.type == "cuda"
-    if amp and not use_amp:
-        print(f"Note: amp=True is ignored on device '{device}' (mixed precision is CUDA-only).")
+    use_amp = _use_amp(amp, device)
     detector.to(device)
     detector.train()
     state = _TrainState.create(
@@ -539,7 +545,7 @@ def train_detector(
         total=max_iters, initial=state.start_iter, disable=not (progress and main),
         desc="train", dynamic_ncols=True,
     )  # fmt: skip
-    log = LossLog(state.history, max_iters, log_period, bar, verbose=main)
+    log = LossLog(state.history, max_iters, log_period, sync_period, bar, verbose=main)
     # Off the CPU, forward skips the class-id check (a sync); check batches on the host instead.
     host_check = getattr(detector, "check_inputs", None) if device.type != "cpu" else None
     start_time = time.time()
@@ -553,16 +559,8 @@ def train_detector(
             state.scheduler.step()
             bar.update(1)
             done = iteration + 1
-            checkpoint_due = checkpoint_path is not None and _due(
-                done, checkpoint_period, max_iters
-            )
-            logging_due = log_period and iteration % log_period == 0
-            if (
-                checkpoint_due
-                or logging_due
-                or len(log.pending) >= sync_period
-                or done == max_iters
-            ):
+            checkpoint_due = bool(checkpoint_path) and _due(done, checkpoint_period, max_iters)
+            if checkpoint_due or log.due(iteration):
                 log.read()
             if checkpoint_due:  # every rank: DDP keeps weights equal, so all stop together
                 check_finite_weights(detector, done)
@@ -574,6 +572,13 @@ def train_detector(
     if main and (show_plot or plot_path is not None):
         plot_losses(state.history, plot_path, show_plot)
     return state.history
+
+
+def _use_amp(amp: bool, device: torch.device) -> bool:
+    """Mixed precision is CUDA-only: elsewhere ``amp=True`` is ignored with a note."""
+    if amp and device.type != "cuda":
+        print(f"Note: amp=True is ignored on device '{device}' (mixed precision is CUDA-only).")
+    return bool(amp) and device.type == "cuda"
 
 
 def _parallel(detector: nn.Module, device: torch.device) -> nn.Module:
