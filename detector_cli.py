@@ -7,7 +7,7 @@
 
 A checkpoint carries the model configuration, the class names and the image size, so
 ``evaluate`` and ``predict`` need no repeated flags. This module sits on top of the package: it
-imports ``a4_helper``, ``two_stage_detector``, ``common`` and ``eecs598``, never the reverse.
+imports ``two_stage_detector``, ``common`` and ``eecs598``, never the reverse.
 """
 
 from __future__ import annotations
@@ -17,41 +17,54 @@ import json
 import os
 import sys
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.transforms.functional import to_tensor
 
-from a4_helper import (
-    SHAPES_CLASSES,
-    CachedDetection,
+from common import DetectorBackboneWithFPN
+from eecs598.cache import CachedDetection
+from eecs598.checkpoint import load_checkpoint, load_model_weights
+from eecs598.files import atomic_write
+from eecs598.images import (
+    IMAGE_EXTENSIONS,
     CorruptImageError,
-    VOC2007DetectionTiny,
-    VOCLayoutDetection,
-    compile_detector,
-    inference_with_detector,
-    load_checkpoint,
-    load_model_weights,
-    make_shapes_dataset,
+    preprocess_image,
     read_rgb_image,
-    train_detector,
     unnormalize_image,
 )
-from common import DetectorBackboneWithFPN
-from two_stage_detector import RPN, FasterRCNN
+from eecs598.inference import inference_with_detector
+from eecs598.mean_ap import plot_ap
+from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
+from eecs598.training import train_detector
+from eecs598.utils import detection_grid, detection_visualizer, reset_seed
+from eecs598.voc import VOCLayoutDetection, read_voc_xml, voc_objects
+from eecs598.voc2007 import VOC2007DetectionTiny
+from two_stage_detector import RPN, FasterRCNN, compile_detector
 
-# The notebook's full-training model (section 4.3), and the demo's smaller, faster one.
-NOTEBOOK_MODEL = {"fpn_channels": 128, "pre_nms_topk": 500, "post_nms_topk": 200}
+# The notebook's full-training model (section 4.3): build_detector's and `train`'s defaults.
+NOTEBOOK_MODEL = {
+    "fpn_channels": 128,
+    "pre_nms_topk": 500,
+    "post_nms_topk": 200,
+    "box_regression": False,
+    "rpn_batch_size": 16,
+    "roi_batch_size": 32,
+    "anchor_scale": 8,
+    "anchor_offset": 0.0,
+}
+# The demo's smaller, faster run: `demo` is `train` with these defaults (keys are flag dests).
 DEMO = {
+    "out": "outputs/demo",
     "num_train": 480,
     "num_val": 96,
     "image_size": 128,
     "fpn_channels": 64,
     "max_iters": 360,
     "batch_size": 16,
-    "learning_rate": 0.02,
+    "lr": 0.02,
     "warmup_iters": 30,
     "grad_clip": 10.0,
     "box_regression": True,
@@ -68,15 +81,15 @@ DEMO = {
 
 def build_detector(
     num_classes: int,
-    fpn_channels: int = 128,
-    pre_nms_topk: int = 500,
-    post_nms_topk: int = 200,
-    box_regression: bool = False,
+    fpn_channels: int = NOTEBOOK_MODEL["fpn_channels"],
+    pre_nms_topk: int = NOTEBOOK_MODEL["pre_nms_topk"],
+    post_nms_topk: int = NOTEBOOK_MODEL["post_nms_topk"],
+    box_regression: bool = NOTEBOOK_MODEL["box_regression"],
     pretrained: bool = True,
-    rpn_batch_size: int = 16,
-    roi_batch_size: int = 32,
-    anchor_scale: float | Sequence[float] = 8,
-    anchor_offset: float = 0.0,
+    rpn_batch_size: int = NOTEBOOK_MODEL["rpn_batch_size"],
+    roi_batch_size: int = NOTEBOOK_MODEL["roi_batch_size"],
+    anchor_scale: float | Sequence[float] = NOTEBOOK_MODEL["anchor_scale"],
+    anchor_offset: float = NOTEBOOK_MODEL["anchor_offset"],
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
@@ -110,7 +123,7 @@ def _single(values: float | Sequence[float]) -> bool:
 
 def load_weights(model: FasterRCNN, checkpoint: dict, path: str | os.PathLike) -> None:
     """Load a checkpoint's weights; a mismatch raises a ValueError naming the settings that
-    differ (``a4_helper.config_differences``), not the state_dict keys."""
+    differ (``eecs598.checkpoint.config_differences``), not the state_dict keys."""
     load_model_weights(model, checkpoint, path)
 
 
@@ -129,6 +142,33 @@ def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[FasterR
     return model.to(device).eval(), checkpoint
 
 
+def _training_model(args: argparse.Namespace, classes: list[str]) -> FasterRCNN:
+    """``build_detector`` with the model flags, its ``meta`` naming the classes and sizes."""
+    model = build_detector(
+        len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
+        box_regression=args.box_regression, pretrained=not args.no_pretrained,
+        rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
+        anchor_scale=args.anchor_scale, anchor_offset=args.anchor_offset,
+    )  # fmt: skip
+    model.meta = {
+        "class_names": classes,
+        "image_size": args.image_size,
+        "test_image_size": args.test_image_size or args.image_size,
+    }
+    return model
+
+
+def _detect(
+    model: FasterRCNN, image: torch.Tensor, args: argparse.Namespace, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes, labels and scores for one preprocessed image, at --score-thresh / --nms-thresh."""
+    with torch.no_grad():
+        return model(
+            image[None].to(device), test_score_thresh=args.score_thresh,
+            test_nms_thresh=args.nms_thresh,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- data
 
 
@@ -136,41 +176,64 @@ def discover_classes(root: Path) -> list[str]:
     """Sorted object class names found in a VOC-layout folder's annotations."""
     names = set()
     for xml_path in sorted((root / "Annotations").glob("*.xml")):
-        try:
-            tree = ET.parse(xml_path)
-        except ET.ParseError as err:
-            raise ValueError(f"Cannot parse annotation file {xml_path}: {err}") from err
-        for name in tree.getroot().iter("name"):
-            if name.text:
-                names.add(name.text.strip())
+        for obj in voc_objects(read_voc_xml(xml_path)):  # ValueError naming a malformed file
+            name = str(obj.get("name", "")).strip()  # as the reader reads it
+            if name:
+                names.add(name)
     if not names:
         raise FileNotFoundError(f"No annotated objects under {root / 'Annotations'}")
     return sorted(names)
 
 
-def make_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
-    """Train and val datasets plus class names for ``--dataset``."""
-    size = args.image_size
-    test_size = getattr(args, "test_image_size", None) or size
+def make_datasets(
+    args: argparse.Namespace, *, dataset: str | None = None, data_dir: str | None = None,
+    image_size: int | None = None, test_image_size: int | None = None,
+    classes: Sequence[str] | None = None,
+) -> tuple[Any, Any, list[str]]:  # fmt: skip
+    """Train and val datasets plus class names for the data flags in ``args``.
+
+    A keyword that is given replaces its flag: the demo's dataset and data folder, or a
+    checkpoint's sizes and classes (a VOC-layout folder's; voc2007 and shapes have their own).
+    ``--data-dir`` defaults to ``data``.
+    """
+    dataset = dataset or args.dataset
+    data_dir = data_dir or args.data_dir or "data"
+    size = image_size or args.image_size
+    test_size = test_image_size or getattr(args, "test_image_size", None) or size
     skip = getattr(args, "skip_corrupt", False)
-    if args.dataset == "voc2007":
+    if dataset == "voc2007":
         train = VOC2007DetectionTiny(
-            args.data_dir, "train", args.download, image_size=size, skip_corrupt=skip
+            data_dir, "train", args.download, image_size=size, skip_corrupt=skip
         )
-        val = VOC2007DetectionTiny(args.data_dir, "val", image_size=test_size, skip_corrupt=skip)
+        val = VOC2007DetectionTiny(data_dir, "val", image_size=test_size, skip_corrupt=skip)
         return train, val, [train.idx_to_class[i] for i in range(len(train.idx_to_class))]
-    if args.dataset == "shapes":
-        root = Path(args.data_dir) / "shapes"
+    if dataset == "shapes":
+        root = Path(data_dir) / "shapes"
         make_shapes_dataset(
             root, num_train=args.num_train, num_val=args.num_val, image_size=size, seed=args.seed
         )
         classes = list(SHAPES_CLASSES)
     else:
-        root = Path(args.dataset)
-        classes = args.classes.split(",") if args.classes else discover_classes(root)
+        root = Path(dataset)
+        if not classes:
+            classes = args.classes.split(",") if args.classes else discover_classes(root)
     train = VOCLayoutDetection(root, args.train_split, classes, image_size=size, skip_corrupt=skip)
     val = VOCLayoutDetection(root, args.val_split, classes, image_size=test_size, skip_corrupt=skip)
-    return train, val, classes
+    return train, val, list(classes)
+
+
+def _datasets_rank_zero_first(
+    args: argparse.Namespace, world: int, rank: int, dataset: str | None, data_dir: str | None
+) -> tuple[Any, Any, list[str]]:
+    """``make_datasets`` on every process, rank 0 first: it generates or downloads the data
+    once, while the other processes wait and then read it."""
+    if rank == 0:
+        datasets = make_datasets(args, dataset=dataset, data_dir=data_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        datasets = make_datasets(args, dataset=dataset, data_dir=data_dir)
+    return datasets
 
 
 def _loader(
@@ -192,71 +255,94 @@ def _loader(
     )  # fmt: skip
 
 
-def init_distributed(args: argparse.Namespace) -> tuple[int, int]:
-    """Join the ``torchrun`` process group when there is one; returns ``(world, rank)``.
+def init_distributed(device: str, batch_size: int) -> tuple[int, int, str]:
+    """Join the ``torchrun`` process group when there is one; returns ``(world, rank, device)``.
 
-    NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPU.
+    NCCL on CUDA (one GPU per process: the device becomes ``cuda:LOCAL_RANK``), gloo on CPU.
+    ``batch_size`` (the global batch) must split evenly over the processes.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 1, 0
+        return 1, 0, device
     import torch.distributed as dist
 
+    cuda = str(device).startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        cuda = str(args.device).startswith("cuda")
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
-    if str(args.device).startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    return world, dist.get_rank()
+    if cuda:
+        device = f"cuda:{local_rank}"
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    return world, dist.get_rank(), device
+
+
+def _image_files(inputs: Sequence[str]) -> list[Path]:
+    """The image files named in ``inputs``, and those in the folders named there (sorted)."""
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No image or folder at {path}")
+    if not files:
+        raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images in {', '.join(inputs)}")
+    return files
+
+
+def _test_image_size(args: argparse.Namespace, meta: dict) -> int:
+    """Short side for evaluation and prediction: --test-image-size, else the checkpoint's test
+    size (older checkpoints: its training size)."""
+    return args.test_image_size or int(meta.get("test_image_size") or meta["image_size"])
 
 
 # ---------------------------------------------------------------------------------- outputs
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (``eecs598.files.atomic_write``)."""
+    with atomic_write(path, mode="w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
 
 
-def evaluate_and_report(
-    model: FasterRCNN, val: Any, classes: list[str], out: Path, args: argparse.Namespace
-) -> dict:
-    """mAP on ``val``: tool-format files, AP chart, detections grid, metrics JSON, table."""
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eecs598.mean_ap import plot_ap
-    from eecs598.utils import detection_grid
+    return plt
 
+
+def _output_dir(out: str) -> Path:
+    """The ``--out`` folder, created if needed."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def evaluate_and_report(
+    model: FasterRCNN, val: Any, classes: list[str], out: Path, args: argparse.Namespace,
+    device: str,
+) -> dict:  # fmt: skip
+    """mAP on ``val``: tool-format files, AP chart, detections grid, metrics JSON, table."""
+    plt = _pyplot()
     idx_to_class = dict(enumerate(classes))
     start = time.time()
     result = inference_with_detector(
         model, _loader(val, 1, args.workers, False, 0), idx_to_class,
         score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
-        output_dir=str(out / "mAP"), device=args.device, progress=False,
+        output_dir=str(out / "mAP"), device=device, progress=False,
     )  # fmt: skip
     seconds = time.time() - start
     plt.close(plot_ap(result, out / "ap_per_class.png"))
-    samples = []
-    model.eval()
-    for index in torch.linspace(0, len(val) - 1, steps=min(8, len(val))).long().tolist():
-        _, image, gt = val[index]
-        with torch.no_grad():
-            boxes, labels, scores = model(
-                image[None].to(args.device), test_score_thresh=args.score_thresh,
-                test_nms_thresh=args.nms_thresh,
-            )  # fmt: skip
-        pred = torch.cat([boxes, labels[:, None].to(boxes), scores[:, None]], dim=1).cpu()
-        keep = pred[:, 5] >= 0.5  # readable: confident detections only
-        samples.append((unnormalize_image(image), gt[gt[:, 4] >= 0], pred[keep]))
+    samples = _confident_samples(model, val, args, device)
     plt.close(detection_grid(samples, idx_to_class, ncols=4, path=out / "detections.png"))
     metrics = {
         "mAP": result.map,
@@ -269,41 +355,41 @@ def evaluate_and_report(
     return metrics
 
 
+def _confident_samples(
+    model: FasterRCNN, val: Any, args: argparse.Namespace, device: str
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Up to 8 evenly spaced val images with their ground truth and confident detections."""
+    samples = []
+    model.eval()
+    for index in torch.linspace(0, len(val) - 1, steps=min(8, len(val))).long().tolist():
+        _, image, gt = val[index]
+        boxes, labels, scores = _detect(model, image, args, device)
+        pred = torch.cat([boxes, labels[:, None].to(boxes), scores[:, None]], dim=1).cpu()
+        keep = pred[:, 5] >= 0.5  # readable: confident detections only
+        samples.append((unnormalize_image(image), gt[gt[:, 4] >= 0], pred[keep]))
+    return samples
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
-def cmd_train(args: argparse.Namespace) -> dict | None:
+def cmd_train(
+    args: argparse.Namespace, dataset: str | None = None, data_dir: str | None = None
+) -> dict | None:
     """Train, then (on rank 0) evaluate and write the report. Runs under ``torchrun`` too:
-    ``--batch-size`` is the global batch, split evenly over the processes."""
-    from eecs598 import reset_seed
-
-    world, rank = init_distributed(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ``--batch-size`` is the global batch, split evenly over the processes. ``dataset`` and
+    ``data_dir`` replace --dataset and --data-dir (``make_datasets``)."""
+    world, rank, device = init_distributed(args.device, args.batch_size)
+    out = _output_dir(args.out)
     checkpoint = out / "checkpoint.pt"
     if rank == 0 and checkpoint.is_file() and not args.resume:  # never destroy the old one
         os.replace(checkpoint, out / "checkpoint.prev.pt")
         print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
     reset_seed(args.seed)
-    if rank == 0:  # generates or downloads data once; the other processes wait, then read it
-        train, val, classes = make_datasets(args)
-    if world > 1:
-        torch.distributed.barrier()
-    if rank != 0:
-        train, val, classes = make_datasets(args)
+    train, val, classes = _datasets_rank_zero_first(args, world, rank, dataset, data_dir)
     if rank == 0:
         print(f"Dataset: {len(train)} train / {len(val)} val images, classes: {', '.join(classes)}")
-    model = build_detector(
-        len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
-        box_regression=args.box_regression, pretrained=not args.no_pretrained,
-        rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
-        anchor_scale=args.anchor_scale, anchor_offset=args.anchor_offset,
-    )  # fmt: skip
-    model.meta = {
-        "class_names": classes,
-        "image_size": args.image_size,
-        "test_image_size": args.test_image_size or args.image_size,
-    }
+    model = _training_model(args, classes)
     if args.cache != "off":
         cache_dir = Path(args.cache_dir or out / "cache") if args.cache == "disk" else None
         train = CachedDetection(train, cache_dir, progress=args.progress, normalize=False)
@@ -317,7 +403,7 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
     start = time.time()
     history = train_detector(
         model, loader, learning_rate=args.lr, weight_decay=args.weight_decay,
-        max_iters=args.max_iters, log_period=args.log_period, device=args.device,
+        max_iters=args.max_iters, log_period=args.log_period, device=device,
         warmup_iters=args.warmup_iters, amp=args.amp, grad_clip=args.grad_clip,
         checkpoint_path=checkpoint, checkpoint_period=args.checkpoint_period,
         resume=args.resume, show_plot=False, plot_path=out / "loss.png", progress=args.progress,
@@ -327,7 +413,7 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return None
-    metrics = evaluate_and_report(model, val, classes, out, args)
+    metrics = evaluate_and_report(model, val, classes, out, args, device)
     metrics.update(
         train_seconds=round(train_seconds, 1),
         iterations=args.max_iters,
@@ -339,61 +425,31 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
-    args.dataset = "shapes"
-    args.data_dir = args.data_dir or str(Path(args.out) / "data")
-    return cmd_train(args)
+    """``train`` with the demo's defaults (``DEMO``, set on its parser), always on the shapes
+    data, which goes to OUT/data unless --data-dir says otherwise."""
+    return cmd_train(args, dataset="shapes", data_dir=args.data_dir or str(Path(args.out) / "data"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
+    """mAP of a checkpoint on the val split, at the checkpoint's sizes and with its classes."""
     model, checkpoint = load_detector(args.checkpoint, args.device)
-    classes = list(checkpoint["meta"]["class_names"])
-    args.image_size = checkpoint["meta"]["image_size"]
-    args.test_image_size = args.test_image_size or _test_image_size(checkpoint["meta"])
-    args.classes = ",".join(classes)
-    _, val, _ = make_datasets(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return evaluate_and_report(model, val, classes, out, args)
-
-
-def _test_image_size(meta: dict) -> int:
-    """Short side for evaluation and prediction: the checkpoint's test size (older checkpoints:
-    its training size)."""
-    return int(meta.get("test_image_size") or meta["image_size"])
-
-
-def _image_files(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            files += sorted(
-                p for p in path.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}
-            )
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"No image or folder at {path}")
-    if not files:
-        raise FileNotFoundError(f"No .jpg/.jpeg/.png images in {', '.join(inputs)}")
-    return files
+    meta = checkpoint["meta"]
+    classes = list(meta["class_names"])
+    _, val, _ = make_datasets(
+        args, image_size=meta["image_size"], test_image_size=_test_image_size(args, meta),
+        classes=classes,
+    )  # fmt: skip
+    out = _output_dir(args.out)
+    return evaluate_and_report(model, val, classes, out, args, args.device)
 
 
 def cmd_predict(args: argparse.Namespace) -> list[dict]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.transforms.functional import to_tensor
-
-    from a4_helper import preprocess_image
-    from eecs598.utils import detection_visualizer
-
+    """Detections for each image: an annotated copy each, and all of them in detections.json."""
+    plt = _pyplot()
     model, checkpoint = load_detector(args.checkpoint, args.device)
     classes = list(checkpoint["meta"]["class_names"])
-    size = args.test_image_size or _test_image_size(checkpoint["meta"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    size = _test_image_size(args, checkpoint["meta"])
+    out = _output_dir(args.out)
     records = []
     for path in _image_files(args.images):
         try:
@@ -401,11 +457,7 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
         except CorruptImageError as err:
             raise ValueError(f"Cannot read image {path}: {err.__cause__}") from err
         tensor, (sx, sy) = preprocess_image(image, size)
-        with torch.no_grad():
-            boxes, labels, scores = model(
-                tensor[None].to(args.device), test_score_thresh=args.score_thresh,
-                test_nms_thresh=args.nms_thresh,
-            )  # fmt: skip
+        boxes, labels, scores = _detect(model, tensor, args, args.device)
         boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])  # back to original pixels
         pred = torch.cat([boxes, labels.cpu()[:, None].float(), scores.cpu()[:, None]], dim=1)
         fig = detection_visualizer(to_tensor(image), classes, pred=pred, show=False)
@@ -429,7 +481,8 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
 # ---------------------------------------------------------------------------------- parser
 
 
-def _add_data_args(p: argparse.ArgumentParser, default_size: int) -> None:
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """Which data, where, and at what size (train, demo and evaluate)."""
     p.add_argument(
         "--dataset",
         default="shapes",
@@ -455,18 +508,19 @@ def _add_data_args(p: argparse.ArgumentParser, default_size: int) -> None:
     )
     p.add_argument("--train-split", default="train", help="ImageSets/Main list to train on")
     p.add_argument("--val-split", default="val", help="ImageSets/Main list to evaluate on")
-    p.add_argument("--image-size", type=int, default=default_size, help="short image side")
+    p.add_argument("--image-size", type=int, default=224, help="short image side")
     p.add_argument("--num-train", type=int, default=DEMO["num_train"], help="shapes: images")
     p.add_argument("--num-val", type=int, default=DEMO["num_val"], help="shapes: images")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="DataLoader worker processes")  # fmt: skip
 
 
-def _add_eval_args(p: argparse.ArgumentParser, test_image_size: int | None = None) -> None:
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """How detections are made and kept (every command)."""
     p.add_argument(
         "--test-image-size",
         type=int,
-        default=test_image_size,
+        default=None,
         help="short side of evaluation and prediction images (when not given: the "
         "checkpoint's, else --image-size); larger than the training size finds more small "
         "objects",
@@ -479,55 +533,72 @@ def _add_eval_args(p: argparse.ArgumentParser, test_image_size: int | None = Non
                    help="cpu, cuda or cuda:N")  # fmt: skip
 
 
-def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    p.add_argument("--out", default=defaults["out"], help="output folder")
-    p.add_argument("--max-iters", type=int, default=defaults["max_iters"],
-                   help="SGD iterations")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+def _add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train or demo")
+
+
+def _add_images_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+
+
+def _add_out_arg(p: argparse.ArgumentParser) -> None:
+    """``--out``; its default is each command's own (``build_parser``)."""
+    p.add_argument("--out", help="output folder")
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """The optimisation: iterations, batch, learning rate and its schedule, regularisation."""
+    p.add_argument("--max-iters", type=int, default=9000, help="SGD iterations")
+    p.add_argument("--batch-size", type=int, default=16,
                    help="images per iteration (over all processes under torchrun)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=defaults["learning_rate"],
+    p.add_argument("--lr", type=float, default=0.01,
                    help="learning rate; x0.1 at 60%% and 90%% of --max-iters")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--warmup-iters", type=int, default=defaults["warmup_iters"],
+    p.add_argument("--warmup-iters", type=int, default=100,
                    help="linear learning-rate warm-up from 0.1%% of --lr")  # fmt: skip
-    p.add_argument("--grad-clip", type=float, default=defaults["grad_clip"],
+    p.add_argument("--grad-clip", type=float, default=None,
                    help="clip the gradient norm at this value (none when not given)")  # fmt: skip
-    p.add_argument("--fpn-channels", type=int, default=defaults["fpn_channels"],
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """``build_detector``'s settings; defaults: ``NOTEBOOK_MODEL``."""
+    model = NOTEBOOK_MODEL
+    p.add_argument("--fpn-channels", type=int, default=model["fpn_channels"],
                    help="channels of the FPN levels and the heads' stems")  # fmt: skip
-    p.add_argument("--pre-nms-topk", type=int, default=NOTEBOOK_MODEL["pre_nms_topk"],
+    p.add_argument("--pre-nms-topk", type=int, default=model["pre_nms_topk"],
                    help="RPN: best anchors per level and image that go into NMS")  # fmt: skip
-    p.add_argument("--post-nms-topk", type=int, default=NOTEBOOK_MODEL["post_nms_topk"],
+    p.add_argument("--post-nms-topk", type=int, default=model["post_nms_topk"],
                    help="RPN: proposals kept per image after NMS")  # fmt: skip
     p.add_argument(
         "--box-regression",
         action=argparse.BooleanOptionalAction,
-        default=defaults.get("box_regression", False),
+        default=model["box_regression"],
         help="second-stage class-specific box regression",
     )
     p.add_argument(
         "--rpn-batch-size",
         type=int,
-        default=defaults.get("rpn_batch_size", 16),
+        default=model["rpn_batch_size"],
         help="anchors sampled per image for the RPN losses",
     )
     p.add_argument(
         "--roi-batch-size",
         type=int,
-        default=defaults.get("roi_batch_size", 32),
+        default=model["roi_batch_size"],
         help="RoIs sampled per image for the second-stage losses",
     )
     p.add_argument(
         "--anchor-scale",
         type=float,
         nargs="+",
-        default=defaults.get("anchor_scale", 8),
+        default=model["anchor_scale"],
         help="anchor side(s) in units of the FPN level's stride (8: 64-256 px on p3-p5); "
         "several values give several anchor sizes per level",
     )
     p.add_argument(
         "--anchor-offset",
         type=float,
-        default=0.0,
+        default=model["anchor_offset"],
         help="anchor centres within each feature cell, in strides: 0 on the cell's top-left "
         "pixel (where this backbone's receptive fields are centred), 0.5 in its middle (the "
         "notebook's section 4.2.1)",
@@ -535,9 +606,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument(
         "--no-pretrained",
         action="store_true",
-        default=defaults["no_pretrained"],
         help="skip loading ImageNet weights for the backbone",
     )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """How the run executes: precision, compilation, logs, checkpoints, data cache, seed."""
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument(
         "--compile",
@@ -576,6 +650,11 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="no progress bar (log lines only)")  # fmt: skip
 
 
+# The options of `train` and `demo`, in --help order.
+TRAINING_ARGS = (_add_data_args, _add_out_arg, _add_schedule_args, _add_model_args,
+                 _add_run_args, _add_eval_args)  # fmt: skip
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except for switches and options without one."""
 
@@ -586,60 +665,58 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Callable,
+    adders: Sequence[Callable],
+    defaults: dict,
+    **texts: str,
+) -> None:
+    """Subcommand ``name``: ``adders`` add its arguments in --help order, ``defaults`` (its
+    own --out and the like) replace theirs, ``func`` runs it; ``texts``: help, description."""
+    p = sub.add_parser(name, formatter_class=_HelpFormatter, **texts)
+    for add in adders:
+        add(p)
+    p.set_defaults(func=func, **defaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detector_cli.py", description=__doc__.split("\n\n")[0],
         formatter_class=_HelpFormatter,
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command")
-    fmt = _HelpFormatter
-
-    demo = sub.add_parser(
-        "demo", formatter_class=fmt,
+    _add_command(
+        sub, "demo", cmd_demo, TRAINING_ARGS, DEMO,
         help="offline demo: generate the shapes dataset, train, evaluate, write a report",
         description="Generates a VOC-layout shapes dataset, trains a small Faster R-CNN from "
         "scratch, evaluates mAP@0.5 on its val split, and writes loss.png, ap_per_class.png, "
         "detections.png, checkpoint.pt and metrics.json into --out.",
     )  # fmt: skip
-    _add_data_args(demo, DEMO["image_size"])
-    _add_train_args(demo, {**DEMO, "out": "outputs/demo"})
-    _add_eval_args(demo, DEMO["test_image_size"])
-    demo.set_defaults(func=cmd_demo)
-
-    train = sub.add_parser(
-        "train", formatter_class=fmt, help="train on voc2007, shapes or a VOC-layout folder",
+    _add_command(
+        sub, "train", cmd_train, TRAINING_ARGS, {"out": "runs/train"},
+        help="train on voc2007, shapes or a VOC-layout folder",
         description="Train the notebook's Faster R-CNN (defaults: section 4.3's full run) and "
         "evaluate it on the val split. OUT/checkpoint.pt is written atomically every "
         "--checkpoint-period iterations; --resume continues from it.",
     )  # fmt: skip
-    _add_data_args(train, 224)
-    _add_train_args(train, {"out": "runs/train", "max_iters": 9000, "batch_size": 16,
-                            "learning_rate": 0.01, "fpn_channels": 128, "warmup_iters": 100,
-                            "grad_clip": None, "no_pretrained": False})  # fmt: skip
-    _add_eval_args(train)
-    train.set_defaults(func=cmd_train)
-
-    evaluate = sub.add_parser(
-        "evaluate", formatter_class=fmt, help="mAP of a checkpoint on a dataset's val split",
+    _add_command(
+        sub, "evaluate", cmd_evaluate,
+        (_add_checkpoint_arg, _add_out_arg, _add_data_args, _add_eval_args),
+        {"out": "runs/evaluate", "seed": 0},  # seed: the shapes data's
+        help="mAP of a checkpoint on a dataset's val split",
         description="Writes the mAP table, ap_per_class.png, detections.png, metrics.json and "
         "the mAP tool's ground-truth/ and detection-results/ files into --out.",
     )  # fmt: skip
-    evaluate.add_argument("checkpoint", help="a checkpoint.pt written by train or demo")
-    evaluate.add_argument("--out", default="runs/evaluate", help="output folder")
-    _add_data_args(evaluate, 224)
-    _add_eval_args(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate, seed=0)
-
-    predict = sub.add_parser(
-        "predict", formatter_class=fmt, help="detect objects in image files or folders",
+    _add_command(
+        sub, "predict", cmd_predict,
+        (_add_checkpoint_arg, _add_images_arg, _add_out_arg, _add_eval_args),
+        {"out": "runs/predict"},
+        help="detect objects in image files or folders",
         description="Writes <name>_pred.png with the detections drawn, and detections.json "
         "(boxes in the original image's pixels).",
     )  # fmt: skip
-    predict.add_argument("checkpoint", help="a checkpoint.pt written by train or demo")
-    predict.add_argument("images", nargs="+", help="image files and/or folders")
-    predict.add_argument("--out", default="runs/predict", help="output folder")
-    _add_eval_args(predict)
-    predict.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -648,8 +725,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # `demo` is the default job
         args = parser.parse_args(["demo", *(argv or [])])
-    if getattr(args, "data_dir", "") is None and args.command != "demo":
-        args.data_dir = "data"
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
