@@ -7,9 +7,12 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
 - :mod:`eecs598.grad`: numeric helpers for checking gradients (``rel_error``).
 - :mod:`eecs598.images`: decoding images to RGB, ImageNet normalisation.
 - :mod:`eecs598.voc`: the PASCAL VOC layout: annotation parser, resize/crop geometry, reader.
+- :mod:`eecs598.coco`: the COCO-format reader (instances JSON + image folder), built on
+  :mod:`eecs598.voc`'s records and items.
 - :mod:`eecs598.voc2007`, :mod:`eecs598.shapes`, :mod:`eecs598.cache`: the datasets built on
   the reader (VOC 2007 with its download, the generated shapes, the decoded-image cache).
-- :mod:`eecs598.mean_ap`: the built-in PASCAL VOC mean Average Precision evaluator.
+- :mod:`eecs598.mean_ap`: the built-in PASCAL VOC mean Average Precision evaluator, and
+  COCO-style AP through ``pycocotools`` with the COCO JSON export.
 - :mod:`eecs598.checkpoint`: the checkpoint format and its loading.
 - :mod:`eecs598.training`: ``train_detector`` and its parts.
 - :mod:`eecs598.inference`: ``inference_with_detector``.
@@ -39,6 +42,7 @@ _SUBMODULES = frozenset(
     {
         "cache",
         "checkpoint",
+        "coco",
         "files",
         "grad",
         "images",

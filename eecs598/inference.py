@@ -1,7 +1,9 @@
-"""Running a detector over a loader: showing its detections, or scoring them by mAP."""
+"""Running a detector over a loader: showing its detections, or scoring them (VOC mAP and
+COCO-style AP) and writing them in the mAP tool's and COCO's formats."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from .images import unnormalize_image
+from .mean_ap import CocoImageInfo
 
 __all__ = ["annotation_lookup", "inference_with_detector"]
 
@@ -36,6 +39,21 @@ def _ground_truth(lookup: Callable | None, path: str, gt_boxes: torch.Tensor) ->
         return ann["boxes"], ann["classes"], ann["difficult"]
     valid = gt_boxes[gt_boxes[:, 4] >= 0]
     return valid[:, :4], valid[:, 4].long(), torch.zeros(len(valid), dtype=torch.bool)
+
+
+def _original_pixels(
+    lookup: Callable | None, path: str, image: torch.Tensor
+) -> tuple[CocoImageInfo, torch.Tensor, torch.Tensor]:
+    """How to map one evaluated image's boxes back to its file: ``(info, scale (4,), offset
+    (4,))`` with original pixels ``= (boxes + offset) / scale``. From the dataset's annotation
+    where it has the lookup; else the evaluated ``(3, H, W)`` image is taken as the original."""
+    if lookup is None:
+        info = CocoImageInfo(Path(path).name, int(image.shape[-1]), int(image.shape[-2]))
+        return info, torch.ones(4), torch.zeros(4)
+    ann = lookup(path)
+    (sx, sy), (left, top) = ann["scale"], ann["offset"]
+    info = CocoImageInfo(ann["file_name"], ann["width"], ann["height"])
+    return info, torch.tensor([sx, sy, sx, sy]), torch.tensor([left, top, left, top]).float()
 
 
 def _predict(detector: nn.Module, images: torch.Tensor, **options: Any) -> GroundTruth:
@@ -102,12 +120,30 @@ def inference_with_detector(
     loader's dataset (or the dataset under its ``Subset`` wrappers) has it, so difficult objects
     are marked as such; otherwise from the valid rows of ``gt_boxes`` (none difficult).
 
+    It also writes ``output_dir/ground_truth.json`` (COCO instances) and
+    ``output_dir/detections.json`` (COCO results) by ``eecs598.mean_ap``'s mapping, with the
+    boxes mapped back to the pixels of the image files and their real file names and sizes
+    (from the dataset's annotation; without the lookup, the evaluated image's); then, when
+    pycocotools is installed, scores these two with ``COCOeval``, prints its 12-line summary
+    after the VOC table and puts it in the result's ``coco`` (without pycocotools: one line
+    saying so, and ``coco`` is ``None``). COCO's size ranges are thus those of the image files.
+    The mAP tool's files keep the evaluated image's pixels, so ``python -m eecs598.mean_ap
+    OUTPUT_DIR --coco`` gives the same AP and AR but its small/medium/large split is at the
+    evaluated size.
+
     Returns:
         ``MeanAPResult`` with ``output_dir``, else ``None``.
     """
     from tqdm.auto import tqdm
 
-    from .mean_ap import MeanAPAccumulator, image_detections, write_tool_files
+    from .mean_ap import (
+        MeanAPAccumulator,
+        coco_evaluate,
+        image_detections,
+        to_coco,
+        write_coco_files,
+        write_tool_files,
+    )
 
     device = torch.device(device)
     detector.to(device=device, dtype=dtype)
@@ -115,6 +151,7 @@ def inference_with_detector(
     detector.eval()
     lookup = annotation_lookup(getattr(test_loader, "dataset", None))
     accumulator = MeanAPAccumulator(dict(idx_to_class)) if output_dir is not None else None
+    originals, coco_info = [], {}  # the same images in the image files' pixels, for COCO
     if output_dir is not None:
         output_dir = Path(output_dir)
         for sub in ("ground-truth", "detection-results"):
@@ -136,6 +173,12 @@ def inference_with_detector(
                 image = image_detections(image_id, *gt, *prediction)
                 write_tool_files(output_dir, image, idx_to_class)
                 accumulator.add(image)
+                info, scale, offset = _original_pixels(lookup, image_paths[0], images[0])
+                coco_info[image_id] = info
+                originals.append(image_detections(
+                    image_id, (gt[0] + offset) / scale, gt[1], gt[2],
+                    (prediction[0] + offset) / scale, prediction[1], prediction[2],
+                ))  # fmt: skip
     finally:
         detector.train(was_training)
     print(f"Total inference time: {time.time() - start_time:.1f} s")
@@ -143,4 +186,12 @@ def inference_with_detector(
         return None
     result = accumulator.compute(iou_threshold=0.5)
     print(result.summary())
+    coco_gt, coco_dets = to_coco(originals, dict(idx_to_class), coco_info)
+    write_coco_files(output_dir, coco_gt, coco_dets)
+    try:
+        result = dataclasses.replace(result, coco=coco_evaluate(coco_gt, coco_dets))
+    except ModuleNotFoundError as err:
+        print(f"COCO-style metrics skipped: {err}")
+        return result
+    print(result.coco.summary)
     return result

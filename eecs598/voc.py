@@ -7,8 +7,10 @@ Three parts, each usable on its own:
   dropped with a warning naming the file and the objects).
 * :class:`ResizeCrop` is the geometry of one item: short side to ``image_size``, then, for
   training items, a centre crop to a square. It applies to the image and to its boxes alike.
-* :class:`VOCLayoutDetection` is the ``Dataset``: it parses a split once at construction and
-  decodes, resizes and crops each image when its item is read.
+* :class:`AnnotatedImages` makes the items from the records: it decodes, resizes and crops
+  each image when its item is read. Every reader builds on it: :class:`VOCLayoutDetection`
+  parses a split once at construction, :class:`eecs598.coco.COCODetection` a COCO
+  instances JSON.
 
 Dataset item format
 -------------------
@@ -45,10 +47,11 @@ are kept and a warning naming the file is issued once per file and process.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,7 @@ from .images import (
 )
 
 __all__ = [
+    "AnnotatedImages",
     "BCCD_CLASSES",
     "ImageAnnotation",
     "ResizeCrop",
@@ -316,72 +320,39 @@ def _missing_files_error(missing: list[str], total: int, split_file: Path) -> Fi
     )
 
 
-class VOCLayoutDetection(torch.utils.data.Dataset):
-    """Detection dataset stored in PASCAL VOC layout.
+class AnnotatedImages(torch.utils.data.Dataset):
+    """The items of any reader, made from one :class:`ImageAnnotation` per image.
 
-    Expected layout under ``root``::
-
-        Annotations/<id>.xml
-        JPEGImages/<id>.jpg        (any PIL-readable image; .jpeg/.png/.bmp also found)
-        ImageSets/Main/<split>.txt (one image id per line)
-
-    All annotations of the split are parsed once, at construction, into one
-    :class:`ImageAnnotation` per image (:attr:`records`); images are decoded in
-    :meth:`__getitem__` (converted to RGB by :func:`~eecs598.images.to_rgb`, so grayscale,
-    16-bit grayscale, CMYK, palette and PNG files work) and transformed by
-    :meth:`geometry`. The object is picklable, so it can be used with DataLoader workers.
-
-    Faulty data. A split file listing ids whose annotation or image file is missing raises one
-    ``FileNotFoundError`` that counts them and names the first few paths. An image that cannot
-    be decoded (truncated or corrupt file) raises :class:`CorruptImageError` naming the file,
-    the item index and the image id when the item is read; with ``skip_corrupt=True`` every
-    image is instead decoded once at construction (JPEGs at 1/8 scale, which still reads all
-    their data) and unreadable ones are left out of :attr:`image_ids`, with a warning naming
-    each file. Skipping therefore changes ``len(dataset)`` and the indices, never what an index
-    returns, and no image is ever replaced by another one.
+    Every reader (:class:`VOCLayoutDetection`, :class:`eecs598.coco.COCODetection`) parses
+    its annotations into records and hands them to :meth:`_set_records`; everything after
+    that is here, once: leaving out empty and unreadable images, decoding, the
+    :class:`ResizeCrop` geometry, the ``(max_boxes, 5)`` targets without difficult (ignore)
+    objects, and the evaluation lookups :meth:`annotation` / :meth:`annotation_for_path`.
 
     Args:
-        root: Dataset folder containing ``Annotations``, ``JPEGImages`` and ``ImageSets``.
-        split: Name of the split file ``ImageSets/Main/<split>.txt``.
-        class_names: Class list; class index = position in this list. An object whose name is
-            not in the list raises a ``ValueError`` naming the class and the file.
+        root: Where the data lives (a folder, or an annotation file); kept as :attr:`root`.
+        image_dir: The folder image file names are relative to (``file_name`` in
+            :meth:`annotation`).
+        class_names: Class list; class index = position in this list (names unique).
         image_size: Target length of the short image side (and the crop size for training).
-        max_boxes: Number of rows of ``gt_boxes`` (padded with ``-1``). Images with more usable
-            objects keep the ``max_boxes`` largest, with a warning naming the file.
+        max_boxes: Rows of ``gt_boxes`` (padded with ``-1``).
         train_transform: ``True`` resizes and centre-crops to a square, ``False`` resizes only.
-            ``None`` picks ``True`` for split names starting with ``"train"``.
-        skip_empty: Leave out images without any non-difficult object. When kept (the
-            default), such images give all-padding ``gt_boxes`` and train as all background.
-        skip_corrupt: Decode every image at construction and leave out unreadable ones with a
-            warning (see "Faulty data" above). Off by default: construction then reads no
-            pixels and an unreadable image raises when its item is read.
-        how_to_get: Extra sentence for the "not found" error explaining how to obtain the data.
-
-    Attributes:
-        class_names: Tuple of class names.
-        class_to_idx: ``dict[str, int]``.
-        idx_to_class: ``dict[int, str]``.
-        records: One :class:`ImageAnnotation` per item.
-        image_ids: List of image ids in this split (after ``skip_empty`` and ``skip_corrupt``).
-        skipped_ids: Ids left out because their image could not be decoded
-            (``skip_corrupt=True``).
+        split: Name used in messages (and in :class:`~eecs598.cache.CachedDetection`'s key).
     """
 
     def __init__(
         self,
         root: str | os.PathLike,
-        split: str,
+        image_dir: str | os.PathLike,
         class_names: Sequence[str],
-        image_size: int = 224,
-        max_boxes: int = 40,
-        train_transform: bool | None = None,
-        *,
-        skip_empty: bool = False,
-        skip_corrupt: bool = False,
-        how_to_get: str = "",
+        image_size: int,
+        max_boxes: int,
+        train_transform: bool,
+        split: str,
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.image_dir = Path(image_dir)
         self.split = split
         self.class_names = tuple(class_names)
         if len(set(self.class_names)) != len(self.class_names):
@@ -392,27 +363,34 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             raise ValueError("image_size and max_boxes must be positive")
         self.image_size = int(image_size)
         self.max_boxes = int(max_boxes)
-        self.train_transform = (
-            split.startswith("train") if train_transform is None else bool(train_transform)
-        )
+        self.train_transform = bool(train_transform)
         self._warned: set[str] = set()
-        hint = f" {how_to_get}" if how_to_get else ""
-        split_file, ids = read_split_ids(self.root, split, hint)
         self.skipped_ids: list[str] = []
-        self.records = self._parse_split(ids, split_file, skip_empty, skip_corrupt)
-        self.image_ids = [record.image_id for record in self.records]
-        self._path_to_index = {r.image_path: i for i, r in enumerate(self.records)}
+        self.records: list[ImageAnnotation] = []
+        self.image_ids: list[str] = []
+        self._path_to_index: dict[str, int] = {}
 
-    def _parse_split(
-        self, ids: list[str], split_file: Path, skip_empty: bool, skip_corrupt: bool
-    ) -> list[ImageAnnotation]:
-        """One record per listed id, leaving out empty (``skip_empty``) and unreadable
-        (``skip_corrupt``) images; one error for all missing files."""
-        records: list[ImageAnnotation] = []
+    def _set_records(
+        self,
+        keys: Sequence[Any],
+        parse: Callable[[Any], ImageAnnotation],
+        skip_empty: bool,
+        skip_corrupt: bool,
+    ) -> list[str]:
+        """Parse every key into the items (:attr:`records`, in key order).
+
+        ``parse(key)`` gives one image's record; keys are also the ids named in warnings.
+        Images without a non-difficult object are left out with ``skip_empty``; with
+        ``skip_corrupt`` each image is decoded once and unreadable ones (also those whose
+        header the parser had to read) are left out with a warning naming the file and the
+        key. Missing files do not stop the loop: their messages are returned, so the reader
+        can raise one error for all of them.
+        """
+        kept: list[ImageAnnotation] = []
         missing: list[str] = []
-        for image_id in ids:
+        for key in keys:
             try:
-                record = parse_voc_annotation(self.root, image_id, self.class_names, self.split)
+                record = parse(key)
                 if skip_empty and not (~record.difficult).any():
                     continue
                 if skip_corrupt:
@@ -423,14 +401,15 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             except CorruptImageError as err:
                 if not skip_corrupt:
                     raise
-                self.skipped_ids.append(image_id)
-                warnings.warn(f"{err}; image id '{image_id}' left out (skip_corrupt=True).",
-                              stacklevel=3)  # fmt: skip
+                self.skipped_ids.append(str(key))
+                warnings.warn(f"{err}; image id '{key}' left out (skip_corrupt=True).",
+                              stacklevel=4)  # fmt: skip
                 continue
-            records.append(record)
-        if missing:
-            raise _missing_files_error(missing, len(ids), split_file)
-        return records
+            kept.append(record)
+        self.records = kept
+        self.image_ids = [record.image_id for record in kept]
+        self._path_to_index = {r.image_path: i for i, r in enumerate(kept)}
+        return missing
 
     def geometry(self, width: int, height: int) -> ResizeCrop:
         """The resize (and, for training items, centre crop) of a ``width x height`` image."""
@@ -496,20 +475,28 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
 
         Returns:
             dict with ``image_path`` (str), ``image_id`` (str), ``boxes`` ``(N, 4)`` float32,
-            ``classes`` ``(N,)`` int64 and ``difficult`` ``(N,)`` bool tensors. Objects cropped
-            away by the training transform are left out.
+            ``classes`` ``(N,)`` int64 and ``difficult`` ``(N,)`` bool tensors; and, to map
+            boxes back to the image file, its ``file_name`` (relative to :attr:`image_dir`),
+            ``width`` and ``height`` (int), ``scale`` ``(sx, sy)`` (output pixels per original
+            pixel) and ``offset`` ``(left, top)`` (the crop, in output pixels; ``(0, 0)`` for
+            evaluation items): original pixels are ``(boxes + (left, top, left, top)) /
+            (sx, sy, sx, sy)``. Objects cropped away by the training transform are left out.
         """
         record = self.records[index]
         width, height = image_file_size(record.image_path)  # header only: cheap
-        out, valid = self.geometry(width, height).apply_boxes(
-            clip_boxes(record.boxes, width, height)
-        )
+        geometry = self.geometry(width, height)
+        out, valid = geometry.apply_boxes(clip_boxes(record.boxes, width, height))
         return {
             "image_path": record.image_path,
             "image_id": record.image_id,
             "boxes": torch.from_numpy(out[valid]),
             "classes": torch.from_numpy(record.classes[valid]),
             "difficult": torch.from_numpy(record.difficult[valid]),
+            "file_name": os.path.relpath(record.image_path, self.image_dir),
+            "width": width,
+            "height": height,
+            "scale": (geometry.new_w / width, geometry.new_h / height),
+            "offset": (geometry.left, geometry.top),
         }
 
     def annotation_for_path(self, image_path: str) -> dict[str, Any]:
@@ -527,3 +514,84 @@ class VOCLayoutDetection(torch.utils.data.Dataset):
             f"images={len(self)}, classes={len(self.class_names)}, image_size={self.image_size},"
             f" {mode})"
         )
+
+
+class VOCLayoutDetection(AnnotatedImages):
+    """Detection dataset stored in PASCAL VOC layout.
+
+    Expected layout under ``root``::
+
+        Annotations/<id>.xml
+        JPEGImages/<id>.jpg        (any PIL-readable image; .jpeg/.png/.bmp also found)
+        ImageSets/Main/<split>.txt (one image id per line)
+
+    All annotations of the split are parsed once, at construction, into one
+    :class:`ImageAnnotation` per image (:attr:`records`); images are decoded in
+    :meth:`__getitem__` (converted to RGB by :func:`~eecs598.images.to_rgb`, so grayscale,
+    16-bit grayscale, CMYK, palette and PNG files work) and transformed by
+    :meth:`geometry`. The items, the geometry and the lookups are :class:`AnnotatedImages`'s,
+    shared with the COCO-format reader. The object is picklable, so it can be used with
+    DataLoader workers.
+
+    Faulty data. A split file listing ids whose annotation or image file is missing raises one
+    ``FileNotFoundError`` that counts them and names the first few paths. An image that cannot
+    be decoded (truncated or corrupt file) raises :class:`CorruptImageError` naming the file,
+    the item index and the image id when the item is read; with ``skip_corrupt=True`` every
+    image is instead decoded once at construction (JPEGs at 1/8 scale, which still reads all
+    their data) and unreadable ones are left out of :attr:`image_ids`, with a warning naming
+    each file. Skipping therefore changes ``len(dataset)`` and the indices, never what an index
+    returns, and no image is ever replaced by another one.
+
+    Args:
+        root: Dataset folder containing ``Annotations``, ``JPEGImages`` and ``ImageSets``.
+        split: Name of the split file ``ImageSets/Main/<split>.txt``.
+        class_names: Class list; class index = position in this list. An object whose name is
+            not in the list raises a ``ValueError`` naming the class and the file.
+        image_size: Target length of the short image side (and the crop size for training).
+        max_boxes: Number of rows of ``gt_boxes`` (padded with ``-1``). Images with more usable
+            objects keep the ``max_boxes`` largest, with a warning naming the file.
+        train_transform: ``True`` resizes and centre-crops to a square, ``False`` resizes only.
+            ``None`` picks ``True`` for split names starting with ``"train"``.
+        skip_empty: Leave out images without any non-difficult object. When kept (the
+            default), such images give all-padding ``gt_boxes`` and train as all background.
+        skip_corrupt: Decode every image at construction and leave out unreadable ones with a
+            warning (see "Faulty data" above). Off by default: construction then reads no
+            pixels and an unreadable image raises when its item is read.
+        how_to_get: Extra sentence for the "not found" error explaining how to obtain the data.
+
+    Attributes:
+        class_names: Tuple of class names.
+        class_to_idx: ``dict[str, int]``.
+        idx_to_class: ``dict[int, str]``.
+        records: One :class:`ImageAnnotation` per item.
+        image_ids: List of image ids in this split (after ``skip_empty`` and ``skip_corrupt``).
+        skipped_ids: Ids left out because their image could not be decoded
+            (``skip_corrupt=True``).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        class_names: Sequence[str],
+        image_size: int = 224,
+        max_boxes: int = 40,
+        train_transform: bool | None = None,
+        *,
+        skip_empty: bool = False,
+        skip_corrupt: bool = False,
+        how_to_get: str = "",
+    ) -> None:
+        train = split.startswith("train") if train_transform is None else bool(train_transform)
+        root = Path(root)
+        super().__init__(
+            root, root / "JPEGImages", class_names, image_size, max_boxes, train, split
+        )
+        hint = f" {how_to_get}" if how_to_get else ""
+        split_file, ids = read_split_ids(self.root, split, hint)
+        parse = functools.partial(
+            parse_voc_annotation, self.root, class_names=self.class_names, split=split
+        )
+        missing = self._set_records(ids, parse, skip_empty, skip_corrupt)
+        if missing:
+            raise _missing_files_error(missing, len(ids), split_file)
