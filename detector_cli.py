@@ -27,6 +27,7 @@ from torchvision.transforms.functional import to_tensor
 from common import DetectorBackboneWithFPN
 from eecs598.cache import CachedDetection
 from eecs598.checkpoint import load_checkpoint, load_model_weights
+from eecs598.coco import COCODetection
 from eecs598.files import atomic_write
 from eecs598.images import (
     IMAGE_EXTENSIONS,
@@ -207,6 +208,8 @@ def make_datasets(
         )
         val = VOC2007DetectionTiny(data_dir, "val", image_size=test_size, skip_corrupt=skip)
         return train, val, [train.idx_to_class[i] for i in range(len(train.idx_to_class))]
+    if dataset.lower().endswith(".json"):
+        return _coco_datasets(args, dataset, size, test_size, classes)
     if dataset == "shapes":
         root = Path(data_dir) / "shapes"
         make_shapes_dataset(
@@ -220,6 +223,25 @@ def make_datasets(
     train = VOCLayoutDetection(root, args.train_split, classes, image_size=size, skip_corrupt=skip)
     val = VOCLayoutDetection(root, args.val_split, classes, image_size=test_size, skip_corrupt=skip)
     return train, val, list(classes)
+
+
+def _coco_datasets(
+    args: argparse.Namespace, dataset: str, size: int, test_size: int,
+    classes: Sequence[str] | None,
+) -> tuple[Any, Any, list[str]]:  # fmt: skip
+    """Train and val ``COCODetection`` for a COCO instances JSON: train on ``dataset`` with
+    ``--images``; validate on ``--val-dataset`` with ``--val-images`` (default: its folder), or,
+    without it, on ``dataset`` too. Classes: ``classes``, ``--classes``, else the JSON's."""
+    names = classes or (args.classes.split(",") if args.classes else None)
+    skip = getattr(args, "skip_corrupt", False)
+    images = getattr(args, "images", None)
+    train = COCODetection(dataset, images, names, size, train_transform=True, skip_corrupt=skip)
+    val_dataset = getattr(args, "val_dataset", None)
+    val_images = getattr(args, "val_images", None) if val_dataset else images
+    val = COCODetection(
+        val_dataset or dataset, val_images, train.class_names, test_size, skip_corrupt=skip
+    )
+    return train, val, list(train.class_names)
 
 
 def _datasets_rank_zero_first(
@@ -348,6 +370,7 @@ def evaluate_and_report(
         "mAP": result.map,
         "ap": result.ap,
         "iou_threshold": result.iou_threshold,
+        "coco": result.coco.stats if result.coco is not None else None,
         "num_val_images": len(val),
         "eval_seconds": round(seconds, 2),
     }
@@ -486,7 +509,24 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         default="shapes",
-        help="voc2007, shapes, or a folder in PASCAL VOC layout",
+        help="voc2007, shapes, a folder in PASCAL VOC layout, or a COCO instances .json "
+        "(images in --images)",
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        help="COCO --dataset: the folder its file_name entries are relative to (when not "
+        "given: the JSON's folder)",
+    )
+    p.add_argument(
+        "--val-dataset",
+        default=None,
+        help="COCO --dataset: instances .json to validate on (when not given: --dataset)",
+    )
+    p.add_argument(
+        "--val-images",
+        default=None,
+        help="image folder of --val-dataset (when not given: that JSON's folder)",
     )
     p.add_argument(
         "--data-dir",
@@ -706,8 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
         (_add_checkpoint_arg, _add_out_arg, _add_data_args, _add_eval_args),
         {"out": "runs/evaluate", "seed": 0},  # seed: the shapes data's
         help="mAP of a checkpoint on a dataset's val split",
-        description="Writes the mAP table, ap_per_class.png, detections.png, metrics.json and "
-        "the mAP tool's ground-truth/ and detection-results/ files into --out.",
+        description="Prints the mAP table and pycocotools' COCO-style summary; writes "
+        "ap_per_class.png, detections.png, metrics.json, and under --out/mAP the mAP tool's "
+        "ground-truth/ and detection-results/ files and COCO's ground_truth.json and "
+        "detections.json.",
     )  # fmt: skip
     _add_command(
         sub, "predict", cmd_predict,
