@@ -6,12 +6,15 @@ rest are random boxes. Reports the median over several runs of:
 
 - ``compute``: ``MeanAPAccumulator.compute()`` (concatenation, sorting, IoU, matching, AP);
 - ``add``: feeding all images one by one through ``image_detections`` and
-  ``MeanAPAccumulator.add`` (for reference).
+  ``MeanAPAccumulator.add`` (for reference);
+- ``coco``: what COCO-style evaluation adds, ``MeanAPAccumulator.compute_coco()``: the
+  conversion to COCO dicts (``to_coco``) and pycocotools' ``COCOeval`` (evaluate, accumulate,
+  summarize at 10 IoU thresholds and 4 area ranges), fewer runs (``--coco-repeats``; 0 skips it).
 
 Usage::
 
     python bench/bench_mean_ap.py [--images 5000] [--dets 100] [--classes 20] [--repeats 7]
-                                  [--out bench/results/mean_ap.json]
+                                  [--coco-repeats 3] [--out bench/results/mean_ap.json]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eecs598.mean_ap import MeanAPAccumulator, image_detections  # noqa: E402
+from eecs598.mean_ap import MeanAPAccumulator, coco_evaluate, image_detections  # noqa: E402
 
 
 def make_data(
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dets", type=int, default=100)
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--coco-repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join("bench", "results", "mean_ap.json"))
     args = parser.parse_args(argv)
 
@@ -93,14 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         add_times.append(t1 - t0)
         compute_times.append(t2 - t1)
     assert result is not None
+    coco_times, coco_convert_times, coco = [], [], None
+    for _ in range(args.coco_repeats):
+        t0 = time.perf_counter()
+        converted = acc.to_coco()
+        t1 = time.perf_counter()
+        coco = coco_evaluate(*converted)
+        coco_times.append(time.perf_counter() - t0)
+        coco_convert_times.append(t1 - t0)
 
     rows = [
         ("compute (median)", statistics.median(compute_times)),
         ("compute (min)", min(compute_times)),
         ("add all images (median)", statistics.median(add_times)),
     ]
+    if coco is not None:
+        rows += [
+            ("coco: to_coco (median)", statistics.median(coco_convert_times)),
+            ("coco: total (median)", statistics.median(coco_times)),
+        ]
     workload = f"{args.images} images x {args.dets} dets x {args.classes} classes"
     print(f"mean_ap benchmark: {workload}, {args.repeats} runs, mAP = {100 * result.map:.2f}%")
+    if coco is not None:
+        print(f"COCO ({args.coco_repeats} runs): AP = {coco.stats['AP']:.3f}, "
+              f"AP50 = {coco.stats['AP50']:.3f}")  # fmt: skip
     print(f"{'step':<28}{'seconds':>10}")
     for label, seconds in rows:
         print(f"{label:<28}{seconds:>10.4f}")
@@ -116,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "compute_seconds_median": statistics.median(compute_times),
         "compute_seconds_all": compute_times,
         "add_seconds_median": statistics.median(add_times),
+        "coco_seconds_median": statistics.median(coco_times) if coco_times else None,
+        "coco_seconds_all": coco_times,
+        "coco_to_coco_seconds_median": (
+            statistics.median(coco_convert_times) if coco_convert_times else None
+        ),
+        "coco_stats": coco.stats if coco is not None else None,
         "map": result.map,
         "python": platform.python_version(),
         "numpy": np.__version__,
