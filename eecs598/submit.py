@@ -17,7 +17,15 @@ REQUIRED_FILES: tuple[str, ...] = (
     "a4_helper.py",
     "two_stage_detector.ipynb",
 )
-OPTIONAL_FILES: tuple[str, ...] = ("rcnn_detector.pt",)
+#: Added when present, never required: this notebook's trained weights, and the deliverables of
+#: the course's other A4 notebook (the one-stage FCOS detector), which is handed in in the same
+#: zip.
+OPTIONAL_FILES: tuple[str, ...] = (
+    "rcnn_detector.pt",
+    "one_stage_detector.py",
+    "one_stage_detector.ipynb",
+    "fcos_detector.pt",
+)
 # The package that ``a4_helper.py`` (and the notebook) import; its ``.py`` files go in the zip.
 PACKAGE = "eecs598"
 
@@ -54,7 +62,9 @@ def make_a4_submission(
     """Zip the deliverables found in ``assignment_path`` into ``{uniquename}_{umid}_A4.zip``.
 
     The zip holds ``common.py``, ``two_stage_detector.py``, ``a4_helper.py`` and
-    ``two_stage_detector.ipynb`` (all required), ``rcnn_detector.pt`` when present, and every
+    ``two_stage_detector.ipynb`` (all required); each of ``rcnn_detector.pt``,
+    ``one_stage_detector.py``, ``one_stage_detector.ipynb`` and ``fcos_detector.pt`` (the other
+    A4 notebook's deliverables, :data:`OPTIONAL_FILES`) when present; and every
     ``.py`` file of the ``eecs598/`` package folder in ``assignment_path`` (``a4_helper`` is a
     facade over it), so that the extracted zip runs on its own. Files keep their paths relative
     to ``assignment_path``. The archive is written with :func:`eecs598.files.atomic_write`, so

@@ -50,11 +50,27 @@ __all__ = [
 
 
 class LossHistory(list):
-    """List of total losses per iteration; ``terms`` maps each loss name to its own history."""
+    """List of total losses per iteration; ``terms`` maps each loss name to its own history.
+
+    Its ``repr`` is one short line (count, last and lowest loss, term names), so a notebook cell
+    ending in ``train_detector(...)`` does not print thousands of floats; it is still a list
+    (``list(history)``, indexing and ``len`` give every value).
+    """
 
     def __init__(self, values: Iterable[float] = (), terms: Mapping[str, list] | None = None):
         super().__init__(values)
         self.terms: dict[str, list[float]] = {k: list(v) for k, v in (terms or {}).items()}
+
+    def __repr__(self) -> str:
+        count = f"{len(self)} iteration{'' if len(self) == 1 else 's'}"
+        if not self:
+            return f"LossHistory({count})"
+        lowest = min(range(len(self)), key=self.__getitem__)
+        terms = f", terms: {', '.join(self.terms)}" if self.terms else ""
+        return (
+            f"LossHistory({count}, last {self[-1]:.4f}, "
+            f"min {self[lowest]:.4f} at iteration {lowest}{terms})"
+        )
 
 
 class LRFactor:

@@ -200,6 +200,7 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
             train_transform=split == "train",
             skip_empty=True,
             skip_corrupt=skip_corrupt,
-            how_to_get="Pass download=True, or "
+            how_to_get="To fetch it (about 450 MB), pass download=True (in the notebook: set "
+            "DOWNLOAD_VOC = True in section 3.1 and run again). "
             + _manual_instructions(dataset_dir, archive_name or VOC2007_ARCHIVE),
         )

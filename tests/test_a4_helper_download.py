@@ -161,5 +161,10 @@ def test_offline_error_lists_urls_and_manual_steps(tmp_path):
 
 
 def test_missing_data_without_download_explains_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="download=True.*VOCdevkit"):
+    with pytest.raises(FileNotFoundError, match="download=True.*VOCdevkit") as info:
         VOC2007DetectionTiny(tmp_path, "train")
+    message = str(info.value)
+    # Both switches are named: the function argument and the notebook's DOWNLOAD_VOC.
+    assert "pass download=True (in the notebook: set DOWNLOAD_VOC = True" in message
+    assert "run again). To install by hand, download VOCtrainval_06-Nov-2007.tar" in message
+    assert "or To" not in message

@@ -111,6 +111,30 @@ def test_loss_falls_and_history_has_terms(shapes_root, capsys):
         torch.tensor(history.terms["loss_cls"]))  # fmt: skip
 
 
+def test_loss_history_repr_is_one_short_line():
+    from a4_helper import LossHistory
+
+    assert repr(LossHistory()) == "LossHistory(0 iterations)"
+    assert repr(LossHistory([2.5])) == (
+        "LossHistory(1 iteration, last 2.5000, min 2.5000 at iteration 0)"
+    )
+    values = [3.0 - 0.0001 * i for i in range(9000)]
+    values[8999] = 1.5  # the last one is not the lowest
+    values[4321] = 0.25
+    history = LossHistory(values, {"loss_cls": values, "loss_box": values})
+    expected = (
+        "LossHistory(9000 iterations, last 1.5000, min 0.2500 at iteration 4321, "
+        "terms: loss_cls, loss_box)"
+    )
+    assert repr(history) == expected and str(history) == expected
+    # What a notebook cell ending in train_detector(...) shows (IPython's pretty printer).
+    from IPython.lib.pretty import pretty
+
+    assert pretty(history) == expected
+    # Still the full list.
+    assert len(history) == 9000 and history[4321] == 0.25 and list(history) == values
+
+
 def test_schedule_logging_and_plot(shapes_root, capsys, tmp_path):
     loader = make_loader(shapes_root, n=4)
     model = TinyDetector(len(SHAPES_CLASSES))

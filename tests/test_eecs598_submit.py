@@ -36,11 +36,27 @@ def test_zip_contents_and_name(tmp_path):
 
 
 def test_optional_checkpoint_included(tmp_path):
-    _populate(tmp_path, REQUIRED_FILES + OPTIONAL_FILES)
+    _populate(tmp_path, (*REQUIRED_FILES, "rcnn_detector.pt"))
     path = make_a4_submission(tmp_path, "jdoe", 42)
     with zipfile.ZipFile(path) as zf:
         assert "rcnn_detector.pt" in zf.namelist()
         assert len(zf.namelist()) == 5
+
+
+def test_one_stage_deliverables_included_when_present(tmp_path):
+    one_stage = ("one_stage_detector.py", "one_stage_detector.ipynb", "fcos_detector.pt")
+    assert set(one_stage) <= set(OPTIONAL_FILES)
+    _populate(tmp_path, (*REQUIRED_FILES, *one_stage))
+    path = make_a4_submission(tmp_path, "jdoe", 42)
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == sorted((*REQUIRED_FILES, *one_stage))
+        assert zf.read("fcos_detector.pt") == b"contents of fcos_detector.pt\n"
+    # Only some of them (no FCOS weights, no R-CNN weights): the rest is still zipped.
+    os.remove(tmp_path / "fcos_detector.pt")
+    os.remove(path)
+    path = make_a4_submission(tmp_path, "jdoe", 42)
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == sorted((*REQUIRED_FILES, *one_stage[:2]))
 
 
 @pytest.mark.parametrize("missing", REQUIRED_FILES)
