@@ -641,7 +641,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=model["anchor_offset"],
         help="anchor centres within each feature cell, in strides: 0 on the cell's top-left "
         "pixel (where this backbone's receptive fields are centred), 0.5 in its middle (the "
-        "notebook's section 4.2.1)",
+        "notebook's section 3.6.1)",
     )
     p.add_argument(
         "--no-pretrained",
