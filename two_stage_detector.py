@@ -1011,6 +1011,8 @@ def _greedy_nms_keep(
     # no masking: they are never kept.
     suppresses = torch.gt(inter.div_(union), _float32_threshold(iou_threshold), out=other)
     suppresses.triu_(diagonal=1)
+    if torch.compiler.is_compiling():  # the same fixed point, as one graph (no sync)
+        return _sweep_until_fixed(suppresses, valid)
     keep = valid
     while True:
         for _ in range(sweeps):
@@ -1019,6 +1021,29 @@ def _greedy_nms_keep(
             keep = valid & (hit == 0)
         if not (keep != previous).any():
             return keep
+
+
+def _sweep_until_fixed(suppresses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``_greedy_nms_keep``'s sweeps under ``torch.compile``: a ``while_loop`` on the device
+    until nothing changes, so the whole forward compiles with ``fullgraph=True``.
+
+    Args:
+        suppresses: (R, n, n) 0/1 ``S[j, i]``; valid: (R, n) bool.
+
+    Returns:
+        (R, n) bool: kept.
+    """
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def changed(keep: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return (keep != previous).any()
+
+    def sweep(keep: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = torch.bmm(keep.to(suppresses.dtype)[:, None, :], suppresses)[:, 0]
+        return valid & (hit == 0), keep.clone()
+
+    keep, _ = while_loop(changed, sweep, (valid.clone(), ~valid))
+    return keep
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
