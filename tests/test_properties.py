@@ -12,7 +12,6 @@ any threshold, per-class NMS, and the matching rules.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torchvision
@@ -292,87 +291,3 @@ def test_matching_rules(anchors, gt, low, gap, low_quality):
     batch = torch.stack([gt_rows, torch.full_like(gt_rows, -1.0)])
     batched = rcnn_match_anchors_to_gt(anchor_boxes, batch, (low, high), low_quality)
     assert torch.equal(batched[0], matched) and (batched[1] == -1).all()
-
-
-# ---- the detector's fixed-shape NMS ------------------------------------------------------------
-
-
-def _reference_nms_topk(boxes, scores, group_index, valid, threshold, topk):
-    """``torchvision.ops.nms`` on each group's valid members (listed by increasing position),
-    then each image's survivors by decreasing score, equal scores by position, top ``topk``."""
-    index = torch.zeros(len(boxes), topk, dtype=torch.long)
-    mask = torch.zeros(len(boxes), topk, dtype=torch.bool)
-    for b in range(len(boxes)):
-        kept = []
-        for members in group_index:
-            members = members[valid[b, members]]
-            kept.append(
-                members[torchvision.ops.nms(boxes[b, members], scores[b, members], threshold)]
-            )
-        kept = torch.sort(torch.cat(kept)).values
-        kept = kept[torch.sort(scores[b, kept], descending=True, stable=True).indices][:topk]
-        index[b, : len(kept)] = kept
-        mask[b, : len(kept)] = True
-    return index, mask
-
-
-nms_box = st.one_of(
-    integer_box,  # ties of coordinates and of IoU values
-    formed_box,
-).map(lambda t: tuple(float(v) for v in t))
-
-
-@settings(max_examples=int(os.environ.get("NMS_EXAMPLES", 100)), deadline=None)
-@given(
-    data=st.data(),
-    batch=st.integers(1, 3),
-    num_groups=st.integers(1, 3),
-    group_size=st.integers(1, 12),
-    threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9, 1.0]) | st.floats(0, 1),
-    tied_scores=st.booleans(),
-    sweeps=st.integers(1, 16),
-    interleaved=st.booleans(),
-)
-def test_batched_nms_topk_equals_torchvision_nms(
-    data, batch, num_groups, group_size, threshold, tied_scores, sweeps, interleaved
-):
-    """``_batched_nms_topk`` (IoU matrices + fixed-point sweeps, no boolean indexing) keeps
-    exactly torchvision's boxes, in the documented order, for any sweep count (``sweeps=1``
-    exercises the convergence loop), contiguous or interleaved groups, and tied scores."""
-    from two_stage_detector import _batched_nms_topk
-
-    count = batch * num_groups * group_size
-    boxes = tensor(data.draw(st.lists(nms_box, min_size=count, max_size=count)))
-    boxes = boxes.view(batch, num_groups * group_size, 4)
-    if tied_scores:
-        levels = data.draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
-        scores = torch.tensor(levels, dtype=torch.float32) / 4
-    else:
-        scores = torch.rand(
-            count, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**32)))
-        )
-    scores = scores.view(batch, -1)
-    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=count, max_size=count)))
-    valid = valid.view(batch, -1)
-    positions = torch.arange(num_groups * group_size)
-    groups = positions.view(-1, num_groups).T if interleaved else positions.view(num_groups, -1)
-    topk = data.draw(st.integers(1, count + 2))
-    index, mask = _batched_nms_topk(boxes, scores, groups, valid, threshold, topk, sweeps=sweeps)
-    ref_index, ref_mask = _reference_nms_topk(boxes, scores, groups, valid, threshold, topk)
-    assert torch.equal(mask, ref_mask)
-    assert torch.equal(index, ref_index)
-
-
-def test_batched_nms_topk_threshold_compared_as_torchvision_does():
-    """IoU 1/10 is the float32 nearest 0.1, just above 0.1: torchvision's CPU kernel compares
-    in double precision and suppresses, so must we (a float32 ``iou > 0.1`` would not)."""
-    from two_stage_detector import _batched_nms_topk
-
-    boxes = torch.tensor([[[0.0, 0.0, 1.0, 10.0], [0.0, 0.0, 1.0, 1.0]]])
-    scores = torch.tensor([[0.9, 0.8]])
-    assert torch.equal(torchvision.ops.nms(boxes[0], scores[0], 0.1), torch.tensor([0]))
-    groups = torch.arange(2).view(1, 2)
-    index, mask = _batched_nms_topk(
-        boxes, scores, groups, torch.ones(1, 2, dtype=torch.bool), 0.1, 2
-    )
-    assert mask.tolist() == [[True, False]] and index[0, 0] == 0
