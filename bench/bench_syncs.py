@@ -51,7 +51,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from harness import ROOT, environment, shapes_batch, write_json
+from harness import ROOT, add_step_args, environment, shapes_batch, write_json
 from matched import build_pair, torchvision_targets
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -211,10 +211,7 @@ def cuda_sync_warnings(fn) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--fpn-channels", type=int, default=64)
+    add_step_args(parser)
     parser.add_argument(
         "--ops-by-origin", action="store_true", help="attribute every op to its frame, print ours"
     )

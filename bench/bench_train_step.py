@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 from harness import (
+    add_step_args,
     alternate,
     environment,
     peak_rss_mib,
@@ -44,11 +45,8 @@ from matched import build_pair, torchvision_targets
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_step_args(parser)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument(
         "--compile",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -92,6 +93,14 @@ def environment(device: torch.device | str) -> dict[str, object]:
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def add_step_args(parser: argparse.ArgumentParser) -> None:
+    """The options every training-step benchmark shares: device, batch, image size, FPN width."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--fpn-channels", type=int, default=64)
 
 
 def shapes_batch(
