@@ -6,6 +6,7 @@ one way, from the bottom of the package to the top:
 
 * ``eecs598`` (bottom, knows no model):
   :mod:`eecs598.files` (atomic writes) -> :mod:`eecs598.images` (decoding, normalisation) ->
+  :mod:`eecs598.augment` (box-aware augmentation, padded batches) ->
   :mod:`eecs598.voc` (VOC-layout parser, geometry, reader) -> :mod:`eecs598.voc2007`,
   :mod:`eecs598.shapes`, :mod:`eecs598.cache` (datasets built on the reader) ->
   :mod:`eecs598.checkpoint` -> :mod:`eecs598.training` (``train_detector``) and
@@ -22,6 +23,7 @@ needs the model's code, so all of them sit below it and are tested without it.
 
 from __future__ import annotations
 
+from eecs598.augment import AugmentedDetection, PadCollate, build_train_transform
 from eecs598.cache import CachedDetection as CachedDetection  # not in __all__
 from eecs598.checkpoint import config_differences, load_checkpoint, load_model_weights
 from eecs598.images import (
@@ -57,11 +59,14 @@ __all__ = [
     "VOC2007_MD5",
     "VOC2007_URLS",
     "VOC_CLASSES",
+    "AugmentedDetection",
     "LossHistory",
+    "PadCollate",
     "ShapesDetection",
     "VOC2007DetectionTiny",
     "VOCLayoutDetection",
     "CorruptImageError",
+    "build_train_transform",
     "compile_detector",
     "config_differences",
     "download_voc2007",

@@ -3,7 +3,8 @@
 This module is shared by the detectors of the assignment. It reads top-down in the order the
 notebook teaches:
 
-1. ``DetectorBackboneWithFPN``: RegNet-X-400MF trunk plus a small FPN giving p3, p4, p5.
+1. ``DetectorBackboneWithFPN``: RegNet-X-400MF trunk plus a small FPN giving p3, p4, p5
+   (optionally p2 as well).
 2. ``get_fpn_location_coords``: the image coordinates of every FPN feature location.
 3. ``nms`` and ``class_spec_nms``: greedy non-maximum suppression, written here and vectorised.
 
@@ -14,6 +15,7 @@ Boxes are ``(x1, y1, x2, y2)`` in absolute image pixels.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torchvision
@@ -24,6 +26,7 @@ from torchvision.models import feature_extraction
 __all__ = [
     "hello_common",
     "check_images",
+    "FPN_LEVELS",
     "DetectorBackboneWithFPN",
     "get_fpn_location_coords",
     "box_iou",
@@ -31,14 +34,20 @@ __all__ = [
     "class_spec_nms",
 ]
 
-# RegNet-X-400MF stages whose outputs become c3, c4, c5 (strides 8, 16, 32).
+# Every FPN level the backbone can give, finest first; level ``p<l>`` is built from ``c<l>``.
+FPN_LEVELS = ("p2", "p3", "p4", "p5")
+# The ``fpn_levels`` the backbone accepts: p3-p5 (the default, the notebook's model) or p2-p5.
+_DEFAULT_FPN_LEVELS = ("p3", "p4", "p5")
+_VALID_FPN_LEVELS = (_DEFAULT_FPN_LEVELS, FPN_LEVELS)
+# RegNet-X-400MF stages whose outputs become c2, c3, c4, c5 (strides 4, 8, 16, 32).
 _TRUNK_NODES = {
+    "trunk_output.block1": "c2",
     "trunk_output.block2": "c3",
     "trunk_output.block3": "c4",
     "trunk_output.block4": "c5",
 }
-_TRUNK_CHANNELS = {"c3": 64, "c4": 160, "c5": 400}
-_FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+_TRUNK_CHANNELS = {"c2": 32, "c3": 64, "c4": 160, "c5": 400}
+_FPN_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
 _PRETRAINED_WARNED = False
 
 
@@ -75,6 +84,30 @@ def _regnet_trunk(pretrained: bool) -> nn.Module:
     return torchvision.models.regnet_x_400mf(weights=None)
 
 
+def _trunk_name(level: str) -> str:
+    """The trunk output an FPN level is built from: ``"p3"`` -> ``"c3"``."""
+    return "c" + level[1:]
+
+
+def _validate_fpn_levels(fpn_levels: Sequence[str]) -> tuple[str, ...]:
+    """``fpn_levels`` sorted finest first; a ValueError unless it is p3-p5 or p2-p5.
+
+    Names must be lower case and unique; their order does not matter.
+    """
+    valid = ", ".join(FPN_LEVELS)
+    combos = " or ".join(repr(list(combo)) for combo in _VALID_FPN_LEVELS)
+    message = f"fpn_levels must be one of {combos} (valid levels: {valid}), got {fpn_levels!r}"
+    if isinstance(fpn_levels, str) or not isinstance(fpn_levels, Sequence):
+        raise ValueError(message)
+    names = list(fpn_levels)
+    if not all(isinstance(name, str) and name in FPN_LEVELS for name in names):
+        raise ValueError(message)
+    levels = tuple(sorted(names, key=FPN_LEVELS.index))
+    if levels not in _VALID_FPN_LEVELS:  # duplicates, gaps, missing p5, empty
+        raise ValueError(message)
+    return levels
+
+
 def check_images(images: torch.Tensor) -> None:
     """Raise a ValueError unless ``images`` is a (B, 3, H, W) floating point tensor."""
     if images.dim() != 4 or images.shape[1] != 3:
@@ -84,10 +117,11 @@ def check_images(images: torch.Tensor) -> None:
 
 
 class DetectorBackboneWithFPN(nn.Module):
-    """RegNet-X-400MF trunk with a Feature Pyramid Network on its last three stages.
+    """RegNet-X-400MF trunk with a Feature Pyramid Network on its last three or four stages.
 
-    The trunk gives ``c3, c4, c5`` (64, 160, 400 channels at strides 8, 16, 32). The FPN turns
-    them into ``p3, p4, p5`` with ``out_channels`` channels each:
+    The trunk gives ``c2, c3, c4, c5`` (32, 64, 160, 400 channels at strides 4, 8, 16, 32). The
+    FPN turns the configured ones into ``p3, p4, p5`` (the default) or ``p2, p3, p4, p5``, with
+    ``out_channels`` channels each:
 
     - a 1x1 lateral conv per level brings ``c_l`` to ``out_channels``;
     - top-down: each level adds the nearest-upsampled level above it, resized to the lateral's
@@ -95,42 +129,74 @@ class DetectorBackboneWithFPN(nn.Module):
       multiples of 32;
     - a 3x3 output conv per level smooths the merged map.
 
+    With the default levels the model (its ``state_dict`` keys included) is exactly the one
+    before ``fpn_levels`` existed: p2's convs are only created when p2 is asked for.
+
     Args:
         out_channels: channels of every FPN level.
         pretrained: load ImageNet weights for the trunk (warns and continues without them when
             they cannot be loaded). ``False`` skips the attempt.
+        fpn_levels: the levels to build, ``("p3", "p4", "p5")`` (default) or
+            ``("p2", "p3", "p4", "p5")``; lower-case names in any order. Anything else raises a
+            ValueError listing the valid levels (``FPN_LEVELS``) and combinations.
 
     Attributes:
         out_channels: as given.
-        fpn_strides: ``{"p3": 8, "p4": 16, "p5": 32}``.
+        fpn_levels: the configured levels, finest first, e.g. ``("p3", "p4", "p5")``.
+        fpn_strides: ``{level: stride}`` of the configured levels, e.g.
+            ``{"p3": 8, "p4": 16, "p5": 32}``.
     """
 
-    def __init__(self, out_channels: int, pretrained: bool = True):
+    def __init__(
+        self,
+        out_channels: int,
+        pretrained: bool = True,
+        fpn_levels: Sequence[str] = _DEFAULT_FPN_LEVELS,
+    ):
         super().__init__()
         self.out_channels = out_channels
+        self.fpn_levels = _validate_fpn_levels(fpn_levels)
+        trunk_names = {_trunk_name(level) for level in self.fpn_levels}
+        return_nodes = {node: name for node, name in _TRUNK_NODES.items() if name in trunk_names}
         self.backbone = feature_extraction.create_feature_extractor(
-            _regnet_trunk(pretrained), return_nodes=_TRUNK_NODES
+            _regnet_trunk(pretrained), return_nodes=return_nodes
         )
-        self.fpn_params = nn.ModuleDict()
-        for level in ("3", "4", "5"):
-            self.fpn_params[f"lateral_c{level}"] = nn.Conv2d(
-                _TRUNK_CHANNELS[f"c{level}"], out_channels, kernel_size=1
+        self.fpn_params = self._build_fpn(out_channels, self.fpn_levels)
+
+    @staticmethod
+    def _build_fpn(out_channels: int, fpn_levels: tuple[str, ...]) -> nn.ModuleDict:
+        """``lateral_c<l>`` (1x1) and ``output_p<l>`` (3x3) convs per level, Kaiming-initialised."""
+        fpn_params = nn.ModuleDict()
+        for level in fpn_levels:
+            fpn_params[f"lateral_{_trunk_name(level)}"] = nn.Conv2d(
+                _TRUNK_CHANNELS[_trunk_name(level)], out_channels, kernel_size=1
             )
-            self.fpn_params[f"output_p{level}"] = nn.Conv2d(
+            fpn_params[f"output_{level}"] = nn.Conv2d(
                 out_channels, out_channels, kernel_size=3, padding=1
             )
-        for conv in self.fpn_params.values():
+        for conv in fpn_params.values():
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
+        return fpn_params
 
     @property
     def fpn_strides(self) -> dict[str, int]:
-        return dict(_FPN_STRIDES)
+        """``{level: stride}`` of the configured levels, finest first."""
+        return {level: _FPN_STRIDES[level] for level in self.fpn_levels}
 
     @property
     def config(self) -> dict:
-        """Constructor settings (without ``pretrained``), as stored in checkpoints."""
-        return {"out_channels": self.out_channels}
+        """Constructor settings (without ``pretrained``), as stored in checkpoints.
+
+        ``DetectorBackboneWithFPN(**config)`` rebuilds the same architecture. With the default
+        levels this is ``{"out_channels": C}`` only, exactly what checkpoints saved before
+        ``fpn_levels`` existed store, so old and new default checkpoints stay interchangeable;
+        otherwise ``fpn_levels`` is added as a list, e.g.
+        ``{"out_channels": C, "fpn_levels": ["p2", "p3", "p4", "p5"]}``.
+        """
+        if self.fpn_levels == _DEFAULT_FPN_LEVELS:
+            return {"out_channels": self.out_channels}
+        return {"out_channels": self.out_channels, "fpn_levels": list(self.fpn_levels)}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """
@@ -138,18 +204,23 @@ class DetectorBackboneWithFPN(nn.Module):
             images: (B, 3, H, W) normalised images.
 
         Returns:
-            ``{"p3": (B, C, ceil(H/8), ceil(W/8)), "p4": (..., /16), "p5": (..., /32)}`` with
-            ``C = out_channels``.
+            ``{level: (B, C, ceil(H/s), ceil(W/s))}`` for the configured levels, finest first,
+            with ``C = out_channels`` and ``s = fpn_strides[level]``: ``"p2"``
+            (B, C, ceil(H/4), ceil(W/4)) when configured, ``"p3"`` (..., /8), ``"p4"``
+            (..., /16), ``"p5"`` (..., /32).
         """
         check_images(images)
         trunk = self.backbone(images)
         fpn = self.fpn_params
-        lateral = {lvl: fpn[f"lateral_c{lvl}"](trunk[f"c{lvl}"]) for lvl in ("3", "4", "5")}
-        merged = {"5": lateral["5"]}
-        for lvl, above in (("4", "5"), ("3", "4")):
-            upsampled = F.interpolate(merged[above], size=lateral[lvl].shape[-2:], mode="nearest")
-            merged[lvl] = lateral[lvl] + upsampled
-        return {f"p{lvl}": fpn[f"output_p{lvl}"](merged[lvl]) for lvl in ("3", "4", "5")}
+        merged: dict[str, torch.Tensor] = {}
+        above = None
+        for level in reversed(self.fpn_levels):  # coarsest (p5) first
+            name = _trunk_name(level)
+            lateral = fpn[f"lateral_{name}"](trunk[name])
+            if above is not None:
+                lateral = lateral + F.interpolate(above, size=lateral.shape[-2:], mode="nearest")
+            merged[level] = above = lateral
+        return {level: fpn[f"output_{level}"](merged[level]) for level in self.fpn_levels}
 
 
 def get_fpn_location_coords(

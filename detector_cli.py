@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,16 @@ from typing import Any
 import torch
 from torchvision.transforms.functional import to_tensor
 
-from common import DetectorBackboneWithFPN
+from common import FPN_LEVELS, DetectorBackboneWithFPN
+from eecs598.anchor_fit import AnchorFit, fit_anchors, training_box_sizes
+from eecs598.augment import (
+    AspectRatioBatchSampler,
+    AugmentedDetection,
+    PadCollate,
+    aspect_ratios_of,
+    build_train_transform,
+    multiscale_sizes,
+)
 from eecs598.cache import CachedDetection
 from eecs598.checkpoint import load_checkpoint, load_model_weights
 from eecs598.coco import COCODetection
@@ -55,6 +65,32 @@ NOTEBOOK_MODEL = {
     "roi_batch_size": 32,
     "anchor_scale": 8,
     "anchor_offset": 0.0,
+}
+# `train` on voc2007 (the notebook's data): the notebook's choices, square crops, flips.
+NOTEBOOK_TRAINING = {
+    **NOTEBOOK_MODEL,
+    "image_size": 224,
+    "batch_mode": "crop",
+    "multiscale": False,
+    "lr": 0.01,
+    "warmup_iters": 100,
+    "grad_clip": None,
+}
+# `train` on data nobody tuned for (a VOC-layout folder, a COCO JSON, the shapes data): no crop,
+# padded batches, flips and multi-scale, anchors fitted to the boxes, box regression, and
+# settings that train from random init without diverging (warmup, clipping). Flags win.
+DATA_TRAINING = {
+    **NOTEBOOK_MODEL,
+    "image_size": "auto",
+    "batch_mode": "pad",
+    "multiscale": True,
+    "anchor_scale": ["auto"],
+    "box_regression": True,
+    "rpn_batch_size": 256,
+    "roi_batch_size": 128,
+    "lr": 0.02,
+    "warmup_iters": 200,
+    "grad_clip": 10.0,
 }
 # The demo's smaller, faster run: `demo` is `train` with these defaults (keys are flag dests).
 DEMO = {
@@ -91,6 +127,10 @@ def build_detector(
     roi_batch_size: int = NOTEBOOK_MODEL["roi_batch_size"],
     anchor_scale: float | Sequence[float] = NOTEBOOK_MODEL["anchor_scale"],
     anchor_offset: float = NOTEBOOK_MODEL["anchor_offset"],
+    *,
+    anchor_sizes: dict[str, Sequence[float]] | None = None,
+    anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    fpn_levels: Sequence[str] = ("p3", "p4", "p5"),
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
@@ -98,9 +138,13 @@ def build_detector(
     losses (the notebook's 16 and 32; torchvision uses 256 and 512). ``anchor_scale`` is the
     anchor side in strides: the notebook's 8 gives 64-256 px anchors on p3-p5; 4 (RetinaNet's
     base size) gives 32-128 px, for small images and objects. ``anchor_offset`` is
-    ``RPN``'s (0: anchors centred on each feature cell's top-left pixel).
+    ``RPN``'s (0: anchors centred on each feature cell's top-left pixel). ``anchor_sizes``
+    (pixels per level, e.g. an ``eecs598.anchor_fit`` fit) replaces ``anchor_scale``;
+    ``fpn_levels`` adds the stride-4 ``p2`` level when it starts at ``"p2"``.
     """
-    backbone = DetectorBackboneWithFPN(out_channels=fpn_channels, pretrained=pretrained)
+    backbone = DetectorBackboneWithFPN(
+        out_channels=fpn_channels, pretrained=pretrained, fpn_levels=fpn_levels
+    )
     rpn = RPN(
         fpn_channels=fpn_channels,
         stem_channels=[fpn_channels, fpn_channels],
@@ -109,6 +153,8 @@ def build_detector(
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
         anchor_offset=anchor_offset,
+        anchor_sizes=anchor_sizes,
+        anchor_aspect_ratios=anchor_aspect_ratios,
     )
     return FasterRCNN(
         backbone, rpn, num_classes=num_classes, roi_size=(7, 7),
@@ -143,18 +189,25 @@ def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[FasterR
     return model.to(device).eval(), checkpoint
 
 
-def _training_model(args: argparse.Namespace, classes: list[str]) -> FasterRCNN:
-    """``build_detector`` with the model flags, its ``meta`` naming the classes and sizes."""
+def _training_model(
+    args: argparse.Namespace, classes: list[str], fit: AnchorFit | None = None
+) -> FasterRCNN:
+    """``build_detector`` with the model flags (and the anchors ``fit`` chose for
+    ``--anchor-scale auto``), its ``meta`` naming the classes, sizes and transforms."""
+    anchors = {"anchor_scale": 8.0} if fit else {"anchor_scale": args.anchor_scale}
+    if fit:
+        anchors.update(anchor_sizes=fit.sizes, anchor_aspect_ratios=fit.aspect_ratios)
     model = build_detector(
         len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
-        anchor_scale=args.anchor_scale, anchor_offset=args.anchor_offset,
+        anchor_offset=args.anchor_offset, fpn_levels=args.fpn_levels, **anchors,
     )  # fmt: skip
     model.meta = {
         "class_names": classes,
         "image_size": args.image_size,
         "test_image_size": args.test_image_size or args.image_size,
+        "training": {key: getattr(args, key) for key in _SETUP_KEYS},
     }
     return model
 
@@ -189,27 +242,32 @@ def discover_classes(root: Path) -> list[str]:
 def make_datasets(
     args: argparse.Namespace, *, dataset: str | None = None, data_dir: str | None = None,
     image_size: int | None = None, test_image_size: int | None = None,
-    classes: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None, train_image_size: int | None = None,
+    train_transform: bool | None = None,
 ) -> tuple[Any, Any, list[str]]:  # fmt: skip
     """Train and val datasets plus class names for the data flags in ``args``.
 
     A keyword that is given replaces its flag: the demo's dataset and data folder, or a
     checkpoint's sizes and classes (a VOC-layout folder's; voc2007 and shapes have their own).
-    ``--data-dir`` defaults to ``data``.
+    ``--data-dir`` defaults to ``data``. ``train_image_size`` is the training reader's short
+    side when it differs from ``image_size`` (the largest multi-scale size: batches are only
+    ever scaled down), ``train_transform`` its centre crop (default: the reader's).
     """
     dataset = dataset or args.dataset
     data_dir = data_dir or args.data_dir or "data"
-    size = image_size or args.image_size
+    size = image_size or getattr(args, "image_size", None) or 224
     test_size = test_image_size or getattr(args, "test_image_size", None) or size
+    train_size = train_image_size or size
     skip = getattr(args, "skip_corrupt", False)
     if dataset == "voc2007":
         train = VOC2007DetectionTiny(
-            data_dir, "train", args.download, image_size=size, skip_corrupt=skip
-        )
+            data_dir, "train", args.download, image_size=train_size, skip_corrupt=skip,
+            **({} if train_transform is None else {"train_transform": train_transform}),
+        )  # fmt: skip
         val = VOC2007DetectionTiny(data_dir, "val", image_size=test_size, skip_corrupt=skip)
         return train, val, [train.idx_to_class[i] for i in range(len(train.idx_to_class))]
     if dataset.lower().endswith(".json"):
-        return _coco_datasets(args, dataset, size, test_size, classes)
+        return _coco_datasets(args, dataset, train_size, test_size, classes, train_transform)
     if dataset == "shapes":
         root = Path(data_dir) / "shapes"
         make_shapes_dataset(
@@ -220,14 +278,17 @@ def make_datasets(
         root = Path(dataset)
         if not classes:
             classes = args.classes.split(",") if args.classes else discover_classes(root)
-    train = VOCLayoutDetection(root, args.train_split, classes, image_size=size, skip_corrupt=skip)
+    train = VOCLayoutDetection(
+        root, args.train_split, classes, image_size=train_size, skip_corrupt=skip,
+        train_transform=train_transform,
+    )  # fmt: skip
     val = VOCLayoutDetection(root, args.val_split, classes, image_size=test_size, skip_corrupt=skip)
     return train, val, list(classes)
 
 
 def _coco_datasets(
     args: argparse.Namespace, dataset: str, size: int, test_size: int,
-    classes: Sequence[str] | None,
+    classes: Sequence[str] | None, train_transform: bool | None = None,
 ) -> tuple[Any, Any, list[str]]:  # fmt: skip
     """Train and val ``COCODetection`` for a COCO instances JSON: train on ``dataset`` with
     ``--images``; validate on ``--val-dataset`` with ``--val-images`` (default: its folder), or,
@@ -235,7 +296,8 @@ def _coco_datasets(
     names = classes or (args.classes.split(",") if args.classes else None)
     skip = getattr(args, "skip_corrupt", False)
     images = getattr(args, "images", None)
-    train = COCODetection(dataset, images, names, size, train_transform=True, skip_corrupt=skip)
+    crop = True if train_transform is None else train_transform
+    train = COCODetection(dataset, images, names, size, train_transform=crop, skip_corrupt=skip)
     val_dataset = getattr(args, "val_dataset", None)
     val_images = getattr(args, "val_images", None) if val_dataset else images
     val = COCODetection(
@@ -245,36 +307,183 @@ def _coco_datasets(
 
 
 def _datasets_rank_zero_first(
-    args: argparse.Namespace, world: int, rank: int, dataset: str | None, data_dir: str | None
+    args: argparse.Namespace, world: int, rank: int, **options: Any
 ) -> tuple[Any, Any, list[str]]:
-    """``make_datasets`` on every process, rank 0 first: it generates or downloads the data
-    once, while the other processes wait and then read it."""
+    """``make_datasets(args, **options)`` on every process, rank 0 first: it generates or
+    downloads the data once, while the other processes wait and then read it."""
     if rank == 0:
-        datasets = make_datasets(args, dataset=dataset, data_dir=data_dir)
+        datasets = make_datasets(args, **options)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        datasets = make_datasets(args, dataset=dataset, data_dir=data_dir)
+        datasets = make_datasets(args, **options)
     return datasets
 
 
-def _loader(
-    dataset: Any, batch_size: int, workers: int, shuffle: bool, seed: int, world: int = 1,
-    rank: int = 0,
-):  # fmt: skip
-    """Batches of ``dataset``. Training (``shuffle``) always draws the order from a
-    ``DistributedSampler`` (seeded, reshuffled per epoch), so one process and N processes of
-    ``batch_size / N`` see the same global batches."""
-    sampler = None
-    if shuffle:
-        sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
+def _eval_loader(dataset: Any, workers: int) -> torch.utils.data.DataLoader:
+    """Evaluation batches: one image each, in order (training: ``_train_loader``)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), drop_last=shuffle,
-        persistent_workers=workers > 0,
+        dataset, batch_size=1, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
+
+
+# ---------------------------------------------------------------------------------- training setup
+
+# What `train` records in the checkpoint's meta about how it fed the model.
+_SETUP_KEYS = ("batch_mode", "multiscale", "flip", "photometric", "iou_crop", "fpn_levels")
+# Candidate short sides of `--image-size auto`, smallest first.
+_AUTO_IMAGE_SIZES = (224, 256, 288, 320)
+# `--image-size auto` wants every class's median box at least this many pixels on its short
+# side: two cells of the finest default level (stride 8) plus a margin.
+_AUTO_MIN_BOX_SIDE = 20
+
+
+def choose_training_defaults(args: argparse.Namespace, dataset: str) -> list[str]:
+    """Fill in the settings not given on the command line (``argparse.SUPPRESS`` leaves them
+    out of ``args``): the notebook's for ``voc2007`` (``NOTEBOOK_TRAINING``), otherwise those
+    for data nobody tuned for (``DATA_TRAINING``). Returns the names of those filled in."""
+    profile = NOTEBOOK_TRAINING if dataset == "voc2007" else DATA_TRAINING
+    filled = [key for key in profile if not hasattr(args, key)]
+    for key in filled:
+        setattr(args, key, profile[key])
+    return filled
+
+
+def choose_image_size(records: Sequence[Any], class_names: Sequence[str]) -> int:
+    """``--image-size auto``: the smallest of ``_AUTO_IMAGE_SIZES`` at which every class's
+    median box has a short side of at least ``_AUTO_MIN_BOX_SIDE`` px after the resize, and
+    never more than the images' median short side (no upsampling). Images without boxes, and
+    classes without boxes, do not vote; no boxes at all gives the smallest size."""
+    import numpy as np
+
+    sides, classes, image_sides = [], [], []
+    for record in records:
+        scale = 1.0 / min(record.width, record.height)  # box side per pixel of short side
+        wh = record.boxes[:, 2:] - record.boxes[:, :2]
+        sides.append(wh.min(axis=1) * scale)
+        classes.append(record.classes)
+        image_sides.append(min(record.width, record.height))
+    if not records or not sum(len(s) for s in sides):
+        return _AUTO_IMAGE_SIZES[0]
+    sides, classes = np.concatenate(sides), np.concatenate(classes)
+    medians = [
+        np.median(sides[classes == c]) for c in range(len(class_names)) if (classes == c).any()
+    ]
+    needed = _AUTO_MIN_BOX_SIDE / min(medians)  # short side that makes the smallest median fit
+    cap = max(_AUTO_IMAGE_SIZES[0], int(np.median(image_sides)))
+    fitting = [size for size in _AUTO_IMAGE_SIZES if size >= needed and size <= cap]
+    return fitting[0] if fitting else min(cap, _AUTO_IMAGE_SIZES[-1])
+
+
+def fit_training_anchors(
+    args: argparse.Namespace, train: Any, classes: Sequence[str], fpn_strides: dict[str, int],
+    report: bool = True,
+) -> AnchorFit | None:  # fmt: skip
+    """``--anchor-scale auto``: anchors fitted to the training boxes at ``--image-size``
+    (``eecs598.anchor_fit``); None when numbers were given. Prints the fit report."""
+    if not _auto_anchors(args.anchor_scale):
+        return None
+    box_wh, box_classes = training_box_sizes(
+        train.records, args.image_size, crop=args.batch_mode == "crop"
+    )
+    fit = fit_anchors(box_wh, fpn_strides, classes=box_classes, class_names=classes)
+    if report:
+        print(fit.report())
+    return fit
+
+
+def _values(scale: Any) -> list:
+    """``--anchor-scale`` as a list (a number set by ``DEMO`` or a list from the parser)."""
+    return list(scale) if isinstance(scale, (list, tuple)) else [scale]
+
+
+def _auto_anchors(scale: Any) -> bool:
+    """Whether ``--anchor-scale`` asks for fitted anchors; 'auto' among numbers is an error."""
+    values = [str(v) for v in _values(scale)]
+    if "auto" in values and values != ["auto"]:
+        raise ValueError(f"--anchor-scale is 'auto' or numbers, got {' '.join(values)}")
+    return values == ["auto"]
+
+
+def warn_classes_without_boxes(train: Any, classes: Sequence[str]) -> None:
+    """Warn, naming them, about classes that no training box has: they cannot be learned."""
+    seen = set()
+    for record in getattr(train, "records", []):
+        seen.update(record.classes[~record.difficult].tolist())
+    missing = [name for i, name in enumerate(classes) if i not in seen]
+    if missing and getattr(train, "records", None) is not None:
+        warnings.warn(
+            f"No training boxes for class(es) {', '.join(missing)}: the detector cannot learn "
+            "them (their AP will be 0).",
+            stacklevel=2,
+        )
+
+
+def _train_loader(
+    args: argparse.Namespace, train: Any, scales: Sequence[int] | None, world: int, rank: int
+) -> torch.utils.data.DataLoader:
+    """The training batches: ``AugmentedDetection`` items (flip, photometric, IoU crop),
+    drawn by a ``DistributedSampler`` (seeded, reshuffled per epoch; one process and N
+    processes of ``batch_size / N`` see the same global batches), in batches of similar aspect
+    ratio with one short side per batch from ``scales``, padded by ``PadCollate``."""
+    transform = build_train_transform(args.flip, args.photometric, args.iou_crop)
+    items = AugmentedDetection(train, transform)
+    sampler = torch.utils.data.DistributedSampler(
+        items, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    ratios = aspect_ratios_of(train) if args.batch_mode == "pad" else [1.0] * len(items)
+    batches = AspectRatioBatchSampler(
+        sampler, ratios, args.batch_size // world, scales=scales, seed=args.seed
+    )
+    return torch.utils.data.DataLoader(
+        items, batch_sampler=batches, collate_fn=PadCollate(size_divisible=32),
+        num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.workers > 0,
     )  # fmt: skip
+
+
+def describe_setup(
+    args: argparse.Namespace, scales: Sequence[int] | None, filled: Sequence[str]
+) -> str:
+    """What ``train`` chose, in a few lines: sizes, batches, transforms, anchors, schedule.
+    Settings taken from the defaults for this data are marked with ``*``."""
+
+    def mark(key: str) -> str:
+        return "*" if key in filled else ""
+
+    transforms = [name for name, on in (("horizontal flip", args.flip),
+                  ("photometric distortion", args.photometric), ("IoU crop", args.iou_crop))
+                  if on] or ["none"]  # fmt: skip
+    if args.batch_mode == "pad":
+        batching = "whole images, padded to a multiple of 32, grouped by aspect ratio"
+    else:
+        batching = "centre-cropped squares"
+    anchors = (
+        "fitted to the training boxes (report above)"
+        if _auto_anchors(args.anchor_scale)
+        else f"{' '.join(f'{v:g}' for v in _values(args.anchor_scale))} x stride"
+    )
+    lines = [
+        "Training setup (* = default for this data; flags override):",
+        f"  image size{mark('image_size')}: short side {args.image_size}"
+        + (
+            f", multi-scale{mark('multiscale')} {'/'.join(map(str, scales))} per batch"
+            if scales
+            else f", multi-scale{mark('multiscale')} off"
+        )  # fmt: skip
+        + f"; evaluation at {args.test_image_size or args.image_size}",
+        f"  batches{mark('batch_mode')}: {batching}",
+        f"  transforms: {', '.join(transforms)}",
+        f"  anchors{mark('anchor_scale')}: {anchors}; FPN levels {'-'.join(args.fpn_levels)}",
+        f"  model: FPN {args.fpn_channels} channels, box regression"
+        f"{mark('box_regression')} {'on' if args.box_regression else 'off'}, RPN / RoI "
+        f"samples{mark('rpn_batch_size')} {args.rpn_batch_size} / {args.roi_batch_size} per image",
+        f"  schedule: lr{mark('lr')} {args.lr:g}, warm-up{mark('warmup_iters')} "
+        f"{args.warmup_iters} it, gradient clip{mark('grad_clip')} "
+        f"{args.grad_clip if args.grad_clip else 'off'}, {args.max_iters} iterations, "
+        f"batch {args.batch_size}",
+    ]
+    return "\n".join(lines)
 
 
 def init_distributed(device: str, batch_size: int) -> tuple[int, int, str]:
@@ -358,7 +567,7 @@ def evaluate_and_report(
     idx_to_class = dict(enumerate(classes))
     start = time.time()
     result = inference_with_detector(
-        model, _loader(val, 1, args.workers, False, 0), idx_to_class,
+        model, _eval_loader(val, args.workers), idx_to_class,
         score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
         output_dir=str(out / "mAP"), device=device, progress=False,
     )  # fmt: skip
@@ -401,7 +610,8 @@ def cmd_train(
 ) -> dict | None:
     """Train, then (on rank 0) evaluate and write the report. Runs under ``torchrun`` too:
     ``--batch-size`` is the global batch, split evenly over the processes. ``dataset`` and
-    ``data_dir`` replace --dataset and --data-dir (``make_datasets``)."""
+    ``data_dir`` replace --dataset and --data-dir (``make_datasets``). Settings not given are
+    chosen for the data (``choose_training_defaults``) and printed before training."""
     world, rank, device = init_distributed(args.device, args.batch_size)
     out = _output_dir(args.out)
     checkpoint = out / "checkpoint.pt"
@@ -409,10 +619,16 @@ def cmd_train(
         os.replace(checkpoint, out / "checkpoint.prev.pt")
         print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
     reset_seed(args.seed)
-    train, val, classes = _datasets_rank_zero_first(args, world, rank, dataset, data_dir)
+    filled = choose_training_defaults(args, dataset or args.dataset)
+    train, val, classes, scales = _training_datasets(args, world, rank, dataset, data_dir)
     if rank == 0:
         print(f"Dataset: {len(train)} train / {len(val)} val images, classes: {', '.join(classes)}")
-    model = _training_model(args, classes)
+        warn_classes_without_boxes(train, classes)
+    strides = {level: 2 ** int(level[1:]) for level in args.fpn_levels}
+    fit = fit_training_anchors(args, train, classes, strides, report=rank == 0)
+    if rank == 0:
+        print(describe_setup(args, scales, filled))
+    model = _training_model(args, classes, fit)
     if args.cache != "off":
         cache_dir = Path(args.cache_dir or out / "cache") if args.cache == "disk" else None
         train = CachedDetection(train, cache_dir, progress=args.progress, normalize=False)
@@ -420,9 +636,7 @@ def cmd_train(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
         compile_detector(model)
-    loader = _loader(
-        train, args.batch_size // world, args.workers, True, args.seed, world=world, rank=rank
-    )
+    loader = _train_loader(args, train, scales, world, rank)
     start = time.time()
     history = train_detector(
         model, loader, learning_rate=args.lr, weight_decay=args.weight_decay,
@@ -445,6 +659,29 @@ def cmd_train(
     write_json(out / "metrics.json", metrics)
     print(f"Outputs in {out}/: checkpoint.pt, loss.png, ap_per_class.png, detections.png, ...")
     return metrics
+
+
+def _training_datasets(
+    args: argparse.Namespace, world: int, rank: int, dataset: str | None, data_dir: str | None
+) -> tuple[Any, Any, list[str], tuple[int, ...] | None]:
+    """Train and val datasets, class names and multi-scale sizes, after settling
+    ``--image-size auto`` from the training boxes (``choose_image_size``; 224 for the
+    generated shapes, whose images are made at that size). The training reader reads at the
+    largest multi-scale size, uncropped in ``pad`` mode."""
+    data = {"dataset": dataset, "data_dir": data_dir}
+    name = dataset or args.dataset
+    if args.image_size == "auto" and name in ("shapes", "voc2007"):
+        args.image_size = 224
+    elif args.image_size == "auto":
+        probe, _, names = _datasets_rank_zero_first(args, world, rank, image_size=224, **data)
+        args.image_size = choose_image_size(probe.records, names)
+    scales = multiscale_sizes(args.image_size) if args.multiscale else None
+    train, val, classes = _datasets_rank_zero_first(
+        args, world, rank, image_size=args.image_size,
+        train_image_size=max(scales) if scales else None,
+        train_transform=args.batch_mode == "crop", **data,
+    )  # fmt: skip
+    return train, val, classes, scales
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
@@ -548,7 +785,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--train-split", default="train", help="ImageSets/Main list to train on")
     p.add_argument("--val-split", default="val", help="ImageSets/Main list to evaluate on")
-    p.add_argument("--image-size", type=int, default=224, help="short image side")
+    p.add_argument(
+        "--image-size",
+        type=_image_size_value,
+        default=argparse.SUPPRESS,
+        help="short image side, or 'auto' (VOC-layout folders and COCO files): the smallest of "
+        f"{'/'.join(map(str, _AUTO_IMAGE_SIZES))} at which every class's median box is at "
+        f"least {_AUTO_MIN_BOX_SIDE} px on its short side. Default: auto for such data, 224 "
+        "for voc2007 and shapes",
+    )
     p.add_argument("--num-train", type=int, default=DEMO["num_train"], help="shapes: images")
     p.add_argument("--num-val", type=int, default=DEMO["num_val"], help="shapes: images")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -591,13 +836,19 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iters", type=int, default=9000, help="SGD iterations")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per iteration (over all processes under torchrun)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=0.01,
-                   help="learning rate; x0.1 at 60%% and 90%% of --max-iters")  # fmt: skip
+    data, notebook = DATA_TRAINING, NOTEBOOK_TRAINING
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help="learning rate; x0.1 at 60%% and 90%% of --max-iters. Default: "
+                   f"{notebook['lr']} for voc2007, else {data['lr']}")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--warmup-iters", type=int, default=100,
-                   help="linear learning-rate warm-up from 0.1%% of --lr")  # fmt: skip
-    p.add_argument("--grad-clip", type=float, default=None,
-                   help="clip the gradient norm at this value (none when not given)")  # fmt: skip
+    p.add_argument("--warmup-iters", type=int, default=argparse.SUPPRESS,
+                   help="linear learning-rate warm-up from 0.1%% of --lr. Default: "
+                   f"{notebook['warmup_iters']} for voc2007, "
+                   f"else {data['warmup_iters']}")  # fmt: skip
+    p.add_argument("--grad-clip", type=_optional_float, default=argparse.SUPPRESS,
+                   help="clip the gradient norm at this value ('none': no clipping). Default: "
+                   f"none for voc2007, else {data['grad_clip']} (keeps random-init training "
+                   "from diverging)")  # fmt: skip
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -609,31 +860,45 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="RPN: best anchors per level and image that go into NMS")  # fmt: skip
     p.add_argument("--post-nms-topk", type=int, default=model["post_nms_topk"],
                    help="RPN: proposals kept per image after NMS")  # fmt: skip
+    data = DATA_TRAINING
     p.add_argument(
         "--box-regression",
         action=argparse.BooleanOptionalAction,
-        default=model["box_regression"],
-        help="second-stage class-specific box regression",
+        default=argparse.SUPPRESS,
+        help="second-stage class-specific box regression. Default: off for voc2007 (the "
+        "notebook's model), else on",
     )
     p.add_argument(
         "--rpn-batch-size",
         type=int,
-        default=model["rpn_batch_size"],
-        help="anchors sampled per image for the RPN losses",
+        default=argparse.SUPPRESS,
+        help="anchors sampled per image for the RPN losses. Default: "
+        f"{model['rpn_batch_size']} for voc2007, else {data['rpn_batch_size']}",
     )
     p.add_argument(
         "--roi-batch-size",
         type=int,
-        default=model["roi_batch_size"],
-        help="RoIs sampled per image for the second-stage losses",
+        default=argparse.SUPPRESS,
+        help="RoIs sampled per image for the second-stage losses. Default: "
+        f"{model['roi_batch_size']} for voc2007, else {data['roi_batch_size']}",
     )
     p.add_argument(
         "--anchor-scale",
-        type=float,
+        type=_anchor_scale_value,
         nargs="+",
-        default=model["anchor_scale"],
-        help="anchor side(s) in units of the FPN level's stride (8: 64-256 px on p3-p5); "
-        "several values give several anchor sizes per level",
+        default=argparse.SUPPRESS,
+        help="anchor side(s) in units of the FPN level's stride (8: 64-256 px on p3-p5; "
+        "several values give several sizes per level), or 'auto': sizes per level and aspect "
+        "ratios fitted to the training boxes (eecs598.anchor_fit; the fit report is printed). "
+        f"Default: {model['anchor_scale']} for voc2007, else auto",
+    )
+    p.add_argument(
+        "--fpn-levels",
+        nargs="+",
+        type=_fpn_level,
+        default=["p3", "p4", "p5"],
+        help="FPN levels: p3 p4 p5 (the notebook's), or p2 p3 p4 p5 to add the stride-4 "
+        "level for small objects (costlier)",
     )
     p.add_argument(
         "--anchor-offset",
@@ -648,6 +913,72 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip loading ImageNet weights for the backbone",
     )
+
+
+def _add_augment_args(p: argparse.ArgumentParser) -> None:
+    """How training images become batches (``eecs598.augment``)."""
+    p.add_argument(
+        "--batch-mode",
+        choices=("pad", "crop"),
+        default=argparse.SUPPRESS,
+        help="pad: whole images (short side --image-size), padded to a multiple of 32 and "
+        "grouped by aspect ratio; crop: centre-cropped squares (the notebook's). Default: crop "
+        "for voc2007, else pad",
+    )
+    p.add_argument(
+        "--multiscale",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="one random short side per batch from about 0.75-1.25 x --image-size "
+        "(eecs598.augment.multiscale_sizes). Default: off for voc2007, else on",
+    )
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random horizontal flips",
+    )
+    p.add_argument(
+        "--photometric", action="store_true", help="random brightness/contrast/saturation/hue"
+    )
+    p.add_argument("--iou-crop", action="store_true", help="SSD-style random IoU crops")
+
+
+def _image_size_value(text: str) -> int | str:
+    """``--image-size``: a positive int or ``auto``."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"--image-size must be at least 32 or 'auto', got {text}")
+    return value
+
+
+def _anchor_scale_value(text: str) -> float | str:
+    """``--anchor-scale``: a positive number or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"anchor scales must be positive, got {text}")
+    return value
+
+
+def _optional_float(text: str) -> float | None:
+    """A number, or ``none`` for None."""
+    return None if text.lower() == "none" else float(text)
+
+
+def _fpn_level(text: str) -> str:
+    """One of ``common.FPN_LEVELS``; the error lists them."""
+    if text not in FPN_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid FPN level {text!r}: valid levels are {', '.join(FPN_LEVELS)}"
+        )
+    return text
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -692,7 +1023,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 # The options of `train` and `demo`, in --help order.
 TRAINING_ARGS = (_add_data_args, _add_out_arg, _add_schedule_args, _add_model_args,
-                 _add_run_args, _add_eval_args)  # fmt: skip
+                 _add_augment_args, _add_run_args, _add_eval_args)  # fmt: skip
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -700,7 +1031,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         switch = (argparse._StoreTrueAction, argparse._StoreFalseAction)
-        if action.default is None or isinstance(action, switch):
+        chosen = action.default is argparse.SUPPRESS  # the help says how it is chosen
+        if action.default is None or chosen or isinstance(action, switch):
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -20,7 +20,7 @@ classes. Boxes are ``(x1, y1, x2, y2)`` in absolute pixels of the (resized) inpu
 come as ``(B, M, 5)`` rows ``(x1, y1, x2, y2, class)`` padded with rows of ``-1``. Matched GT
 rows use ``-1`` for background and ``-1e8`` for neutral (ignored) anchors.
 
-Everything is vectorised over the batch: the only Python loops run over the three FPN levels.
+Everything is vectorised over the batch: the only Python loops run over the FPN levels.
 """
 
 from __future__ import annotations
@@ -604,6 +604,23 @@ def _check_gt_values(gt_boxes: torch.Tensor, num_classes: int) -> None:
     )
 
 
+def _check_image_sizes(image_sizes: torch.Tensor, images: torch.Tensor) -> None:
+    """Raise a ValueError unless ``image_sizes`` is (B, 2) for the (B, 3, H, W) ``images``.
+
+    The values are not compared with the canvas here: that would be a host-device sync per
+    step; ``eecs598.augment.PadCollate`` makes them on the host, within the canvas.
+    """
+    if image_sizes.shape != (len(images), 2) or image_sizes.is_floating_point():
+        raise ValueError(
+            f"image_sizes must be a (B={len(images)}, 2) integer tensor of (height, width), got "
+            f"{tuple(image_sizes.shape)} {image_sizes.dtype}"
+        )
+    if image_sizes.device != images.device:
+        raise ValueError(
+            f"image_sizes are on device {image_sizes.device} but images are on {images.device}"
+        )
+
+
 def _warn_few_batchnorm_values(images: torch.Tensor, stride: int) -> bool:
     """Warn when a (B, 3, H, W) training batch leaves fewer than 8 values per channel at the
     backbone's coarsest level (``stride``); return whether it warned.
@@ -654,6 +671,9 @@ class RPN(nn.Module):
         allow_low_quality_matches: each GT's best anchors are foreground (the Faster R-CNN
             paper, torchvision and detectron2 do this); False gives the bare threshold rule.
         min_proposal_size: proposals narrower or shorter than this (pixels) are dropped.
+        anchor_sizes: anchor sides in pixels per level, ``{level: [S_1, ...]}`` with the same
+            count on every level; replaces ``anchor_stride_scale`` when given (what
+            ``--anchor-scale auto`` fits to the training boxes, ``eecs598.anchor_fit``).
         anchor_offset: where the anchors of a feature location are centred within its
             ``stride x stride`` cell, in strides (``get_fpn_location_coords``' ``offset``).
             Default 0: on the cell's top-left pixel, where this backbone's receptive fields are
@@ -678,12 +698,17 @@ class RPN(nn.Module):
         allow_low_quality_matches: bool = True,
         min_proposal_size: float = 1e-3,
         anchor_offset: float = 0.0,
+        anchor_sizes: dict[str, Sequence[float]] | None = None,
     ):
         super().__init__()
+        self.anchor_sizes = _check_anchor_sizes(anchor_sizes)
+        sizes_per_level = (
+            len(next(iter(self.anchor_sizes.values())))
+            if self.anchor_sizes
+            else len(anchor_scales(anchor_stride_scale))
+        )
         self.pred_net = RPNPredictionNetwork(
-            fpn_channels,
-            stem_channels,
-            num_anchors=len(anchor_scales(anchor_stride_scale)) * len(anchor_aspect_ratios),
+            fpn_channels, stem_channels, num_anchors=sizes_per_level * len(anchor_aspect_ratios)
         )
         self.fpn_channels = fpn_channels
         self.stem_channels = list(stem_channels)
@@ -722,6 +747,7 @@ class RPN(nn.Module):
             "allow_low_quality_matches": self.allow_low_quality_matches,
             "min_proposal_size": self.min_proposal_size,
             "anchor_offset": self.anchor_offset,
+            "anchor_sizes": self.anchor_sizes,
         }
 
     def get_anchors(
@@ -741,20 +767,34 @@ class RPN(nn.Module):
                 shapes, strides_per_fpn_level, dtype=dtype, device=device,
                 offset=self.anchor_offset,
             )  # fmt: skip
-            self._anchor_cache[key] = generate_fpn_anchors(
-                locations,
-                strides_per_fpn_level,
-                self.anchor_stride_scale,
-                self.anchor_aspect_ratios,
-            )
+            self._anchor_cache[key] = {
+                level: generate_fpn_anchors(
+                    {level: level_locations},
+                    strides_per_fpn_level,
+                    self._stride_scale(level, strides_per_fpn_level[level]),
+                    self.anchor_aspect_ratios,
+                )[level]
+                for level, level_locations in locations.items()
+            }
         return self._anchor_cache[key]
+
+    def _stride_scale(self, level: str, stride: int) -> float | list[float]:
+        """Anchor side(s) of ``level`` in strides: from ``anchor_sizes`` when set."""
+        if not self.anchor_sizes:
+            return self.anchor_stride_scale
+        if level not in self.anchor_sizes:
+            raise ValueError(
+                f"RPN anchor_sizes has levels {sorted(self.anchor_sizes)} but the features "
+                f"have level '{level}'"
+            )
+        return [size / stride for size in self.anchor_sizes[level]]
 
     def forward(
         self,
         feats_per_fpn_level: dict[str, torch.Tensor],
         strides_per_fpn_level: dict[str, int],
         gt_boxes: torch.Tensor | None = None,
-        image_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | torch.Tensor | None = None,
         *,
         proposal_list: bool = True,
     ) -> dict:
@@ -763,8 +803,9 @@ class RPN(nn.Module):
             feats_per_fpn_level: ``{level: (B, C, H, W)}`` FPN features.
             strides_per_fpn_level: ``{level: stride}``.
             gt_boxes: (B, M, 5) GT rows; required in training mode.
-            image_size: ``(H, W)`` of the input images, for clipping proposals. Defaults to
-                the smallest level's size times its stride.
+            image_size: ``(H, W)`` of the input images, for clipping proposals, or a (B, 2)
+                tensor of each image's true ``(H, W)`` in a padded batch. Defaults to the
+                first level's size times its stride.
             proposal_list: also return ``"proposals"`` as a list. Splitting per image needs a
                 host-device sync; ``FasterRCNN`` uses the padded layout and skips it.
 
@@ -830,7 +871,7 @@ class RPN(nn.Module):
         anchors_per_fpn_level: dict[str, torch.Tensor],
         pred_obj_logits: dict[str, torch.Tensor],
         pred_boxreg_deltas: dict[str, torch.Tensor],
-        image_size: tuple[int, int],
+        image_size: tuple[int, int] | torch.Tensor,
         *,
         padded: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -845,7 +886,7 @@ class RPN(nn.Module):
             anchors_per_fpn_level: ``{level: (H*W*A, 4)}``.
             pred_obj_logits: ``{level: (B, H*W*A)}``.
             pred_boxreg_deltas: ``{level: (B, H*W*A, 4)}``.
-            image_size: ``(H, W)`` of the input images.
+            image_size: ``(H, W)`` of the input images, or (B, 2) per image.
             padded: return the padded layout below instead of a list; it skips the host-device
                 sync of splitting per image (``RPN.forward`` uses it).
 
@@ -884,10 +925,36 @@ class RPN(nn.Module):
         return boxes, logits, mask
 
 
-def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Clip (..., 4) boxes to an image of ``(H, W)``."""
-    height, width = image_size
-    upper = boxes.new_tensor([width, height, width, height])
+def _check_anchor_sizes(
+    anchor_sizes: dict[str, Sequence[float]] | None,
+) -> dict[str, list[float]] | None:
+    """``anchor_sizes`` as plain lists; ValueError unless every level has the same count of
+    positive sizes (the prediction network has one set of outputs for every level)."""
+    if not anchor_sizes:
+        return None
+    sizes = {str(level): [float(v) for v in values] for level, values in anchor_sizes.items()}
+    counts = {len(values) for values in sizes.values()}
+    if len(counts) != 1 or 0 in counts or min(min(v) for v in sizes.values()) <= 0:
+        raise ValueError(
+            f"anchor_sizes must give the same number of positive sizes for every level, got {sizes}"
+        )
+    return sizes
+
+
+def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """Clip (B, ..., 4) boxes to the image.
+
+    Args:
+        boxes: (B, ..., 4) boxes.
+        image_size: ``(H, W)`` shared by the batch, or a (B, 2) tensor of each image's true
+            ``(H, W)`` inside a padded batch (``FasterRCNN.forward``'s ``image_sizes``).
+    """
+    if isinstance(image_size, torch.Tensor):
+        upper = image_size.to(boxes).flip(-1).repeat(1, 2)  # (B, 4): W, H, W, H
+        upper = upper.view(len(upper), *([1] * (boxes.dim() - 2)), 4)
+    else:
+        height, width = image_size
+        upper = boxes.new_tensor([width, height, width, height])
     return torch.minimum(boxes.clamp(min=0), upper)
 
 
@@ -1066,6 +1133,7 @@ class FasterRCNN(nn.Module):
         gt_boxes: torch.Tensor | None = None,
         test_score_thresh: float | None = None,
         test_nms_thresh: float | None = None,
+        image_sizes: torch.Tensor | None = None,
     ):
         """
         Args:
@@ -1074,6 +1142,10 @@ class FasterRCNN(nn.Module):
                 ignored in eval mode.
             test_score_thresh: inference score threshold (default 0.05).
             test_nms_thresh: inference class-specific NMS threshold (default 0.5).
+            image_sizes: (B, 2) integer ``(H_i, W_i)``, each image's true size when the
+                batch is padded (``eecs598.augment.PadCollate`` places image ``i`` at the
+                top-left of the ``H x W`` canvas): proposals and detections are clipped to
+                it instead of the canvas. None: every image fills the canvas.
 
         Returns:
             Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls"}`` (and ``"loss_box"`` with
@@ -1095,7 +1167,9 @@ class FasterRCNN(nn.Module):
         """
         gt_boxes = gt_boxes if self.training else None
         self._check_forward_inputs(images, gt_boxes)
-        image_size = tuple(images.shape[-2:])
+        image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
+        if image_sizes is not None:
+            _check_image_sizes(image_sizes, images)
         feats = self._features(images)
         rois, valid, rpn_losses = self._proposals(feats, gt_boxes, image_size)
         if self.training:
@@ -1172,14 +1246,14 @@ class FasterRCNN(nn.Module):
         self,
         feats: dict[str, torch.Tensor],
         gt_boxes: torch.Tensor | None,
-        image_size: tuple[int, int],
+        image_size: tuple[int, int] | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The RPN's proposals in the padded layout, and its losses.
 
         Args:
             feats: ``{level: (B, C, H_l, W_l)}``.
             gt_boxes: (B, M, 5) in training mode, else None.
-            image_size: ``(H, W)`` of the input images.
+            image_size: ``(H, W)`` of the input images, or (B, 2) per image.
 
         Returns:
             ``(proposals (B, K, 4), valid (B, K), losses)``: ``losses`` holds
@@ -1288,7 +1362,7 @@ class FasterRCNN(nn.Module):
         valid: torch.Tensor,
         cls_logits: torch.Tensor,
         box_deltas: torch.Tensor | None,
-        image_size: tuple[int, int],
+        image_size: tuple[int, int] | torch.Tensor,
         test_score_thresh: float | None = None,
         test_nms_thresh: float | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -1296,7 +1370,7 @@ class FasterRCNN(nn.Module):
 
         Args:
             proposals: (B, R, 4); valid: (B, R); cls_logits: (B, R, C+1);
-            box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)``.
+            box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)`` or (B, 2) per image.
 
         Returns:
             B tuples ``(boxes (N, 4), classes (N,) int64 in 0..C-1, scores (N,))``, best first.

@@ -1,24 +1,29 @@
 """Accuracy at equal budget: our Faster R-CNN against torchvision's, same everything.
 
 Both models come from ``bench/matched.py`` (same modules and initial weights, same anchors,
-sampling and NMS settings) and are trained by the same ``a4_helper.train_detector`` call with
-the same data order, seed, batch size, schedule and iteration count, then scored by the same
-``inference_with_detector`` (mAP@0.5, VOC rules). Torchvision's model is adapted to our calling
-convention by ``TorchvisionAdapter`` (targets from our padded GT rows; detections back as
-``(boxes, classes, scores)``); its transform neither resizes nor normalises.
+sampling and NMS settings) and are trained by the same ``a4_helper.train_detector`` call on the
+same batches: ``train``'s pipeline (``detector_cli._train_loader``: flips, one random short
+side per batch, whole images padded to a multiple of 32 and grouped by aspect ratio, BCCD at
+``--image-size auto``), the same seed, schedule and iteration count. Both get the anchors
+``--anchor-scale auto`` fits to the training boxes (``eecs598.anchor_fit``). Then the same
+``inference_with_detector`` scores them (mAP@0.5, VOC rules). Torchvision's model is adapted
+to our calling convention by ``TorchvisionAdapter`` (each image cut to its true size, which its
+own transform pads again; targets from our padded GT rows; detections back as ``(boxes,
+classes, scores)``); its transform neither resizes nor normalises.
 
-Datasets: the generated shapes data (train / val) and, when present, BCCD
-(``../shared/datasets/bccd``, train / val).
+Datasets: the generated shapes data (train / val, the demo's 480 / 96 images at 128 px) and,
+when present, BCCD (``../shared/datasets/bccd``, train / val).
 
 Usage::
 
-    python bench/bench_accuracy.py [--datasets shapes bccd] [--iters 300]
-                                   [--out bench/results/accuracy.json]
+    python bench/bench_accuracy.py [--datasets shapes bccd] [--iters 300] [--seeds 0 1 2 3 4]
+                                   [--bccd-seeds 0] [--out bench/results/accuracy.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,28 +34,36 @@ from matched import build_pair, torchvision_targets
 from torch import nn
 
 import a4_helper
+import detector_cli
 from eecs598 import reset_seed
 
 BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 
 SETTINGS = {
-    "shapes": {"image_size": 128, "batch_size": 16, "fpn_channels": 64, "anchor_scale": 4},
-    "bccd": {"image_size": 224, "batch_size": 8, "fpn_channels": 64, "anchor_scale": 4},
+    "shapes": {"dataset": "shapes", "image_size": 128, "batch_size": 16, "fpn_channels": 64},
+    "bccd": {"dataset": str(BCCD), "image_size": "auto", "batch_size": 8, "fpn_channels": 64},
 }
 
 
 class TorchvisionAdapter(nn.Module):
     """Torchvision's ``FasterRCNN`` behind our interface.
 
-    Training: ``(images (B, 3, H, W), gt_boxes (B, M, 5))`` -> loss dict. Eval, B == 1:
-    ``(boxes (N, 4), classes (N,) in 0..C-1, scores (N,))``.
+    Training: ``(images (B, 3, H, W), gt_boxes (B, M, 5), image_sizes=(B, 2))`` -> loss dict.
+    Eval, B == 1: ``(boxes (N, 4), classes (N,) in 0..C-1, scores (N,))``.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, gt_boxes=None, test_score_thresh=None, test_nms_thresh=None):
+    def forward(
+        self, images, gt_boxes=None, test_score_thresh=None, test_nms_thresh=None,
+        image_sizes=None,
+    ):  # fmt: skip
+        if image_sizes is not None:  # the true images; torchvision pads them itself
+            images = [
+                im[:, :h, :w] for im, (h, w) in zip(images, image_sizes.tolist(), strict=True)
+            ]
         if self.training:
             return self.model(list(images), torchvision_targets(gt_boxes))
         heads = self.model.roi_heads
@@ -60,39 +73,40 @@ class TorchvisionAdapter(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
-def datasets(name: str, root: Path, image_size: int):
-    if name == "shapes":
-        data = root / "shapes"
-        a4_helper.make_shapes_dataset(data, num_train=480, num_val=96, image_size=128)
-        classes = list(a4_helper.SHAPES_CLASSES)
-    else:
-        data, classes = BCCD, list(a4_helper.BCCD_CLASSES)
-    train = a4_helper.VOCLayoutDetection(data, "train", classes, image_size)
-    val = a4_helper.VOCLayoutDetection(data, "val", classes, image_size)
-    return a4_helper.CachedDetection(train, normalize=False), val, classes
-
-
-def run(name: str, args, root: Path) -> dict:
+def pipeline(name: str, root: Path, seed: int):
+    """``train``'s datasets, anchors and batches for ``name`` (the demo's shapes, or BCCD)."""
     cfg = SETTINGS[name]
-    train, val, classes = datasets(name, root, cfg["image_size"])
-    results = {"settings": {**cfg, "iters": args.iters, "train_images": len(train)}}
+    flags = ["train", "--dataset", cfg["dataset"], "--image-size", str(cfg["image_size"]),
+             "--batch-size", str(cfg["batch_size"]), "--workers", "0", "--seed", str(seed),
+             "--data-dir", str(root), "--num-train", "480", "--num-val", "96"]  # fmt: skip
+    args = detector_cli.build_parser().parse_args(flags)
+    detector_cli.choose_training_defaults(args, cfg["dataset"])
+    train, val, classes, scales = detector_cli._training_datasets(args, 1, 0, None, None)
+    strides = {level: 2 ** int(level[1:]) for level in args.fpn_levels}
+    fit = detector_cli.fit_training_anchors(args, train, classes, strides, report=False)
+    train = a4_helper.CachedDetection(train, normalize=False)
+    return args, detector_cli._train_loader(args, train, scales, 1, 0), val, classes, fit
+
+
+def run(name: str, args, root: Path, seed: int) -> dict:
+    cfg = SETTINGS[name]
+    options, loader, val, classes, fit = pipeline(name, root, seed)
+    settings = {"image_size": options.image_size, "iters": args.iters, "anchors": fit.sizes}
+    results = {"settings": {**cfg, **settings, "train_images": len(loader.dataset)}}
     ours, theirs = build_pair(
         num_classes=len(classes), fpn_channels=cfg["fpn_channels"],
-        image_size=cfg["image_size"], rpn_batch=64, roi_batch=32, pre_nms_topk=400,
-        post_nms_topk=100, anchor_stride_scale=cfg["anchor_scale"], seed=args.seed,
+        image_size=options.image_size, rpn_batch=options.rpn_batch_size,
+        roi_batch=options.roi_batch_size, pre_nms_topk=400, post_nms_topk=100, seed=seed,
+        anchor_sizes=fit.sizes, aspect_ratios=tuple(fit.aspect_ratios),
     )  # fmt: skip
-    theirs.transform.max_size = 4 * cfg["image_size"]  # short side fixed: never resize
     models = {"ours": ours, "torchvision": TorchvisionAdapter(theirs)}
     for label, model in ((k, v) for k, v in models.items() if k in args.models):
-        reset_seed(args.seed)
-        loader = torch.utils.data.DataLoader(
-            train, batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(args.seed), num_workers=0,
-        )  # fmt: skip
+        reset_seed(seed)
         start = time.perf_counter()
         history = a4_helper.train_detector(
-            model, loader, learning_rate=0.02, max_iters=args.iters, warmup_iters=30,
-            grad_clip=10.0, log_period=0, show_plot=False, progress=False,
+            model, loader, learning_rate=options.lr, max_iters=args.iters,
+            warmup_iters=options.warmup_iters, grad_clip=options.grad_clip, log_period=0,
+            show_plot=False, progress=False,
         )  # fmt: skip
         train_s = time.perf_counter() - start
         val_loader = torch.utils.data.DataLoader(val, batch_size=1)
@@ -103,7 +117,8 @@ def run(name: str, args, root: Path) -> dict:
         results[label] = {
             "mAP": result.map, "ap": result.ap, "train_s": train_s, "final_loss": history[-1],
         }  # fmt: skip
-        print(f"{name:7s} {label:12s} mAP@0.5 {100 * result.map:5.1f}%  train {train_s:6.0f} s")
+        print(f"{name:7s} seed {seed} {label:12s} mAP@0.5 {100 * result.map:5.1f}%  "
+              f"train {train_s:6.0f} s", flush=True)  # fmt: skip
     return results
 
 
@@ -111,22 +126,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["shapes", "bccd"])
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="shapes: initial weights, data order and augmentation")  # fmt: skip
+    parser.add_argument("--bccd-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--models", nargs="+", default=["ours", "torchvision"])
     parser.add_argument("--out", default="bench/results/accuracy.json")
     args = parser.parse_args()
-    result = {"environment": environment("cpu"), "iters": args.iters, "seed": args.seed}
+    result = {"environment": environment("cpu"), "iters": args.iters}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets:
             if name == "bccd" and not BCCD.is_dir():
                 print(f"{BCCD} not found: BCCD skipped")
                 continue
-            result[name] = run(name, args, Path(tmp))
-    print(f"\n{'dataset':8s} {'ours':>8s} {'torchvision':>12s}")
+            seeds = args.seeds if name == "shapes" else args.bccd_seeds
+            result[name] = {seed: run(name, args, Path(tmp), seed) for seed in seeds}
+            write_json(args.out, result)
+    print(f"\n{'dataset':8s} {'seeds':>6s} {'ours':>8s} {'torchvision':>12s}")
     for name in args.datasets:
         if name in result and len(args.models) == 2:
-            ours, theirs = result[name]["ours"]["mAP"], result[name]["torchvision"]["mAP"]
-            print(f"{name:8s} {100 * ours:7.1f}% {100 * theirs:11.1f}%")
+            runs = result[name].values()
+            ours = statistics.mean(100 * r["ours"]["mAP"] for r in runs)
+            theirs = statistics.mean(100 * r["torchvision"]["mAP"] for r in runs)
+            print(f"{name:8s} {len(runs):6d} {ours:7.1f}% {theirs:11.1f}%")
     write_json(args.out, result)
 
 

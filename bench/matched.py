@@ -16,8 +16,13 @@ post-processing), not different networks:
   box size, our conv stem + flatten as the box head, a linear classifier over ``C + 1``
   classes, class-specific box deltas with weights (10, 10, 5, 5), IoU 0.5 matching, ``roi_batch``
   RoIs per image, 25% foreground;
-- torchvision's transform is told not to resize (``min_size = max_size = image size``) and not
-  to normalise (mean 0, std 1): images arrive normalised, as ours do.
+- torchvision's transform never resizes (``_NoResize``: multi-scale batches arrive resized)
+  and does not normalise (mean 0, std 1): images arrive normalised, as ours do. It pads the
+  batch to a multiple of 32 itself, as our ``PadCollate`` does.
+- ``anchor_sizes`` (pixels per level, e.g. an ``eecs598.anchor_fit`` fit) replaces
+  ``anchor_stride_scale`` in both. With several sizes per level the two order a location's
+  anchors differently (ours size-major, torchvision's ratio-major), so the shared RPN head's
+  initial outputs then meet differently ordered anchors; with one size they are the same.
 
 Torchvision's box predictor has a delta row for the background class as well, so its last
 linear layer is ``4 (C + 1)`` wide against our ``4 C``; the shared rows are copied.
@@ -35,6 +40,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -43,6 +49,13 @@ from common import DetectorBackboneWithFPN  # noqa: E402
 from two_stage_detector import RPN, FasterRCNN  # noqa: E402
 
 LEVELS = ("p3", "p4", "p5")
+
+
+class _NoResize(GeneralizedRCNNTransform):
+    """Torchvision's batching transform without its resize: images keep their size."""
+
+    def resize(self, image, target=None):
+        return image, target
 
 
 class _TVBackbone(nn.Module):
@@ -83,6 +96,8 @@ def build_pair(
     post_nms_topk: int = 80,
     anchor_stride_scale: int = 8,
     seed: int = 0,
+    anchor_sizes: dict[str, list[float]] | None = None,
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
 ) -> tuple[FasterRCNN, TorchvisionFasterRCNN]:
     """Return ``(ours, theirs)`` with the same configuration and the same weights."""
     torch.manual_seed(seed)
@@ -95,15 +110,19 @@ def build_pair(
         anchor_stride_scale=anchor_stride_scale,
         pre_nms_topk=pre_nms_topk,
         post_nms_topk=post_nms_topk,
+        anchor_sizes=anchor_sizes,
+        anchor_aspect_ratios=aspect_ratios,
     )
     ours = FasterRCNN(
         backbone, rpn, stem, num_classes, batch_size_per_image=roi_batch, box_regression=True
     )
 
     strides = backbone.fpn_strides
+    if anchor_sizes is None:
+        anchor_sizes = {level: [anchor_stride_scale * strides[level]] for level in LEVELS}
     anchor_generator = AnchorGenerator(
-        sizes=tuple((anchor_stride_scale * strides[level],) for level in LEVELS),
-        aspect_ratios=((0.5, 1.0, 2.0),) * len(LEVELS),
+        sizes=tuple(tuple(anchor_sizes[level]) for level in LEVELS),
+        aspect_ratios=(tuple(aspect_ratios),) * len(LEVELS),
     )
     box_head = copy.deepcopy(ours.cls_pred[:-1])  # conv stem + flatten
     predictor = FastRCNNPredictor(ours.cls_pred[-1].in_features, num_classes + 1)
@@ -139,6 +158,7 @@ def build_pair(
         box_batch_size_per_image=roi_batch,
         box_positive_fraction=0.25,
     )
+    theirs.transform = _NoResize(image_size, image_size, [0.0] * 3, [1.0] * 3)
     return ours, theirs
 
 

@@ -6,7 +6,11 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
 - :mod:`eecs598.utils`: seeding (``reset_seed``), ``to_numpy`` and ``detection_visualizer``.
 - :mod:`eecs598.grad`: numeric helpers for checking gradients (``rel_error``).
 - :mod:`eecs598.images`: decoding images to RGB, ImageNet normalisation.
+- :mod:`eecs598.augment`: box-aware training augmentation (``torchvision.transforms.v2``),
+  multi-scale sizes, padded batches and aspect-ratio batching.
 - :mod:`eecs598.voc`: the PASCAL VOC layout: annotation parser, resize/crop geometry, reader.
+- :mod:`eecs598.anchor_fit`: anchor sizes and aspect ratios fitted to the training boxes
+  (best-possible recall), with a fit report.
 - :mod:`eecs598.coco`: the COCO-format reader (instances JSON + image folder), built on
   :mod:`eecs598.voc`'s records and items.
 - :mod:`eecs598.voc2007`, :mod:`eecs598.shapes`, :mod:`eecs598.cache`: the datasets built on
@@ -40,6 +44,8 @@ __all__ = ["grad", "mean_ap", "reset_seed", "submit", "utils"]
 
 _SUBMODULES = frozenset(
     {
+        "anchor_fit",
+        "augment",
         "cache",
         "checkpoint",
         "coco",

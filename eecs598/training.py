@@ -129,10 +129,12 @@ class BatchStream:
         return found
 
     def _set_sampler_epoch(self) -> None:
-        """A ``DistributedSampler`` reshuffles per epoch only when told the epoch."""
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
+        """A ``DistributedSampler`` reshuffles per epoch only when told the epoch (also when
+        a batch sampler such as ``AspectRatioBatchSampler`` wraps it)."""
+        for name in ("sampler", "batch_sampler"):
+            sampler = getattr(self.loader, name, None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
 
     def _start_pass(self) -> None:
         self._set_sampler_epoch()
@@ -403,19 +405,22 @@ def train_step(
     grad_clip: float | None = None,
     world: int = 1,
 ) -> tuple[torch.Tensor, list[str]]:
-    """One SGD step on ``batch = (paths, images (B, 3, H, W), gt_boxes (B, M, 5))``.
+    """One SGD step on ``batch = (paths, images (B, 3, H, W), gt_boxes (B, M, 5))``, or on
+    ``(paths, images, gt_boxes, image_sizes (B, 2))`` from a padded batch
+    (``eecs598.augment.PadCollate``): ``image_sizes`` is then passed to the model.
 
     uint8 images (``CachedDetection(normalize=False)``) are normalised on ``device``. Returns
     the ``(1 + T,)`` loss values ``[total, term_1, ...]`` (detached, still on the device;
     averaged over processes when ``world > 1``) and the term names.
     """
-    _, images, gt_boxes = batch
+    _, images, gt_boxes, *sizes = batch
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = normalize_uint8(images)
     gt_boxes = gt_boxes.to(device, non_blocking=True)
+    extra = {"image_sizes": sizes[0].to(device, non_blocking=True)} if sizes else {}
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=state.use_amp):
-        terms = _loss_terms(model(images, gt_boxes))
+        terms = _loss_terms(model(images, gt_boxes, **extra))
     total = sum(v.float() for v in terms.values())
     values = torch.stack(
         [total.detach().reshape(())] + [v.detach().float().reshape(()) for v in terms.values()]
@@ -470,8 +475,10 @@ def train_detector(
 ) -> LossHistory:
     """Train ``detector`` with SGD for ``max_iters`` iterations.
 
-    Each batch of ``train_loader`` is ``(image_paths, images (B, 3, H, W), gt_boxes (B, N, 5))``.
-    The detector is called in training mode as ``detector(images, gt_boxes)`` and must return
+    Each batch of ``train_loader`` is ``(image_paths, images (B, 3, H, W), gt_boxes (B, N, 5))``,
+    or, padded (``eecs598.augment.PadCollate``), with a fourth entry ``image_sizes (B, 2)``.
+    The detector is called in training mode as ``detector(images, gt_boxes)`` (plus
+    ``image_sizes=`` for padded batches) and must return
     a dict; every entry whose key contains ``"loss"`` is a scalar loss and they are summed
     (other entries, e.g. proposals, are ignored). The loader is cycled until ``max_iters``.
 

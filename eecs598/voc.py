@@ -61,6 +61,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import VOCDetection
 
+from .augment import apply_transform
 from .images import (
     IMAGE_EXTENSIONS,
     CorruptImageError,
@@ -338,6 +339,10 @@ class AnnotatedImages(torch.utils.data.Dataset):
         max_boxes: Rows of ``gt_boxes`` (padded with ``-1``).
         train_transform: ``True`` resizes and centre-crops to a square, ``False`` resizes only.
         split: Name used in messages (and in :class:`~eecs598.cache.CachedDetection`'s key).
+        transform: a box-aware augmentation run by :meth:`__getitem__` on the uint8 image and
+            its boxes before normalising (e.g. ``eecs598.augment.build_train_transform()``:
+            random flips); ``None`` (default) for none. :meth:`load_uint8` (what
+            :class:`~eecs598.cache.CachedDetection` stores) is never augmented.
     """
 
     def __init__(
@@ -349,8 +354,10 @@ class AnnotatedImages(torch.utils.data.Dataset):
         max_boxes: int,
         train_transform: bool,
         split: str,
+        transform: Any = None,
     ) -> None:
         super().__init__()
+        self.transform = transform
         self.root = Path(root)
         self.image_dir = Path(image_dir)
         self.split = split
@@ -426,6 +433,8 @@ class AnnotatedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
         """Return ``(image_path, image (3, H, W), gt_boxes (max_boxes, 5))``; see module doc."""
         path, image, gt_boxes = self.load_uint8(index)
+        if self.transform is not None:
+            image, gt_boxes = apply_transform(self.transform, image, gt_boxes)
         return path, normalize_uint8(image), gt_boxes
 
     def _decode(self, index: int) -> Image.Image:
@@ -558,6 +567,8 @@ class VOCLayoutDetection(AnnotatedImages):
             warning (see "Faulty data" above). Off by default: construction then reads no
             pixels and an unreadable image raises when its item is read.
         how_to_get: Extra sentence for the "not found" error explaining how to obtain the data.
+        transform: box-aware augmentation of :meth:`__getitem__`'s items (see
+            :class:`AnnotatedImages`); ``None`` for none.
 
     Attributes:
         class_names: Tuple of class names.
@@ -581,11 +592,12 @@ class VOCLayoutDetection(AnnotatedImages):
         skip_empty: bool = False,
         skip_corrupt: bool = False,
         how_to_get: str = "",
+        transform: Any = None,
     ) -> None:
         train = split.startswith("train") if train_transform is None else bool(train_transform)
         root = Path(root)
         super().__init__(
-            root, root / "JPEGImages", class_names, image_size, max_boxes, train, split
+            root, root / "JPEGImages", class_names, image_size, max_boxes, train, split, transform
         )
         hint = f" {how_to_get}" if how_to_get else ""
         split_file, ids = read_split_ids(self.root, split, hint)

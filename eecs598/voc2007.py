@@ -8,6 +8,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
@@ -172,6 +173,11 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
         image_size: Short side after resizing (and crop size for training).
         max_boxes: Rows of ``gt_boxes``.
         skip_corrupt: Leave out unreadable images (see :class:`VOCLayoutDetection`).
+        train_transform: Centre-crop to a square (``True``) or resize only (``False``);
+            ``None`` (the default) crops the ``"train"`` split only, as the notebook expects.
+        transform: box-aware augmentation of the items, e.g.
+            ``eecs598.augment.build_train_transform()`` for random horizontal flips; ``None``
+            (the default, the notebook's) for none.
         urls / archive_name / md5: Overrides for the download (defaults: module constants).
     """
 
@@ -184,6 +190,8 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
         *,
         max_boxes: int = 40,
         skip_corrupt: bool = False,
+        train_transform: bool | None = None,
+        transform: Any = None,
         urls: Sequence[str] | None = None,
         archive_name: str | None = None,
         md5: str | None = None,
@@ -197,9 +205,10 @@ class VOC2007DetectionTiny(VOCLayoutDetection):
             VOC_CLASSES,
             image_size=image_size,
             max_boxes=max_boxes,
-            train_transform=split == "train",
+            train_transform=split == "train" if train_transform is None else train_transform,
             skip_empty=True,
             skip_corrupt=skip_corrupt,
+            transform=transform,
             how_to_get="To fetch it (about 450 MB), pass download=True (in the notebook: set "
             "DOWNLOAD_VOC = True in section 3.1 and run again). "
             + _manual_instructions(dataset_dir, archive_name or VOC2007_ARCHIVE),

@@ -92,13 +92,18 @@ def test_training_batches_are_the_voc_readers(shapes):
     coco = COCODetection(train_json, root / "JPEGImages", None, 48, train_transform=True)
     assert coco.class_names == tuple(sorted(SHAPES_CLASSES))  # class_names=None: sorted names
     coco = COCODetection(train_json, root / "JPEGImages", SHAPES_CLASSES, 48, train_transform=True)
-    batches = [detector_cli._loader(ds, 4, 0, True, seed=5) for ds in (voc, coco)]
+    args = detector_cli.build_parser().parse_args(
+        ["train", "--batch-size", "4", "--workers", "0", "--seed", "5", "--photometric"]
+    )
+    detector_cli.choose_training_defaults(args, "shapes")
+    batches = [detector_cli._train_loader(args, ds, (40, 48), 1, 0) for ds in (voc, coco)]
     for sampler_epoch in range(2):
         for loader in batches:
-            loader.sampler.set_epoch(sampler_epoch)
+            loader.batch_sampler.set_epoch(sampler_epoch)
         n = 0
-        for (vp, vi, vb), (cp, ci, cb) in zip(*batches, strict=True):
+        for (vp, vi, vb, vs), (cp, ci, cb, cs) in zip(*batches, strict=True):
             assert list(vp) == list(cp) and torch.equal(vi, ci) and torch.equal(vb, cb)
+            assert torch.equal(vs, cs)
             n += 1
         assert n == len(voc) // 4
 

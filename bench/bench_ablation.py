@@ -1,0 +1,107 @@
+"""Ablation of the training pipeline: what flips, multi-scale, padded batches, fitted anchors
+and the p2 level each add, at equal iterations.
+
+Every row runs ``detector_cli.py`` in a fresh process (as a user would) with the previous
+row's flags plus one change, and reads mAP@0.5 and the training time from its
+``metrics.json``:
+
+1. ``baseline``: square centre crops, no augmentation, one image size, anchors 4 x stride;
+2. ``+ flip``: random horizontal flips;
+3. ``+ multi-scale``: one random short side per batch (``eecs598.augment.multiscale_sizes``);
+4. ``+ padded``: whole images padded to a multiple of 32 instead of square crops (the
+   generated shapes images are square, so this row is skipped there);
+5. ``+ auto anchors``: ``--anchor-scale auto`` (``eecs598.anchor_fit``): row 5 is ``train``'s
+   default pipeline;
+6. ``+ p2``: the stride-4 FPN level.
+
+Datasets: the generated shapes data (``demo`` at its own settings) and BCCD
+(``../shared/datasets/bccd``, ``train`` with the issue's flags). Runs go one at a time: two
+trainings at once on this 2-core machine slow each other many times over.
+
+Usage::
+
+    python bench/bench_ablation.py [--datasets shapes bccd] [--seeds 0 1 2]
+                                   [--shapes-iters 360] [--bccd-iters 600]
+                                   [--out bench/results/ablation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from harness import ROOT, environment, write_json
+
+BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+
+# (row, flags added to the previous row's, which datasets it runs on)
+STEPS = [
+    ("baseline", ["--batch-mode", "crop", "--no-flip", "--no-multiscale", "--anchor-scale", "4"],
+     ("shapes", "bccd")),
+    ("+ flip", ["--flip"], ("shapes", "bccd")),
+    ("+ multi-scale", ["--multiscale"], ("shapes", "bccd")),
+    ("+ padded", ["--batch-mode", "pad"], ("bccd",)),
+    ("+ auto anchors", ["--anchor-scale", "auto"], ("shapes", "bccd")),
+    ("+ p2", ["--fpn-levels", "p2", "p3", "p4", "p5"], ("shapes", "bccd")),
+]  # fmt: skip
+
+COMMANDS = {
+    "shapes": ["demo"],
+    "bccd": ["train", "--dataset", str(BCCD), "--batch-size", "8", "--fpn-channels", "64"],
+}
+
+
+def run_one(dataset: str, flags: list[str], seed: int, iters: int, out: Path) -> dict:
+    """One training in a fresh process; its ``metrics.json``."""
+    command = [sys.executable, str(ROOT / "detector_cli.py"), *COMMANDS[dataset], *flags,
+               "--seed", str(seed), "--max-iters", str(iters), "--out", str(out),
+               "--no-progress", "--log-period", "0"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["shapes", "bccd"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--bccd-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--shapes-iters", type=int, default=360)
+    parser.add_argument("--bccd-iters", type=int, default=600)
+    parser.add_argument("--out", default="bench/results/ablation.json")
+    args = parser.parse_args()
+    result = {"environment": environment("cpu"), "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in args.datasets:
+            if dataset == "bccd" and not BCCD.is_dir():
+                print(f"{BCCD} not found: BCCD skipped")
+                continue
+            seeds = args.seeds if dataset == "shapes" else args.bccd_seeds
+            iters = args.shapes_iters if dataset == "shapes" else args.bccd_iters
+            flags: list[str] = []
+            for row, added, where in STEPS:
+                flags = flags + added
+                if dataset not in where:
+                    continue
+                runs = [run_one(dataset, flags, seed, iters, Path(tmp) / f"{dataset}-{seed}")
+                        for seed in seeds]  # fmt: skip
+                maps = [100 * r["mAP"] for r in runs]
+                entry = {
+                    "flags": flags, "iters": iters, "seeds": seeds, "mAP": maps,
+                    "ap": [r["ap"] for r in runs], "train_s": [r["train_seconds"] for r in runs],
+                }  # fmt: skip
+                result["rows"].setdefault(dataset, {})[row] = entry
+                print(f"{dataset:6s} {row:15s} mAP@0.5 {statistics.mean(maps):5.1f}% "
+                      f"({', '.join(f'{m:.1f}' for m in maps)})  train "
+                      f"{statistics.mean(entry['train_s']):5.0f} s", flush=True)  # fmt: skip
+                write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
