@@ -99,7 +99,7 @@ DEMO = {
     "num_val": 96,
     "image_size": 128,
     "fpn_channels": 64,
-    "max_iters": 360,
+    "max_iters": 540,
     "batch_size": 16,
     "lr": 0.02,
     "warmup_iters": 30,
@@ -108,6 +108,7 @@ DEMO = {
     "rpn_batch_size": 64,
     "roi_batch_size": 64,
     "anchor_scale": 4,
+    "multiscale": False,
     "no_pretrained": True,
     "test_image_size": 160,
 }
@@ -948,10 +949,11 @@ def _image_size_value(text: str) -> int | str:
     """``--image-size``: a positive int or ``auto``."""
     if text == "auto":
         return text
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"--image-size must be at least 32 or 'auto', got {text}")
-    return value
+    if not text.isdigit() or int(text) < 32:
+        raise argparse.ArgumentTypeError(
+            f"--image-size must be a number of pixels or 'auto', got {text!r} (at least 32)"
+        )
+    return int(text)
 
 
 def _anchor_scale_value(text: str) -> float | str:

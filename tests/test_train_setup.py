@@ -1,0 +1,166 @@
+"""What `train` chooses for data nobody tuned for, and that the augmented pipeline resumes
+exactly."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import detector_cli
+from eecs598.checkpoint import load_checkpoint
+from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
+from eecs598.training import train_detector
+from two_stage_detector import RPN, FasterRCNN
+
+TINY = [
+    "--image-size", "64", "--fpn-channels", "16", "--batch-size", "4", "--max-iters", "3",
+    "--warmup-iters", "1", "--workers", "0", "--pre-nms-topk", "50", "--post-nms-topk", "20",
+    "--no-progress", "--no-pretrained", "--rpn-batch-size", "32", "--roi-batch-size", "16",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A VOC-layout folder (the generated shapes, 12 train / 4 val images)."""
+    root = tmp_path_factory.mktemp("folder") / "shapes"
+    return make_shapes_dataset(root, num_train=12, num_val=4, image_size=64, seed=3)
+
+
+def test_train_on_a_folder_fits_anchors_prints_its_choices_and_stores_them(
+    folder, tmp_path, capsys
+):
+    classes = ",".join([*SHAPES_CLASSES, "unicorn"])
+    with pytest.warns(UserWarning, match="No training boxes for class\\(es\\) unicorn"):
+        code = detector_cli.main(
+            ["train", "--dataset", str(folder), "--classes", classes, "--out", str(tmp_path), *TINY]
+        )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Anchor fit (shape IoU >= 0.6" in printed and "best possible recall" in printed
+    assert "Training setup (* = default for this data" in printed
+    assert "batches*: whole images, padded to a multiple of 32" in printed
+    assert "multi-scale* 48/64/80 per batch" in printed and "horizontal flip" in printed
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    sizes = checkpoint["config"]["rpn"]["anchor_sizes"]
+    assert set(sizes) == {"p3", "p4", "p5"} and all(
+        len(v) == len(sizes["p3"]) for v in sizes.values()
+    )
+    assert sizes["p3"][0] < 8 * 8  # fitted to 5-51 px boxes, not the notebook's 64 px
+    assert checkpoint["meta"]["training"]["batch_mode"] == "pad"
+    assert checkpoint["meta"]["training"]["multiscale"] is True
+    model, _ = detector_cli.load_detector(tmp_path / "checkpoint.pt")
+    assert model.rpn.anchor_sizes == sizes and model.box_regression
+
+
+def test_voc2007_keeps_the_notebooks_settings():
+    args = detector_cli.build_parser().parse_args(["train", "--dataset", "voc2007"])
+    filled = detector_cli.choose_training_defaults(args, "voc2007")
+    assert "batch_mode" in filled and args.batch_mode == "crop" and args.multiscale is False
+    assert args.anchor_scale == 8 and args.box_regression is False and args.grad_clip is None
+    assert (args.rpn_batch_size, args.roi_batch_size, args.lr) == (16, 32, 0.01)
+    given = detector_cli.build_parser().parse_args(["train", "--lr", "0.005", "--no-multiscale"])
+    filled = detector_cli.choose_training_defaults(given, "some/folder")
+    assert given.lr == 0.005 and given.multiscale is False and "lr" not in filled
+    assert given.anchor_scale == ["auto"] and given.batch_mode == "pad"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fpn-levels", "p6"], "invalid FPN level 'p6': valid levels are p2, p3, p4, p5"),
+        (["--anchor-scale", "-1"], "anchor scales must be positive"),
+        (["--image-size", "big"], "--image-size must be a number of pixels or 'auto', got 'big'"),
+    ],
+)
+def test_bad_flags_are_named(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        detector_cli.build_parser().parse_args(["train", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_auto_mixed_with_numbers_and_bad_level_sets_are_errors(folder, tmp_path, capsys):
+    code = detector_cli.main(["train", "--dataset", str(folder), "--anchor-scale", "auto", "4",
+                              "--out", str(tmp_path), *TINY])  # fmt: skip
+    assert (
+        code == 1 and "--anchor-scale is 'auto' or numbers, got auto 4" in capsys.readouterr().err
+    )
+    code = detector_cli.main(["train", "--dataset", str(folder), "--fpn-levels", "p2", "p5",
+                              "--out", str(tmp_path), *TINY])  # fmt: skip
+    assert code == 1 and "p2, p3, p4, p5" in capsys.readouterr().err
+
+
+def _record(width: int, height: int, boxes: list[list[float]], classes: list[int]):
+    return SimpleNamespace(
+        width=width, height=height, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+        classes=np.array(classes, np.int64),
+    )  # fmt: skip
+
+
+def test_image_size_auto_looks_at_each_class_median_box():
+    big = [_record(640, 480, [[0, 0, 200, 200]], [0])]
+    assert detector_cli.choose_image_size(big, ["a"]) == 224
+    # a class of 38 px boxes at 480 px: 20 px needs 253 px, so 256
+    cells = big + [_record(640, 480, [[0, 0, 38, 38], [10, 10, 48, 48]], [1, 1])]
+    assert detector_cli.choose_image_size(cells, ["a", "b"]) == 256
+    tiny = [_record(640, 480, [[0, 0, 5, 5]], [0])]
+    assert detector_cli.choose_image_size(tiny, ["a"]) == 320  # the largest candidate
+    small_images = [_record(200, 150, [[0, 0, 5, 5]], [0])]
+    assert detector_cli.choose_image_size(small_images, ["a"]) == 224  # never above 224
+    assert detector_cli.choose_image_size([], ["a"]) == 224
+    no_boxes = [_record(640, 480, [], [])]
+    assert detector_cli.choose_image_size(no_boxes, ["a", "b"]) == 224
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _pipeline(folder, workers: int):
+    args = detector_cli.build_parser().parse_args(
+        ["train", "--dataset", str(folder), "--image-size", "64", "--batch-size", "4",
+         "--workers", str(workers), "--photometric", "--iou-crop", "--seed", "4"]
+    )  # fmt: skip
+    detector_cli.choose_training_defaults(args, str(folder))
+    train, _, _, scales = detector_cli._training_datasets(args, 1, 0, None, None)
+    return detector_cli._train_loader(args, train, scales, 1, 0)
+
+
+def _model() -> FasterRCNN:
+    torch.manual_seed(0)
+    sizes = {"p3": [12.0], "p4": [24.0], "p5": [48.0]}
+    model = detector_cli.build_detector(
+        5, fpn_channels=16, pretrained=False, pre_nms_topk=50, post_nms_topk=20,
+        box_regression=True, anchor_sizes=sizes,
+    )  # fmt: skip
+    assert isinstance(model.rpn, RPN)
+    return model
+
+
+@pytest.mark.slow
+def test_augmented_padded_pipeline_resumes_exactly_with_persistent_workers(folder, tmp_path):
+    """Flips, photometric distortion, IoU crops and one short side per batch, through 2
+    persistent workers: a run interrupted after its checkpoint and resumed gives the losses of
+    an uninterrupted one (the random choices come from the seeded batch sampler)."""
+    kwargs = dict(learning_rate=0.01, max_iters=8, warmup_iters=2, grad_clip=5.0,
+                  checkpoint_period=4, log_period=0, show_plot=False, progress=False)  # fmt: skip
+    full = train_detector(_model(), _pipeline(folder, 2), checkpoint_path=tmp_path / "a.pt",
+                          **kwargs)  # fmt: skip
+    model = _model()
+    calls, forward = [0], model.forward
+
+    def interrupted_forward(*args, **options):
+        calls[0] += 1
+        if calls[0] == 6:  # iteration 5, after the checkpoint at 4 (epoch 2 of 3 batches)
+            raise Interrupted
+        return forward(*args, **options)
+
+    model.forward = interrupted_forward
+    with pytest.raises(Interrupted):
+        train_detector(model, _pipeline(folder, 2), checkpoint_path=tmp_path / "b.pt", **kwargs)
+    torch.manual_seed(123)  # resuming restores every RNG state
+    resumed = train_detector(_model(), _pipeline(folder, 2), resume=True,
+                             checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
+    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
