@@ -385,7 +385,11 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[int]]):
     short side drawn uniformly from ``scales`` (``None`` without scales) and per item a
     transform seed, all from a generator seeded by ``(seed, epoch)`` (:meth:`set_epoch`), in
     the main process. The same seed and epoch give the same keys, so resuming mid-epoch
-    (replaying the pass) gives the same batches.
+    (replaying the pass) gives the same batches. Behind a ``DistributedSampler`` (N
+    processes, batches of ``B / N``) every process draws the seeds of the whole global batch
+    and takes its own (``rank::N``, where the sampler puts its items): while aspect grouping
+    does not reorder the indices, one process with batch ``B`` and N processes with ``B / N``
+    see the same global batches.
 
     Args:
         sampler: yields dataset indices, e.g. ``RandomSampler`` or ``DistributedSampler``.
@@ -426,13 +430,17 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield from self._index_batches()
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        world = int(getattr(self.sampler, "num_replicas", 1))
+        rank = int(getattr(self.sampler, "rank", 0))
         for batch in self._index_batches():
             short_side = None
             if self.scales is not None:
                 short_side = self.scales[
                     int(torch.randint(len(self.scales), (), generator=generator))
                 ]
-            seeds = torch.randint(2**62, (len(batch),), generator=generator).tolist()
+            # The seeds of the whole global batch; this process's items sit at rank::world.
+            seeds = torch.randint(2**62, (world * len(batch),), generator=generator)
+            seeds = seeds[rank::world].tolist()
             yield [ItemKey(i, s, short_side) for i, s in zip(batch, seeds, strict=True)]
 
     def _index_batches(self) -> Iterator[list[int]]:
