@@ -17,7 +17,8 @@ when present, BCCD (``../shared/datasets/bccd``, train / val).
 Usage::
 
     python bench/bench_accuracy.py [--datasets shapes bccd] [--iters 300] [--seeds 0 1 2 3 4]
-                                   [--bccd-seeds 0] [--out bench/results/accuracy.json]
+                                   [--bccd-seeds 0] [--sizes-per-level 1]
+                                   [--out bench/results/accuracy.json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 import a4_helper
 import detector_cli
 from eecs598 import reset_seed
+from eecs598.anchor_fit import fit_anchors, training_box_sizes
 
 BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 
@@ -73,7 +75,7 @@ class TorchvisionAdapter(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
-def pipeline(name: str, root: Path, seed: int):
+def pipeline(name: str, root: Path, seed: int, sizes_per_level: int | None = None):
     """``train``'s datasets, anchors and batches for ``name`` (the demo's shapes, or BCCD)."""
     cfg = SETTINGS[name]
     flags = ["train", "--dataset", cfg["dataset"], "--image-size", str(cfg["image_size"]),
@@ -84,13 +86,16 @@ def pipeline(name: str, root: Path, seed: int):
     train, val, classes, scales = detector_cli._training_datasets(args, 1, 0, None, None)
     strides = {level: 2 ** int(level[1:]) for level in args.fpn_levels}
     fit = detector_cli.fit_training_anchors(args, train, classes, strides, report=False)
+    if sizes_per_level is not None:  # the fit restricted to this many sizes per level
+        box_wh, _ = training_box_sizes(train.records, args.image_size)
+        fit = fit_anchors(box_wh, strides, sizes_per_level=sizes_per_level)
     train = a4_helper.CachedDetection(train, normalize=False)
     return args, detector_cli._train_loader(args, train, scales, 1, 0), val, classes, fit
 
 
 def run(name: str, args, root: Path, seed: int) -> dict:
     cfg = SETTINGS[name]
-    options, loader, val, classes, fit = pipeline(name, root, seed)
+    options, loader, val, classes, fit = pipeline(name, root, seed, args.sizes_per_level)
     settings = {"image_size": options.image_size, "iters": args.iters, "anchors": fit.sizes}
     results = {"settings": {**cfg, **settings, "train_images": len(loader.dataset)}}
     ours, theirs = build_pair(
@@ -129,6 +134,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                         help="shapes: initial weights, data order and augmentation")  # fmt: skip
     parser.add_argument("--bccd-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--sizes-per-level", type=int, default=None,
+                        help="anchor sizes per level of the fit (default: its choice)")  # fmt: skip
     parser.add_argument("--models", nargs="+", default=["ours", "torchvision"])
     parser.add_argument("--out", default="bench/results/accuracy.json")
     args = parser.parse_args()
