@@ -408,11 +408,12 @@ def _auto_anchors(scale: Any) -> bool:
 
 def warn_classes_without_boxes(train: Any, classes: Sequence[str]) -> None:
     """Warn, naming them, about classes that no training box has: they cannot be learned."""
-    seen = set()
-    for record in getattr(train, "records", []):
-        seen.update(record.classes[~record.difficult].tolist())
+    records = getattr(train, "records", None)
+    if records is None:  # a dataset without records: nothing to count
+        return
+    seen = {int(c) for record in records for c in record.classes[~record.difficult]}
     missing = [name for i, name in enumerate(classes) if i not in seen]
-    if missing and getattr(train, "records", None) is not None:
+    if missing:
         warnings.warn(
             f"No training boxes for class(es) {', '.join(missing)}: the detector cannot learn "
             "them (their AP will be 0).",

@@ -35,9 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, environment, write_json
-
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+from harness import BCCD, ROOT, available, environment, write_json
 
 # (row, flags added to the previous row's, which datasets it runs on)
 STEPS = [
@@ -78,10 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {"environment": environment("cpu"), "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for dataset in args.datasets:
-            if dataset == "bccd" and not BCCD.is_dir():
-                print(f"{BCCD} not found: BCCD skipped")
-                continue
+        for dataset in available(args.datasets):
             seeds = args.seeds if dataset == "shapes" else args.bccd_seeds
             iters = args.shapes_iters if dataset == "shapes" else args.bccd_iters
             flags: list[str] = []

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import ROOT, environment, write_json
+from harness import BCCD, available, environment, write_json
 from matched import build_pair, torchvision_targets
 from torch import nn
 
@@ -38,8 +38,6 @@ import a4_helper
 import detector_cli
 from eecs598 import reset_seed
 from eecs598.anchor_fit import fit_anchors, training_box_sizes
-
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 
 SETTINGS = {
     "shapes": {"dataset": "shapes", "image_size": 128, "batch_size": 16, "fpn_channels": 64},
@@ -141,10 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {"environment": environment("cpu"), "iters": args.iters}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.datasets:
-            if name == "bccd" and not BCCD.is_dir():
-                print(f"{BCCD} not found: BCCD skipped")
-                continue
+        for name in available(args.datasets):
             seeds = args.seeds if name == "shapes" else args.bccd_seeds
             result[name] = {seed: run(name, args, Path(tmp), seed) for seed in seeds}
             write_json(args.out, result)

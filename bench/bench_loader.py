@@ -34,11 +34,9 @@ import time
 from pathlib import Path
 
 import torch
-from harness import ROOT, environment, write_json
+from harness import BCCD, environment, write_json
 
 import a4_helper
-
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 
 
 def items_per_second(dataset, count: int) -> float:

@@ -21,6 +21,17 @@ sys.path.insert(0, str(ROOT))
 
 import a4_helper  # noqa: E402
 
+#: The real images in VOC layout (``../shared/datasets/bccd``); absent on some machines.
+BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+
+
+def available(datasets: list[str]) -> list[str]:
+    """``datasets`` without ``"bccd"`` where its folder is missing (saying so)."""
+    if "bccd" in datasets and not BCCD.is_dir():
+        print(f"{BCCD} not found: BCCD skipped")
+        return [name for name in datasets if name != "bccd"]
+    return list(datasets)
+
 
 def sync(device: torch.device | str) -> None:
     """Wait for queued kernels so a timer measures the work, not the launch."""
