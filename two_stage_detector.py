@@ -26,6 +26,7 @@ Everything is vectorised over the batch: the only Python loops run over the FPN 
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -895,8 +896,12 @@ class RPN(nn.Module):
             ``(boxes (B, K, 4), logits (B, K), mask (B, K))`` with ``K = post_nms_topk``;
             empty slots have zero boxes, ``-inf`` logits and ``mask`` False.
         """
-        boxes, logits, groups = [], [], []
-        for level_id, (level, anchors) in enumerate(anchors_per_fpn_level.items()):
+        levels = list(anchors_per_fpn_level.items())
+        # Each level's top-k, padded to the same n with invalid slots (a level can have fewer
+        # than ``pre_nms_topk`` anchors): one NMS group per image and level, contiguous.
+        group_size = max(min(self.pre_nms_topk, len(anchors)) for _, anchors in levels)
+        boxes, logits, filled = [], [], []
+        for level, anchors in levels:
             level_logits = pred_obj_logits[level].detach().to(anchors)  # (B, HWA)
             k = min(self.pre_nms_topk, level_logits.shape[1])
             top_logits, top_idx = level_logits.topk(k, dim=1)  # (B, k)
@@ -906,17 +911,17 @@ class RPN(nn.Module):
                 top_idx[..., None].expand(-1, -1, 4),
             )
             level_boxes = rcnn_apply_deltas_to_anchors(top_deltas, anchors[top_idx])
-            boxes.append(level_boxes)
-            logits.append(top_logits)
-            groups.append(torch.full_like(top_idx, level_id))
-        boxes = _clip_boxes(torch.cat(boxes, dim=1), image_size)  # (B, L*k, 4)
-        logits = torch.cat(logits, dim=1)  # (B, L*k)
-        image_ids = torch.arange(len(boxes), device=boxes.device)[:, None]
-        groups = torch.cat(groups, dim=1) + image_ids * len(anchors_per_fpn_level)
+            padding = group_size - k
+            boxes.append(F.pad(level_boxes, (0, 0, 0, padding)))
+            logits.append(F.pad(top_logits, (0, padding), value=float("-inf")))
+            filled.append(F.pad(torch.ones_like(top_idx, dtype=torch.bool), (0, padding)))
+        boxes = _clip_boxes(torch.cat(boxes, dim=1), image_size)  # (B, L*n, 4)
+        logits = torch.cat(logits, dim=1)  # (B, L*n)
         wh = boxes[..., 2:] - boxes[..., :2]
-        big_enough = (wh >= self.min_proposal_size).all(dim=-1)
+        candidates = torch.cat(filled, dim=1) & (wh >= self.min_proposal_size).all(dim=-1)
+        groups = torch.arange(logits.shape[1], device=boxes.device).view(len(levels), -1)
         index, mask = _batched_nms_topk(
-            boxes, logits, groups, big_enough, self.nms_thresh, self.post_nms_topk
+            boxes, logits, groups, candidates, self.nms_thresh, self.post_nms_topk
         )
         boxes = _gather_rows(boxes, index) * mask[..., None]
         if not padded:
@@ -958,51 +963,233 @@ def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor)
     return torch.minimum(boxes.clamp(min=0), upper)
 
 
+#: Which NMS ``_batched_nms_topk`` runs: ``None`` picks the fixed-shape one on accelerators and
+#: under ``torch.compile`` and torchvision's per-group kernel for eager CPU tensors; ``True`` /
+#: ``False`` force one (``bench/bench_syncs.py`` counts both; the tests run both).
+FIXED_SHAPE_NMS: bool | None = None
+
+
 def _batched_nms_topk(
     boxes: torch.Tensor,
     scores: torch.Tensor,
-    groups: torch.Tensor,
+    group_index: torch.Tensor,
     valid: torch.Tensor,
     iou_threshold: float,
     topk: int,
+    sweeps: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NMS within each group, then the ``topk`` best survivors of each image.
+    """Greedy NMS within each group of every image, then the ``topk`` best survivors per image.
 
-    One ``torchvision.ops.batched_nms`` call serves all images (groups never span images).
+    Two implementations keep the same boxes (``tests/test_properties.py`` checks both against
+    ``torchvision.ops.nms`` per group, with tied coordinates and scores):
+
+    - fixed shape (``_fixed_shape_nms_keep``), on accelerators and under ``torch.compile``:
+      all images and groups at once as IoU matrices and fixed-point sweeps; no Python loop, no
+      boolean indexing and a single host-device sync (the convergence check; none compiled),
+      whatever the batch size;
+    - ``torchvision.ops.nms`` per group (``_torchvision_nms_keep``), for eager CPU tensors: its
+      sequential kernel beats the ``n x n`` matrices there (the demo trained 33% slower with
+      them), and a sync costs nothing on a CPU.
+
+    ``FIXED_SHAPE_NMS`` overrides the choice. Either way each group's kept set is
+    ``torchvision.ops.nms``'s (CPU kernel) on its valid members: float32 IoU arithmetic, the
+    rule ``IoU > iou_threshold``, members visited by decreasing score with equal scores in
+    increasing position. Boxes with NaN coordinates or scores are not covered by that
+    guarantee.
 
     Args:
-        boxes: (B, N, 4) boxes; scores, groups, valid: (B, N). Invalid entries are left out.
-        iou_threshold: NMS overlap threshold.
+        boxes: (B, N, 4) boxes; scores, valid: (B, N). Invalid entries neither survive nor
+            suppress.
+        group_index: (G, n) int64, a partition of the positions ``0..N-1`` into ``G`` groups of
+            ``n``: row ``g`` lists group ``g``'s positions in increasing order, the same groups
+            in every image (e.g. ``arange(N).view(G, n)`` for contiguous groups).
+        iou_threshold: a box is suppressed by a kept, better box with IoU above this.
         topk: survivors kept per image.
+        sweeps: fixed-shape NMS: sweeps run before the first convergence check.
 
     Returns:
         ``(index, mask)``, each (B, topk): the positions (in ``0..N-1``) of each image's
-        survivors, best first (equal scores: lower position first), and which slots are
-        filled.
+        survivors, best first, equal scores in increasing position (so an image's result does
+        not depend on the other images of the batch); ``mask`` marks the filled slots, which
+        come first. Unfilled slots have index 0.
+    """
+    fixed_shape = FIXED_SHAPE_NMS
+    if fixed_shape is None:
+        fixed_shape = boxes.device.type != "cpu" or torch.compiler.is_compiling()
+    if fixed_shape:
+        kept = _fixed_shape_nms_keep(boxes, scores, group_index, valid, iou_threshold, sweeps)
+    else:
+        kept = _torchvision_nms_keep(boxes, scores, group_index, valid, iou_threshold)
+    # Survivors first, by decreasing score, equal scores by position: two stable sorts.
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    survivors_first = torch.sort(
+        (~torch.gather(kept, 1, by_score)).to(torch.uint8), dim=1, stable=True
+    ).indices
+    index = torch.gather(by_score, 1, survivors_first[:, :topk])
+    mask = torch.gather(kept, 1, index)
+    if index.shape[1] < topk:  # fewer positions than slots
+        index = F.pad(index, (0, topk - index.shape[1]))
+        mask = F.pad(mask, (0, topk - mask.shape[1]))
+    return index.masked_fill(~mask, 0), mask
+
+
+def _torchvision_nms_keep(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    group_index: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+) -> torch.Tensor:
+    """``_batched_nms_topk``'s kept set by ``torchvision.ops.nms`` on each group of each image.
+
+    One sort by group and one NMS per non-empty group. (``torchvision.ops.batched_nms`` does
+    the same for large inputs, with a ``nonzero`` per group; for small ones it shifts each
+    group's boxes by an offset instead, whose float32 rounding can change IoUs near the
+    threshold, so it is not called.)
+
+    Args: as ``_batched_nms_topk``'s.
+
+    Returns:
+        (B, N) bool: kept.
     """
     batch, num = scores.shape
-    candidates = valid.reshape(-1).nonzero().squeeze(1)  # flat positions in B*N
-    keep = torchvision.ops.batched_nms(
-        boxes.reshape(-1, 4)[candidates].float(),
-        scores.reshape(-1)[candidates].float(),
-        groups.reshape(-1)[candidates],
+    num_groups, group_size = group_index.shape
+    group_of = torch.empty(num, dtype=torch.long, device=scores.device)
+    group_of[group_index.reshape(-1)] = torch.arange(
+        num_groups, device=scores.device
+    ).repeat_interleave(group_size)
+    image_ids = torch.arange(batch, device=scores.device)[:, None]
+    groups = (image_ids * num_groups + group_of).masked_fill(~valid, -1).reshape(-1)
+    flat_boxes, flat_scores = boxes.reshape(-1, 4).float(), scores.reshape(-1).float()
+    kept = torch.zeros(batch * num, dtype=torch.bool, device=scores.device)
+    by_group = torch.sort(groups, stable=True).indices  # invalid first, positions ascending
+    counts = torch.bincount(groups + 1, minlength=batch * num_groups + 1).tolist()
+    start = counts[0]
+    for count in counts[1:]:
+        if count:
+            members = by_group[start : start + count]
+            keep = torchvision.ops.nms(flat_boxes[members], flat_scores[members], iou_threshold)
+            kept[members[keep]] = True
+            start += count
+    return kept.view(batch, num)
+
+
+def _fixed_shape_nms_keep(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    group_index: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    sweeps: int = 16,
+) -> torch.Tensor:
+    """``_batched_nms_topk``'s kept set as tensors of fixed shape: per group, the IoU matrix of
+    its ``n`` members in visiting order, resolved by ``_greedy_nms_keep``.
+
+    Args: as ``_batched_nms_topk``'s.
+
+    Returns:
+        (B, N) bool: kept.
+    """
+    batch, num = scores.shape
+    num_groups, group_size = group_index.shape
+    members = group_index.reshape(-1)
+    group_boxes = boxes[:, members].float().view(batch, num_groups, group_size, 4)
+    group_scores = scores[:, members].float().view(batch, num_groups, group_size)
+    group_valid = valid[:, members].view(batch, num_groups, group_size)
+    # Greedy visiting order within each group: decreasing score, equal scores by position
+    # (``group_index`` rows list positions in increasing order, the sort is stable).
+    ranked = group_scores.masked_fill(~group_valid, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    keep = _greedy_nms_keep(
+        _gather_rows(group_boxes.flatten(0, 1), order.flatten(0, 1)),
+        torch.gather(group_valid, -1, order).flatten(0, 1),
         iou_threshold,
-    )  # by decreasing score
-    # Survivors by image, then by decreasing score, equal scores by position: the order
-    # does not depend on the other images of the batch (batched_nms orders ties arbitrarily).
-    kept = torch.sort(candidates[keep]).values  # by image, then by position
-    kept = kept[torch.sort(scores.reshape(-1)[kept], descending=True, stable=True).indices]
-    kept = kept[torch.sort(kept // num, stable=True).indices]
-    kept_images = kept // num
-    starts = torch.searchsorted(kept_images, torch.arange(batch, device=kept.device))
-    ranks = torch.arange(len(kept), device=kept.device) - starts[kept_images]
-    in_top = ranks < topk
-    kept, kept_images, ranks = kept[in_top], kept_images[in_top], ranks[in_top]
-    index = torch.zeros(batch, topk, dtype=torch.long, device=kept.device)
-    mask = torch.zeros(batch, topk, dtype=torch.bool, device=kept.device)
-    index[kept_images, ranks] = kept % num
-    mask[kept_images, ranks] = True
-    return index, mask
+        sweeps,
+    )  # (B * G, n), in visiting order
+    kept = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
+    positions = torch.gather(group_index.expand(batch, -1, -1), -1, order).view(batch, -1)
+    return kept.scatter_(1, positions, keep.view(batch, -1))
+
+
+def _float32_threshold(threshold: float) -> float:
+    """The largest float32 ``t32 <= threshold``: for a float32 ``v``, ``v > t32`` exactly when
+    ``v > threshold`` in double precision, the comparison torchvision's CPU kernel makes."""
+    (t32,) = struct.unpack("f", struct.pack("f", threshold))  # round to nearest
+    if t32 > threshold:  # one float32 step down (thresholds here are positive and finite)
+        (bits,) = struct.unpack("I", struct.pack("f", t32))
+        (t32,) = struct.unpack("f", struct.pack("I", bits - 1 if t32 > 0 else bits + 1))
+    return t32
+
+
+def _greedy_nms_keep(
+    boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, sweeps: int = 16
+) -> torch.Tensor:
+    """Greedy NMS of each row of boxes already in visiting order (best first).
+
+    ``IoU[j, i]`` is computed as torchvision's CPU kernel does, in the boxes' dtype:
+    ``inter / (area_j + area_i - inter)`` with ``area = (x2 - x1) * (y2 - y1)`` and
+    ``inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))``. Box ``i`` is kept when it
+    is valid and no kept box ``j < i`` has ``IoU[j, i] > iou_threshold``. That kept set is the
+    unique fixed point of ``keep = valid & ~any_j(keep[j] & S[j, i])`` (``S``: valid ``j < i``
+    overlapping ``i`` too much); each sweep from ``keep = valid`` makes at least one more
+    position final. ``sweeps`` sweeps run unconditionally, then sweeps continue until nothing
+    changes, checked once per ``sweeps`` sweeps: one host-device sync when the first round
+    suffices (the usual case: suppression chains are short), exact in every case.
+
+    Args:
+        boxes: (R, n, 4) boxes per row, in visiting order; valid: (R, n) bool.
+
+    Returns:
+        (R, n) bool: kept.
+    """
+    x1, y1, x2, y2 = boxes.permute(2, 0, 1).contiguous()  # (R, n) each
+    area = (x2 - x1) * (y2 - y1)
+    # (R, n, n) pairwise terms [j, i] in three buffers, in place: each fresh n^2 buffer costs
+    # page faults on the CPU, each pass memory traffic.
+    inter = torch.minimum(x2[:, :, None], x2[:, None, :])
+    other = torch.maximum(x1[:, :, None], x1[:, None, :])
+    inter.sub_(other).clamp_(min=0)
+    torch.minimum(y2[:, :, None], y2[:, None, :], out=other)
+    other.sub_(torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    inter.mul_(other)
+    union = torch.add(area[:, :, None], area[:, None, :], out=other).sub_(inter)
+    # S[j, i] as 0/1 in the boxes' dtype (for bmm); only j < i may suppress i. Invalid j need
+    # no masking: they are never kept.
+    suppresses = torch.gt(inter.div_(union), _float32_threshold(iou_threshold), out=other)
+    suppresses.triu_(diagonal=1)
+    # keep and valid as (R, 1, n) 0/1 rows in the boxes' dtype: a sweep is three ops.
+    valid_rows = valid.to(boxes.dtype)[:, None, :]
+    if torch.compiler.is_compiling():  # the same fixed point, as one graph (no sync)
+        return _sweep_until_fixed(suppresses, valid_rows)[:, 0] > 0
+    keep = valid_rows
+    while True:
+        for _ in range(sweeps):
+            previous = keep
+            keep = valid_rows * (torch.bmm(keep, suppresses) == 0)
+        if torch.equal(keep, previous):
+            return keep[:, 0] > 0
+
+
+def _sweep_until_fixed(suppresses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``_greedy_nms_keep``'s sweeps under ``torch.compile``: a ``while_loop`` on the device
+    until nothing changes, so the whole forward compiles with ``fullgraph=True``.
+
+    Args:
+        suppresses: (R, n, n) 0/1 ``S[j, i]``; valid: (R, 1, n) 0/1 in its dtype.
+
+    Returns:
+        (R, 1, n) 0/1: kept.
+    """
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def changed(keep: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return (keep != previous).any()
+
+    def sweep(keep: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return valid * (torch.bmm(keep, suppresses) == 0), keep.clone()
+
+    keep, _ = while_loop(changed, sweep, (valid.clone(), 1 - valid))
+    return keep
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -1010,9 +1197,18 @@ def _full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _unpad(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """(B, K, ...) padded values and (B, K) mask -> B tensors of the filled slots."""
-    return list(torch.split(values[mask], mask.sum(dim=1).tolist()))
+def _unpad(
+    values: torch.Tensor, mask: torch.Tensor, counts: list[int] | None = None
+) -> list[torch.Tensor]:
+    """(B, K, ...) padded values and (B, K) mask whose filled slots come first in each row (as
+    ``_batched_nms_topk`` fills them) -> B tensors of the filled slots, views of ``values``.
+
+    Reading the counts is a host-device sync; pass ``counts`` (``mask.sum(1).tolist()``) to
+    split several tensors of one mask with a single sync.
+    """
+    if counts is None:
+        counts = mask.sum(dim=1).tolist()
+    return [row[:count] for row, count in zip(values, counts, strict=True)]
 
 
 def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -1217,7 +1413,9 @@ class FasterRCNN(nn.Module):
         if gt_boxes is None:
             raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
         _check_gt_boxes(gt_boxes, batch_size=len(images))
-        if gt_boxes.device.type == "cpu":  # elsewhere it would be a sync per step
+        # Elsewhere it would be a sync per step, and under torch.compile a graph break:
+        # ``train_detector`` checks each batch on the host (``check_inputs``) instead.
+        if gt_boxes.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_gt_values(gt_boxes, self.num_classes)
         if not getattr(self, "_warned_few_values", False) and self.backbone.training:
             stride = max(getattr(self.backbone, "fpn_strides", {"p5": 32}).values())
@@ -1387,22 +1585,24 @@ class FasterRCNN(nn.Module):
                 box_deltas.to(proposals), proposals[:, :, None, :], self.box_weights
             )
             boxes = _clip_boxes(boxes, image_size)
-        classes = torch.arange(num_classes, device=scores.device).expand_as(scores)
-        image_ids = torch.arange(batch, device=scores.device)[:, None, None]
         wh = boxes[..., 2:] - boxes[..., :2]
         candidate = valid[..., None] & (scores > score_thresh) & (wh > 1e-2).all(dim=-1)
         boxes, scores = boxes.reshape(batch, -1, 4), scores.reshape(batch, -1)
+        # Position r * C + c holds class c of proposal r: group c is column c.
+        groups = torch.arange(scores.shape[1], device=scores.device).view(-1, num_classes).T
         index, mask = _batched_nms_topk(
             boxes,
             scores,
-            (image_ids * num_classes + classes).reshape(batch, -1),
+            groups,
             candidate.reshape(batch, -1),
             nms_thresh,
             self.detections_per_image,
         )
         boxes, scores = _gather_rows(boxes, index), _gather_rows(scores, index)
         classes = index % num_classes
-        return list(zip(*(_unpad(t, mask) for t in (boxes, classes, scores)), strict=True))
+        counts = mask.sum(dim=1).tolist()  # the one host-device sync of the list outputs
+        outputs = (_unpad(t, mask, counts) for t in (boxes, classes, scores))
+        return list(zip(*outputs, strict=True))
 
 
 def compile_detector(detector: nn.Module, **options: Any) -> nn.Module:

@@ -12,7 +12,9 @@ any threshold, per-class NMS, and the matching rules.
 from __future__ import annotations
 
 import math
+import os
 
+import pytest
 import torch
 import torchvision
 from hypothesis import given, settings
@@ -291,3 +293,101 @@ def test_matching_rules(anchors, gt, low, gap, low_quality):
     batch = torch.stack([gt_rows, torch.full_like(gt_rows, -1.0)])
     batched = rcnn_match_anchors_to_gt(anchor_boxes, batch, (low, high), low_quality)
     assert torch.equal(batched[0], matched) and (batched[1] == -1).all()
+
+
+# ---- the detector's NMS, both implementations -----------------------------------------------
+
+
+def _reference_nms_topk(boxes, scores, group_index, valid, threshold, topk):
+    """``torchvision.ops.nms`` on each group's valid members (listed by increasing position),
+    then each image's survivors by decreasing score, equal scores by position, top ``topk``."""
+    index = torch.zeros(len(boxes), topk, dtype=torch.long)
+    mask = torch.zeros(len(boxes), topk, dtype=torch.bool)
+    for b in range(len(boxes)):
+        kept = []
+        for members in group_index:
+            members = members[valid[b, members]]
+            kept.append(
+                members[torchvision.ops.nms(boxes[b, members], scores[b, members], threshold)]
+            )
+        kept = torch.sort(torch.cat(kept)).values
+        kept = kept[torch.sort(scores[b, kept], descending=True, stable=True).indices][:topk]
+        index[b, : len(kept)] = kept
+        mask[b, : len(kept)] = True
+    return index, mask
+
+
+nms_box = st.one_of(
+    integer_box,  # ties of coordinates and of IoU values
+    formed_box,
+).map(lambda t: tuple(float(v) for v in t))
+
+
+@settings(max_examples=int(os.environ.get("NMS_EXAMPLES", 100)), deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 3),
+    num_groups=st.integers(1, 3),
+    group_size=st.integers(1, 12),
+    threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9, 1.0]) | st.floats(0, 1),
+    tied_scores=st.booleans(),
+    sweeps=st.integers(1, 16),
+    interleaved=st.booleans(),
+)
+def test_batched_nms_topk_equals_torchvision_nms(
+    data, batch, num_groups, group_size, threshold, tied_scores, sweeps, interleaved
+):
+    """Both ``_batched_nms_topk`` implementations (fixed shape: IoU matrices + fixed-point
+    sweeps, no boolean indexing; and one ``batched_nms`` call) keep exactly torchvision's boxes
+    per group, in the documented order, for any sweep count (``sweeps=1`` exercises the
+    convergence loop), contiguous or interleaved groups, and tied scores."""
+    import two_stage_detector
+    from two_stage_detector import _batched_nms_topk
+
+    count = batch * num_groups * group_size
+    boxes = tensor(data.draw(st.lists(nms_box, min_size=count, max_size=count)))
+    boxes = boxes.view(batch, num_groups * group_size, 4)
+    if tied_scores:
+        levels = data.draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
+        scores = torch.tensor(levels, dtype=torch.float32) / 4
+    else:
+        scores = torch.rand(
+            count, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**32)))
+        )
+    scores = scores.view(batch, -1)
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=count, max_size=count)))
+    valid = valid.view(batch, -1)
+    positions = torch.arange(num_groups * group_size)
+    groups = positions.view(-1, num_groups).T if interleaved else positions.view(num_groups, -1)
+    topk = data.draw(st.integers(1, count + 2))
+    ref_index, ref_mask = _reference_nms_topk(boxes, scores, groups, valid, threshold, topk)
+    saved = two_stage_detector.FIXED_SHAPE_NMS
+    try:
+        for fixed_shape in (True, False):
+            two_stage_detector.FIXED_SHAPE_NMS = fixed_shape
+            index, mask = _batched_nms_topk(
+                boxes, scores, groups, valid, threshold, topk, sweeps=sweeps
+            )
+            assert torch.equal(mask, ref_mask), fixed_shape
+            assert torch.equal(index, ref_index), fixed_shape
+    finally:
+        two_stage_detector.FIXED_SHAPE_NMS = saved
+
+
+@pytest.mark.parametrize("fixed_shape", [True, False])
+def test_batched_nms_topk_threshold_compared_as_torchvision_does(monkeypatch, fixed_shape):
+    """IoU 1/10 is the float32 nearest 0.1, just above 0.1: torchvision's CPU kernel compares
+    in double precision and suppresses, so must the fixed-shape NMS (a float32 ``iou > 0.1``
+    would not)."""
+    import two_stage_detector
+    from two_stage_detector import _batched_nms_topk
+
+    monkeypatch.setattr(two_stage_detector, "FIXED_SHAPE_NMS", fixed_shape)
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 10.0], [0.0, 0.0, 1.0, 1.0]]])
+    scores = torch.tensor([[0.9, 0.8]])
+    assert torch.equal(torchvision.ops.nms(boxes[0], scores[0], 0.1), torch.tensor([0]))
+    groups = torch.arange(2).view(1, 2)
+    index, mask = _batched_nms_topk(
+        boxes, scores, groups, torch.ones(1, 2, dtype=torch.bool), 0.1, 2
+    )
+    assert mask.tolist() == [[True, False]] and index[0, 0] == 0

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 from torchvision.models.detection._utils import BoxCoder
 
+import two_stage_detector
 from common import DetectorBackboneWithFPN, get_fpn_location_coords
 from eecs598.grad import rel_error
 from two_stage_detector import (
@@ -580,11 +581,14 @@ def test_faster_rcnn_requires_gt_in_training():
         small_faster_rcnn()(torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.parametrize("fixed_shape_nms", [False, True])
 @pytest.mark.parametrize("box_regression", [False, True])
-def test_batched_inference_equals_one_at_a_time(box_regression):
-    """B=3 gives per image exactly what B=1 gives. oneDNN convolutions pick batch-size
-    dependent algorithms (1e-6 differences), so the check runs with oneDNN off, which makes
-    the backbone features bit-identical and tests the detector's own batching exactly."""
+def test_batched_inference_equals_one_at_a_time(monkeypatch, box_regression, fixed_shape_nms):
+    """B=3 gives per image exactly what B=1 gives, with either NMS. oneDNN convolutions pick
+    batch-size dependent algorithms (1e-6 differences), so the check runs with oneDNN off,
+    which makes the backbone features bit-identical and tests the detector's own batching
+    exactly."""
+    monkeypatch.setattr(two_stage_detector, "FIXED_SHAPE_NMS", fixed_shape_nms)
     torch.manual_seed(0)
     model = small_faster_rcnn(box_regression=box_regression).eval()
     images = torch.randn(3, 3, 128, 160)
@@ -600,6 +604,34 @@ def test_batched_inference_equals_one_at_a_time(box_regression):
             assert torch.all(scores[:-1] >= scores[1:])
             for ours, theirs in zip(single, batched[i], strict=True):
                 assert torch.equal(ours, theirs)
+
+
+def test_both_nms_implementations_give_the_same_losses_and_detections(monkeypatch):
+    """The fixed-shape NMS (accelerators, ``torch.compile``) and torchvision's (eager CPU)
+    give the same training losses, gradients and detections, bit for bit."""
+    torch.manual_seed(0)
+    initial = small_faster_rcnn(box_regression=True)
+    images, gt = torch.randn(2, 3, 128, 160), make_gt(2)
+    results = []
+    for fixed_shape in (False, True):
+        monkeypatch.setattr(two_stage_detector, "FIXED_SHAPE_NMS", fixed_shape)
+        model = copy.deepcopy(initial).train()  # the same BatchNorm statistics for both
+        torch.manual_seed(1)
+        losses = model(images, gt)
+        sum(losses.values()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        with torch.no_grad():
+            detections = model.eval()(images, test_score_thresh=0.0)
+        results.append((losses, grads, detections))
+    (losses, grads, detections), (f_losses, f_grads, f_detections) = results
+    assert losses.keys() == f_losses.keys()
+    for key in losses:
+        assert torch.equal(losses[key], f_losses[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(grads, f_grads, strict=True))
+    assert sum(len(boxes) for boxes, _, _ in detections) > 0
+    for image, f_image in zip(detections, f_detections, strict=True):
+        for ours, theirs in zip(image, f_image, strict=True):
+            assert torch.equal(ours, theirs)
 
 
 def test_inference_score_threshold_and_class_nms():
@@ -744,6 +776,32 @@ def test_predict_proposals_padded_layout_holds_the_same_boxes():
     assert (logits[~mask] == float("-inf")).all() and (boxes[~mask] == 0).all()
     for image, ours in enumerate(listed):
         assert torch.equal(ours, boxes[image][mask[image]])
+
+
+def test_whole_training_forward_compiles_with_fullgraph():
+    """Losses included, the training forward is one graph (no graph break; under compilation
+    the NMS sweeps run as a ``while_loop`` and the host-side gt value check is skipped), and it
+    gives eager's losses and gradients."""
+    torch.manual_seed(0)
+    model = small_faster_rcnn(box_regression=True).train()
+    eager = copy.deepcopy(model)
+    images, gt = torch.randn(2, 3, 128, 160), make_gt(2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    results = []
+    for net in (eager, compiled):
+        torch.manual_seed(1)
+        losses = net(images, gt)
+        sum(losses.values()).backward()
+        results.append(losses)
+    torch._dynamo.reset()
+    assert results[0].keys() == results[1].keys() == {
+        "loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"
+    }  # fmt: skip
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6)
+    for p, q in zip(eager.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_compile_detector_compiles_the_fixed_shape_parts_in_place(monkeypatch):
