@@ -14,6 +14,7 @@ Boxes are ``(x1, y1, x2, y2)`` in absolute image pixels.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ __all__ = [
     "DetectorBackboneWithFPN",
     "get_fpn_location_coords",
     "box_iou",
+    "greedy_nms_keep",
     "nms",
     "class_spec_nms",
 ]
@@ -287,6 +289,90 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return inter / torch.where(union > 0, union, 1.0)  # empty union: inter is 0 too
 
 
+def _float32_threshold(threshold: float) -> float:
+    """The largest float32 ``t32 <= threshold``: for a float32 ``v``, ``v > t32`` exactly when
+    ``v > threshold`` in double precision, the comparison torchvision's CPU kernel makes."""
+    (t32,) = struct.unpack("f", struct.pack("f", threshold))  # round to nearest
+    if t32 > threshold:  # one float32 step down (thresholds here are positive and finite)
+        (bits,) = struct.unpack("I", struct.pack("f", t32))
+        (t32,) = struct.unpack("f", struct.pack("I", bits - 1 if t32 > 0 else bits + 1))
+    return t32
+
+
+def greedy_nms_keep(
+    boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, sweeps: int = 16
+) -> torch.Tensor:
+    """Greedy NMS of each row of boxes already in visiting order (best first).
+
+    The vectorised form of greedy NMS behind ``nms`` and the detector's fixed-shape NMS
+    (``two_stage_detector._batched_nms_topk``), for ``R`` independent rows at once.
+    ``IoU[j, i]`` is computed as torchvision's CPU kernel does, in the boxes' dtype:
+    ``inter / (area_j + area_i - inter)`` with ``area = (x2 - x1) * (y2 - y1)`` and
+    ``inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))``. Box ``i`` is kept when it
+    is valid and no kept box ``j < i`` has ``IoU[j, i] > iou_threshold``. That kept set is the
+    unique fixed point of ``keep = valid & ~any_j(keep[j] & S[j, i])`` (``S``: valid ``j < i``
+    overlapping ``i`` too much); each sweep from ``keep = valid`` makes at least one more
+    position final. ``sweeps`` sweeps run unconditionally, then sweeps continue until nothing
+    changes, checked once per ``sweeps`` sweeps: one host-device sync when the first round
+    suffices (the usual case: suppression chains are short), exact in every case.
+
+    Args:
+        boxes: (R, n, 4) boxes per row, in visiting order; valid: (R, n) bool.
+
+    Returns:
+        (R, n) bool: kept.
+    """
+    x1, y1, x2, y2 = boxes.permute(2, 0, 1).contiguous()  # (R, n) each
+    area = (x2 - x1) * (y2 - y1)
+    # (R, n, n) pairwise terms [j, i] in three buffers, in place: each fresh n^2 buffer costs
+    # page faults on the CPU, each pass memory traffic.
+    inter = torch.minimum(x2[:, :, None], x2[:, None, :])
+    other = torch.maximum(x1[:, :, None], x1[:, None, :])
+    inter.sub_(other).clamp_(min=0)
+    torch.minimum(y2[:, :, None], y2[:, None, :], out=other)
+    other.sub_(torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    inter.mul_(other)
+    union = torch.add(area[:, :, None], area[:, None, :], out=other).sub_(inter)
+    # S[j, i] as 0/1 in the boxes' dtype (for bmm); only j < i may suppress i. Invalid j need
+    # no masking: they are never kept.
+    threshold = _float32_threshold(iou_threshold) if boxes.dtype == torch.float32 else iou_threshold
+    suppresses = torch.gt(inter.div_(union), threshold, out=other)
+    suppresses.triu_(diagonal=1)
+    # keep and valid as (R, 1, n) 0/1 rows in the boxes' dtype: a sweep is three ops.
+    valid_rows = valid.to(boxes.dtype)[:, None, :]
+    if torch.compiler.is_compiling():  # the same fixed point, as one graph (no sync)
+        return _sweep_until_fixed(suppresses, valid_rows)[:, 0] > 0
+    keep = valid_rows
+    while True:
+        for _ in range(sweeps):
+            previous = keep
+            keep = valid_rows * (torch.bmm(keep, suppresses) == 0)
+        if torch.equal(keep, previous):
+            return keep[:, 0] > 0
+
+
+def _sweep_until_fixed(suppresses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``greedy_nms_keep``'s sweeps under ``torch.compile``: a ``while_loop`` on the device
+    until nothing changes, so the whole forward compiles with ``fullgraph=True``.
+
+    Args:
+        suppresses: (R, n, n) 0/1 ``S[j, i]``; valid: (R, 1, n) 0/1 in its dtype.
+
+    Returns:
+        (R, 1, n) 0/1: kept.
+    """
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def changed(keep: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return (keep != previous).any()
+
+    def sweep(keep: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return valid * (torch.bmm(keep, suppresses) == 0), keep.clone()
+
+    keep, _ = while_loop(changed, sweep, (valid.clone(), 1 - valid))
+    return keep
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
     """Greedy non-maximum suppression, vectorised.
 
@@ -296,7 +382,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
     Greedy NMS is sequential in principle. Here the kept set is the unique fixed point of
     ``keep[i] = not any(keep[j] and IoU[j, i] > t for j ranked before i)``; starting from "keep
     all", each vectorised sweep makes at least one more position final, and sweeps stop as soon
-    as nothing changes (in practice a handful of sweeps). Memory is O(N^2) for the IoU matrix.
+    as nothing changes (in practice a handful of sweeps; ``greedy_nms_keep``, which computes
+    IoU with torchvision's arithmetic). Memory is O(N^2) for the IoU matrix.
 
     Args:
         boxes: (N, 4) boxes ``(x1, y1, x2, y2)``.
@@ -314,16 +401,9 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_boxes = boxes[order]
-    # overlaps[j, i]: box j is ranked before box i and overlaps it too much.
-    overlaps = torch.triu(box_iou(sorted_boxes, sorted_boxes) > iou_threshold, diagonal=1)
-    overlaps = overlaps.to(torch.float32)
-    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
-    while True:
-        suppressed = (keep.to(torch.float32) @ overlaps) > 0
-        if torch.equal(suppressed, ~keep):
-            break
-        keep = ~suppressed
+    ranked = boxes[order] if boxes.dtype == torch.float64 else boxes[order].float()
+    valid = torch.ones(1, len(order), dtype=torch.bool, device=boxes.device)
+    keep = greedy_nms_keep(ranked[None], valid, iou_threshold)[0]
     return order[keep]
 
 

@@ -26,7 +26,6 @@ Everything is vectorised over the batch: the only Python loops run over the FPN 
 from __future__ import annotations
 
 import math
-import struct
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +41,7 @@ from common import (
     check_images,
     class_spec_nms,
     get_fpn_location_coords,
+    greedy_nms_keep,
 )
 
 __all__ = [
@@ -1083,7 +1083,7 @@ def _fixed_shape_nms_keep(
     sweeps: int = 16,
 ) -> torch.Tensor:
     """``_batched_nms_topk``'s kept set as tensors of fixed shape: per group, the IoU matrix of
-    its ``n`` members in visiting order, resolved by ``_greedy_nms_keep``.
+    its ``n`` members in visiting order, resolved by ``common.greedy_nms_keep``.
 
     Args: as ``_batched_nms_topk``'s.
 
@@ -1100,7 +1100,7 @@ def _fixed_shape_nms_keep(
     # (``group_index`` rows list positions in increasing order, the sort is stable).
     ranked = group_scores.masked_fill(~group_valid, float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    keep = _greedy_nms_keep(
+    keep = greedy_nms_keep(
         _gather_rows(group_boxes.flatten(0, 1), order.flatten(0, 1)),
         torch.gather(group_valid, -1, order).flatten(0, 1),
         iou_threshold,
@@ -1109,87 +1109,6 @@ def _fixed_shape_nms_keep(
     kept = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
     positions = torch.gather(group_index.expand(batch, -1, -1), -1, order).view(batch, -1)
     return kept.scatter_(1, positions, keep.view(batch, -1))
-
-
-def _float32_threshold(threshold: float) -> float:
-    """The largest float32 ``t32 <= threshold``: for a float32 ``v``, ``v > t32`` exactly when
-    ``v > threshold`` in double precision, the comparison torchvision's CPU kernel makes."""
-    (t32,) = struct.unpack("f", struct.pack("f", threshold))  # round to nearest
-    if t32 > threshold:  # one float32 step down (thresholds here are positive and finite)
-        (bits,) = struct.unpack("I", struct.pack("f", t32))
-        (t32,) = struct.unpack("f", struct.pack("I", bits - 1 if t32 > 0 else bits + 1))
-    return t32
-
-
-def _greedy_nms_keep(
-    boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, sweeps: int = 16
-) -> torch.Tensor:
-    """Greedy NMS of each row of boxes already in visiting order (best first).
-
-    ``IoU[j, i]`` is computed as torchvision's CPU kernel does, in the boxes' dtype:
-    ``inter / (area_j + area_i - inter)`` with ``area = (x2 - x1) * (y2 - y1)`` and
-    ``inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))``. Box ``i`` is kept when it
-    is valid and no kept box ``j < i`` has ``IoU[j, i] > iou_threshold``. That kept set is the
-    unique fixed point of ``keep = valid & ~any_j(keep[j] & S[j, i])`` (``S``: valid ``j < i``
-    overlapping ``i`` too much); each sweep from ``keep = valid`` makes at least one more
-    position final. ``sweeps`` sweeps run unconditionally, then sweeps continue until nothing
-    changes, checked once per ``sweeps`` sweeps: one host-device sync when the first round
-    suffices (the usual case: suppression chains are short), exact in every case.
-
-    Args:
-        boxes: (R, n, 4) boxes per row, in visiting order; valid: (R, n) bool.
-
-    Returns:
-        (R, n) bool: kept.
-    """
-    x1, y1, x2, y2 = boxes.permute(2, 0, 1).contiguous()  # (R, n) each
-    area = (x2 - x1) * (y2 - y1)
-    # (R, n, n) pairwise terms [j, i] in three buffers, in place: each fresh n^2 buffer costs
-    # page faults on the CPU, each pass memory traffic.
-    inter = torch.minimum(x2[:, :, None], x2[:, None, :])
-    other = torch.maximum(x1[:, :, None], x1[:, None, :])
-    inter.sub_(other).clamp_(min=0)
-    torch.minimum(y2[:, :, None], y2[:, None, :], out=other)
-    other.sub_(torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
-    inter.mul_(other)
-    union = torch.add(area[:, :, None], area[:, None, :], out=other).sub_(inter)
-    # S[j, i] as 0/1 in the boxes' dtype (for bmm); only j < i may suppress i. Invalid j need
-    # no masking: they are never kept.
-    suppresses = torch.gt(inter.div_(union), _float32_threshold(iou_threshold), out=other)
-    suppresses.triu_(diagonal=1)
-    # keep and valid as (R, 1, n) 0/1 rows in the boxes' dtype: a sweep is three ops.
-    valid_rows = valid.to(boxes.dtype)[:, None, :]
-    if torch.compiler.is_compiling():  # the same fixed point, as one graph (no sync)
-        return _sweep_until_fixed(suppresses, valid_rows)[:, 0] > 0
-    keep = valid_rows
-    while True:
-        for _ in range(sweeps):
-            previous = keep
-            keep = valid_rows * (torch.bmm(keep, suppresses) == 0)
-        if torch.equal(keep, previous):
-            return keep[:, 0] > 0
-
-
-def _sweep_until_fixed(suppresses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``_greedy_nms_keep``'s sweeps under ``torch.compile``: a ``while_loop`` on the device
-    until nothing changes, so the whole forward compiles with ``fullgraph=True``.
-
-    Args:
-        suppresses: (R, n, n) 0/1 ``S[j, i]``; valid: (R, 1, n) 0/1 in its dtype.
-
-    Returns:
-        (R, 1, n) 0/1: kept.
-    """
-    from torch._higher_order_ops.while_loop import while_loop
-
-    def changed(keep: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        return (keep != previous).any()
-
-    def sweep(keep: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return valid * (torch.bmm(keep, suppresses) == 0), keep.clone()
-
-    keep, _ = while_loop(changed, sweep, (valid.clone(), 1 - valid))
-    return keep
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
