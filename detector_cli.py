@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -65,6 +66,7 @@ NOTEBOOK_MODEL = {
     "roi_batch_size": 32,
     "anchor_scale": 8,
     "anchor_offset": 0.0,
+    "smooth_l1_beta": 0.0,
 }
 # `train` on voc2007 (the notebook's data): the notebook's choices, square crops, flips.
 NOTEBOOK_TRAINING = {
@@ -77,8 +79,9 @@ NOTEBOOK_TRAINING = {
     "grad_clip": None,
 }
 # `train` on data nobody tuned for (a VOC-layout folder, a COCO JSON, the shapes data): no crop,
-# padded batches, flips and multi-scale, anchors fitted to the boxes, box regression, and
-# settings that train from random init without diverging (warmup, clipping). Flags win.
+# padded batches, flips and multi-scale, anchors fitted to the boxes, box regression with
+# torchvision's smooth-L1 box losses (beta 1/9: faster early training than L1, bench/README.md),
+# and settings that train from random init without diverging (warmup, clipping). Flags win.
 DATA_TRAINING = {
     **NOTEBOOK_MODEL,
     "image_size": "auto",
@@ -86,6 +89,7 @@ DATA_TRAINING = {
     "multiscale": True,
     "anchor_scale": ["auto"],
     "box_regression": True,
+    "smooth_l1_beta": 1 / 9,
     "rpn_batch_size": 256,
     "roi_batch_size": 128,
     "lr": 0.02,
@@ -132,6 +136,7 @@ def build_detector(
     anchor_sizes: dict[str, Sequence[float]] | None = None,
     anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     fpn_levels: Sequence[str] = ("p3", "p4", "p5"),
+    smooth_l1_beta: float = NOTEBOOK_MODEL["smooth_l1_beta"],
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
@@ -142,6 +147,7 @@ def build_detector(
     ``RPN``'s (0: anchors centred on each feature cell's top-left pixel). ``anchor_sizes``
     (pixels per level, e.g. an ``eecs598.anchor_fit`` fit) replaces ``anchor_scale``;
     ``fpn_levels`` adds the stride-4 ``p2`` level when it starts at ``"p2"``.
+    ``smooth_l1_beta`` is both stages' box loss (0: the notebook's L1; torchvision uses 1/9).
     """
     backbone = DetectorBackboneWithFPN(
         out_channels=fpn_channels, pretrained=pretrained, fpn_levels=fpn_levels
@@ -156,11 +162,12 @@ def build_detector(
         anchor_offset=anchor_offset,
         anchor_sizes=anchor_sizes,
         anchor_aspect_ratios=anchor_aspect_ratios,
+        smooth_l1_beta=smooth_l1_beta,
     )
     return FasterRCNN(
         backbone, rpn, num_classes=num_classes, roi_size=(7, 7),
         stem_channels=[fpn_channels, fpn_channels], batch_size_per_image=roi_batch_size,
-        box_regression=box_regression,
+        box_regression=box_regression, smooth_l1_beta=smooth_l1_beta,
     )  # fmt: skip
 
 
@@ -202,7 +209,8 @@ def _training_model(
         len(classes), args.fpn_channels, args.pre_nms_topk, args.post_nms_topk,
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
-        anchor_offset=args.anchor_offset, fpn_levels=args.fpn_levels, **anchors,
+        anchor_offset=args.anchor_offset, fpn_levels=args.fpn_levels,
+        smooth_l1_beta=args.smooth_l1_beta, **anchors,
     )  # fmt: skip
     model.meta = {
         "class_names": classes,
@@ -479,7 +487,9 @@ def describe_setup(
         f"  anchors{mark('anchor_scale')}: {anchors}; FPN levels {'-'.join(args.fpn_levels)}",
         f"  model: FPN {args.fpn_channels} channels, box regression"
         f"{mark('box_regression')} {'on' if args.box_regression else 'off'}, RPN / RoI "
-        f"samples{mark('rpn_batch_size')} {args.rpn_batch_size} / {args.roi_batch_size} per image",
+        f"samples{mark('rpn_batch_size')} {args.rpn_batch_size} / {args.roi_batch_size} per image, "
+        f"box loss{mark('smooth_l1_beta')} "
+        + (f"smooth-L1 (beta {args.smooth_l1_beta:.4g})" if args.smooth_l1_beta else "L1"),
         f"  schedule: lr{mark('lr')} {args.lr:g}, warm-up{mark('warmup_iters')} "
         f"{args.warmup_iters} it, gradient clip{mark('grad_clip')} "
         f"{args.grad_clip if args.grad_clip else 'off'}, {args.max_iters} iterations, "
@@ -911,6 +921,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "notebook's section 3.6.1)",
     )
     p.add_argument(
+        "--smooth-l1-beta",
+        type=_smooth_l1_beta,
+        default=argparse.SUPPRESS,
+        help="box losses of both stages: 0 is L1 (the notebook's), above 0 smooth-L1, "
+        "quadratic below beta (torchvision's 1/9). Default: 0 for voc2007, else 1/9",
+    )
+    p.add_argument(
         "--no-pretrained",
         action="store_true",
         help="skip loading ImageNet weights for the backbone",
@@ -955,6 +972,20 @@ def _image_size_value(text: str) -> int | str:
             f"--image-size must be a number of pixels or 'auto', got {text!r} (at least 32)"
         )
     return int(text)
+
+
+def _smooth_l1_beta(text: str) -> float:
+    """``--smooth-l1-beta``: a number >= 0, or a fraction such as ``1/9``."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"--smooth-l1-beta must be a number >= 0 such as 0.111 or 1/9, got {text!r}"
+        )
+    return value
 
 
 def _anchor_scale_value(text: str) -> float | str:

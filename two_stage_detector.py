@@ -652,7 +652,8 @@ class RPN(nn.Module):
     ``batch_size_per_image`` anchors per image with up to half foreground, and returns
 
     - ``loss_rpn_obj``: binary cross-entropy over the sampled anchors;
-    - ``loss_rpn_box``: L1 loss of the deltas over the sampled foreground anchors;
+    - ``loss_rpn_box``: L1 loss of the deltas over the sampled foreground anchors (smooth-L1
+      with ``smooth_l1_beta > 0``);
 
     both summed and divided by ``batch_size_per_image * B``. Proposals are made in both modes
     (they are detached: no gradient flows from the second stage into the RPN's boxes).
@@ -681,6 +682,10 @@ class RPN(nn.Module):
             centred, as torchvision's ``AnchorGenerator`` and detectron2's default do. The
             notebook's locations (``0.5``, the cell centre) sit ``stride / 2`` away from the
             receptive fields, and trained to a lower mAP (figures in ``bench/README.md``).
+        smooth_l1_beta: the box loss. 0 (the default, the notebook's): L1. Above 0: smooth-L1,
+            quadratic for errors below ``beta`` (``F.smooth_l1_loss``); torchvision's RPN
+            uses 1/9, which ``train`` on new data defaults to (``bench/README.md``: it
+            trains faster at small budgets). Bit-equal to L1 at 0.
 
     ``config`` gives these settings as stored in checkpoints.
     """
@@ -700,6 +705,7 @@ class RPN(nn.Module):
         min_proposal_size: float = 1e-3,
         anchor_offset: float = 0.0,
         anchor_sizes: dict[str, Sequence[float]] | None = None,
+        smooth_l1_beta: float = 0.0,
     ):
         super().__init__()
         self.anchor_sizes = _check_anchor_sizes(anchor_sizes)
@@ -723,6 +729,7 @@ class RPN(nn.Module):
         self.allow_low_quality_matches = allow_low_quality_matches
         self.min_proposal_size = min_proposal_size
         self.anchor_offset = anchor_offset
+        self.smooth_l1_beta = _check_smooth_l1_beta(smooth_l1_beta)
         self._anchor_cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
@@ -749,6 +756,7 @@ class RPN(nn.Module):
             "min_proposal_size": self.min_proposal_size,
             "anchor_offset": self.anchor_offset,
             "anchor_sizes": self.anchor_sizes,
+            "smooth_l1_beta": self.smooth_l1_beta,
         }
 
     def get_anchors(
@@ -846,7 +854,7 @@ class RPN(nn.Module):
         boxreg_deltas: dict[str, torch.Tensor],
         gt_boxes: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Objectness BCE and box L1 over sampled anchors of every image at once."""
+        """Objectness BCE and box (smooth-)L1 over sampled anchors of every image at once."""
         all_anchors = torch.cat(list(anchors.values()), dim=0)  # (N, 4)
         logits = torch.cat(list(obj_logits.values()), dim=1).to(all_anchors)  # (B, N)
         deltas = torch.cat(list(boxreg_deltas.values()), dim=1).to(all_anchors)  # (B, N, 4)
@@ -860,7 +868,8 @@ class RPN(nn.Module):
         fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.5)
         normaliser = self.batch_size_per_image * len(logits)
         loss_obj = F.binary_cross_entropy_with_logits(logits, fg.to(logits), reduction="none")
-        loss_box = F.l1_loss(deltas, torch.where(fg[..., None], gt_deltas, 0.0), reduction="none")
+        gt_deltas = torch.where(fg[..., None], gt_deltas, 0.0)
+        loss_box = F.smooth_l1_loss(deltas, gt_deltas, reduction="none", beta=self.smooth_l1_beta)
         return {
             "loss_rpn_obj": (loss_obj * (fg | bg)).sum() / normaliser,
             "loss_rpn_box": (loss_box * fg[..., None]).sum() / normaliser,
@@ -944,6 +953,14 @@ def _check_anchor_sizes(
             f"anchor_sizes must give the same number of positive sizes for every level, got {sizes}"
         )
     return sizes
+
+
+def _check_smooth_l1_beta(beta: float) -> float:
+    """``beta`` as a float; ValueError unless it is a finite number >= 0."""
+    beta = float(beta)
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"smooth_l1_beta must be a finite number >= 0 (0: L1), got {beta}")
+    return beta
 
 
 def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
@@ -1152,8 +1169,9 @@ class FasterRCNN(nn.Module):
 
     Optional box regression (``box_regression=True``, off by default so the notebook's numbers
     stay comparable): a linear layer predicts class-specific deltas (weights ``(10, 10, 5, 5)``
-    as in torchvision and detectron2), trained by an L1 ``loss_box`` over the foreground RoIs
-    divided by the number of sampled RoIs, and used at inference to refine each detection.
+    as in torchvision and detectron2), trained by an L1 ``loss_box`` (smooth-L1 with
+    ``smooth_l1_beta > 0``, as ``RPN``'s) over the foreground RoIs divided by the number of
+    sampled RoIs, and used at inference to refine each detection.
 
     Inference follows torchvision and detectron2: every proposal gives one candidate per class
     with softmax score above ``test_score_thresh``; class-specific NMS at ``test_nms_thresh``;
@@ -1169,6 +1187,7 @@ class FasterRCNN(nn.Module):
         roi_size: RoI Align output size.
         box_regression: add class-specific second-stage box regression.
         detections_per_image: the most detections returned per image.
+        smooth_l1_beta: the second-stage box loss, as ``RPN``'s (0: L1, the default).
 
     ``config`` gives these settings as stored in checkpoints; ``from_config`` rebuilds the model.
     """
@@ -1183,6 +1202,7 @@ class FasterRCNN(nn.Module):
         roi_size: tuple[int, int] = (7, 7),
         box_regression: bool = False,
         detections_per_image: int = 100,
+        smooth_l1_beta: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -1193,6 +1213,7 @@ class FasterRCNN(nn.Module):
         self.batch_size_per_image = batch_size_per_image
         self.box_regression = box_regression
         self.detections_per_image = detections_per_image
+        self.smooth_l1_beta = _check_smooth_l1_beta(smooth_l1_beta)
         self.box_weights = (10.0, 10.0, 5.0, 5.0)
 
         self.cls_pred = nn.Sequential(
@@ -1226,6 +1247,7 @@ class FasterRCNN(nn.Module):
             "roi_size": list(self.roi_size),
             "box_regression": self.box_regression,
             "detections_per_image": self.detections_per_image,
+            "smooth_l1_beta": self.smooth_l1_beta,
         }
 
     @classmethod
@@ -1233,14 +1255,27 @@ class FasterRCNN(nn.Module):
         """Build an (untrained) model from ``FasterRCNN.config``, e.g. a checkpoint's.
 
         ``pretrained`` only matters before loading weights; checkpoints carry all of them.
-        A config without ``anchor_offset`` comes from a checkpoint trained before it existed,
-        with the notebook's cell-centre anchors: it gets ``anchor_offset = 0.5``.
+        Settings added since are filled in as ``complete_config`` says.
         """
+        config = cls.complete_config(config)
         backbone = DetectorBackboneWithFPN(pretrained=pretrained, **config["backbone"])
-        rpn = RPN(**{"anchor_offset": 0.5, **config["rpn"]})
+        rpn = RPN(**config["rpn"])
         settings = {k: v for k, v in config.items() if k not in ("backbone", "rpn")}
         settings["roi_size"] = tuple(settings["roi_size"])
         return cls(backbone, rpn, **settings)
+
+    @staticmethod
+    def complete_config(config: dict) -> dict:
+        """``config`` (a checkpoint's) with the settings added after it was written filled in
+        with the values that model trained with: ``anchor_offset = 0.5`` (the notebook's
+        cell-centre anchors) and ``smooth_l1_beta = 0`` (L1) in both stages. A new dict;
+        ``config`` is not changed. Resuming compares the completed config, so an old
+        checkpoint warns only about settings that really differ."""
+        return {
+            "smooth_l1_beta": 0.0,
+            **config,
+            "rpn": {"anchor_offset": 0.5, "smooth_l1_beta": 0.0, **config.get("rpn", {})},
+        }
 
     def forward(
         self,
@@ -1468,7 +1503,8 @@ class FasterRCNN(nn.Module):
             pred = _full_precision(torch.gather(box_deltas, 2, index).squeeze(2))  # (B, S, 4)
             gt_deltas = rcnn_get_deltas_from_anchors(rois, matched, self.box_weights)
             gt_deltas = torch.where(foreground[..., None], gt_deltas, 0.0)
-            loss_box = F.l1_loss(pred, gt_deltas, reduction="none") * foreground[..., None]
+            loss_box = F.smooth_l1_loss(pred, gt_deltas, reduction="none", beta=self.smooth_l1_beta)
+            loss_box = loss_box * foreground[..., None]
             losses["loss_box"] = loss_box.sum() / num_sampled
         return losses
 

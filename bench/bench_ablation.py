@@ -1,18 +1,22 @@
-"""Ablation of the training pipeline: what flips, multi-scale, padded batches, fitted anchors
-and the p2 level each add, at equal iterations.
+"""Ablation of the training pipeline: what flips, multi-scale, padded batches, fitted anchors,
+the smooth-L1 box loss and the p2 level each add, at equal iterations.
 
-Every row runs ``detector_cli.py`` in a fresh process (as a user would) with the previous
-row's flags plus one change, and reads mAP@0.5 and the training time from its
-``metrics.json``:
+Every row runs ``detector_cli.py`` in a fresh process (as a user would) with the flags of the
+row it builds on (the row above, unless named) plus one change, and reads mAP@0.5 and the
+training time from its ``metrics.json``:
 
-1. ``baseline``: square centre crops, no augmentation, one image size, anchors 4 x stride;
+1. ``baseline``: square centre crops, no augmentation, one image size, anchors 4 x stride,
+   L1 box losses;
 2. ``+ flip``: random horizontal flips;
 3. ``+ multi-scale``: one random short side per batch (``eecs598.augment.multiscale_sizes``);
 4. ``+ padded``: whole images padded to a multiple of 32 instead of square crops (the
    generated shapes images are square, so this row is skipped there);
-5. ``+ auto anchors``: ``--anchor-scale auto`` (``eecs598.anchor_fit``): row 5 is ``train``'s
-   default pipeline;
-6. ``+ p2``: the stride-4 FPN level.
+5. ``+ auto anchors``: ``--anchor-scale auto`` (``eecs598.anchor_fit``);
+6. ``+ smooth-L1``: the box losses of both stages smooth-L1 with beta 1/9 instead of L1: row
+   6 is ``train``'s default pipeline;
+7. ``+ p2``: the stride-4 FPN level, added to row 5 (L1).
+
+``--rows`` runs some rows only (each still with the flags of the rows it builds on).
 
 Datasets: the generated shapes data (``demo`` at its own settings) and BCCD
 (``../shared/datasets/bccd``, ``train`` with the issue's flags). Runs go one at a time: two
@@ -37,16 +41,27 @@ from pathlib import Path
 
 from harness import BCCD, ROOT, available, environment, write_json
 
-# (row, flags added to the previous row's, which datasets it runs on)
+# (row, flags added to its base row's, which datasets it runs on, base row: None = the row above)
 STEPS = [
-    ("baseline", ["--batch-mode", "crop", "--no-flip", "--no-multiscale", "--anchor-scale", "4"],
-     ("shapes", "bccd")),
-    ("+ flip", ["--flip"], ("shapes", "bccd")),
-    ("+ multi-scale", ["--multiscale"], ("shapes", "bccd")),
-    ("+ padded", ["--batch-mode", "pad"], ("bccd",)),
-    ("+ auto anchors", ["--anchor-scale", "auto"], ("shapes", "bccd")),
-    ("+ p2", ["--fpn-levels", "p2", "p3", "p4", "p5"], ("shapes", "bccd")),
+    ("baseline", ["--batch-mode", "crop", "--no-flip", "--no-multiscale", "--anchor-scale", "4",
+                  "--smooth-l1-beta", "0"], ("shapes", "bccd"), None),
+    ("+ flip", ["--flip"], ("shapes", "bccd"), None),
+    ("+ multi-scale", ["--multiscale"], ("shapes", "bccd"), None),
+    ("+ padded", ["--batch-mode", "pad"], ("bccd",), None),
+    ("+ auto anchors", ["--anchor-scale", "auto"], ("shapes", "bccd"), None),
+    ("+ smooth-L1", ["--smooth-l1-beta", "1/9"], ("shapes", "bccd"), None),
+    ("+ p2", ["--fpn-levels", "p2", "p3", "p4", "p5"], ("shapes", "bccd"), "+ auto anchors"),
 ]  # fmt: skip
+
+
+def row_flags() -> dict[str, list[str]]:
+    """Each row's full flags: its base row's, then its own."""
+    flags: dict[str, list[str]] = {}
+    previous: list[str] = []
+    for row, added, _, base in STEPS:
+        previous = flags[row] = (flags[base] if base else previous) + added
+    return flags
+
 
 COMMANDS = {
     "shapes": ["demo"],
@@ -72,17 +87,24 @@ def main() -> None:
     parser.add_argument("--bccd-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--shapes-iters", type=int, default=360)
     parser.add_argument("--bccd-iters", type=int, default=600)
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=[step[0] for step in STEPS],
+        default=[step[0] for step in STEPS],
+        help="rows to run (default: all)",
+    )
     parser.add_argument("--out", default="bench/results/ablation.json")
     args = parser.parse_args()
+    all_flags = row_flags()
     result = {"environment": environment("cpu"), "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in available(args.datasets):
             seeds = args.seeds if dataset == "shapes" else args.bccd_seeds
             iters = args.shapes_iters if dataset == "shapes" else args.bccd_iters
-            flags: list[str] = []
-            for row, added, where in STEPS:
-                flags = flags + added
-                if dataset not in where:
+            for row, _, where, _ in STEPS:
+                flags = all_flags[row]
+                if dataset not in where or row not in args.rows:
                     continue
                 runs = [run_one(dataset, flags, seed, iters, Path(tmp) / f"{dataset}-{seed}")
                         for seed in seeds]  # fmt: skip

@@ -16,6 +16,8 @@ post-processing), not different networks:
   box size, our conv stem + flatten as the box head, a linear classifier over ``C + 1``
   classes, class-specific box deltas with weights (10, 10, 5, 5), IoU 0.5 matching, ``roi_batch``
   RoIs per image, 25% foreground;
+- box losses: smooth-L1 with beta 1/9 in both stages (torchvision's, fixed in its code; ours
+  ``smooth_l1_beta``, 1/9 here as ``train`` on new data uses; 0 would be our L1);
 - torchvision's transform never resizes (``_NoResize``: multi-scale batches arrive resized)
   and does not normalise (mean 0, std 1): images arrive normalised, as ours do. It pads the
   batch to a multiple of 32 itself, as our ``PadCollate`` does.
@@ -98,6 +100,7 @@ def build_pair(
     seed: int = 0,
     anchor_sizes: dict[str, list[float]] | None = None,
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+    smooth_l1_beta: float = 1 / 9,
 ) -> tuple[FasterRCNN, TorchvisionFasterRCNN]:
     """Return ``(ours, theirs)`` with the same configuration and the same weights."""
     torch.manual_seed(seed)
@@ -112,10 +115,12 @@ def build_pair(
         post_nms_topk=post_nms_topk,
         anchor_sizes=anchor_sizes,
         anchor_aspect_ratios=aspect_ratios,
+        smooth_l1_beta=smooth_l1_beta,
     )
     ours = FasterRCNN(
-        backbone, rpn, stem, num_classes, batch_size_per_image=roi_batch, box_regression=True
-    )
+        backbone, rpn, stem, num_classes, batch_size_per_image=roi_batch, box_regression=True,
+        smooth_l1_beta=smooth_l1_beta,
+    )  # fmt: skip
 
     strides = backbone.fpn_strides
     if anchor_sizes is None:

@@ -180,7 +180,7 @@ def load_model_weights(
     try:
         detector.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
-        saved = checkpoint.get("config")
+        saved = _saved_config(checkpoint, detector)
         current = plain_config(getattr(detector, "config", None))
         lines = config_differences(saved, current) if saved and current else []
         if not lines:
@@ -190,6 +190,14 @@ def load_model_weights(
         raise ValueError(
             f"Checkpoint {path} does not match this model. Settings that differ:\n{detail}"
         ) from err
+
+
+def _saved_config(checkpoint: Mapping[str, Any], detector: nn.Module) -> Any:
+    """The checkpoint's ``config``, completed by the model's ``complete_config`` where it has
+    one (settings added after the checkpoint was written, at the values it trained with)."""
+    saved = checkpoint.get("config")
+    complete = getattr(detector, "complete_config", None)
+    return plain_config(complete(saved)) if saved and complete else saved
 
 
 def _weights_mismatch(saved: Mapping[str, torch.Tensor], detector: nn.Module) -> str:
@@ -228,7 +236,7 @@ def load_for_resume(
     load_model_weights(detector, checkpoint, path)
     current = plain_config(getattr(detector, "config", None))
     if checkpoint.get("config") is not None and current is not None:
-        lines = config_differences(checkpoint["config"], current)
+        lines = config_differences(_saved_config(checkpoint, detector), current)
         if lines:
             warnings.warn(
                 f"Resuming {path} with a model whose settings differ from the checkpoint's "

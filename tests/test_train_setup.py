@@ -61,10 +61,24 @@ def test_voc2007_keeps_the_notebooks_settings():
     assert "batch_mode" in filled and args.batch_mode == "crop" and args.multiscale is False
     assert args.anchor_scale == 8 and args.box_regression is False and args.grad_clip is None
     assert (args.rpn_batch_size, args.roi_batch_size, args.lr) == (16, 32, 0.01)
+    assert args.smooth_l1_beta == 0.0  # the notebook's L1 box losses
     given = detector_cli.build_parser().parse_args(["train", "--lr", "0.005", "--no-multiscale"])
     filled = detector_cli.choose_training_defaults(given, "some/folder")
     assert given.lr == 0.005 and given.multiscale is False and "lr" not in filled
     assert given.anchor_scale == ["auto"] and given.batch_mode == "pad"
+    assert given.smooth_l1_beta == pytest.approx(1 / 9) and "smooth_l1_beta" in filled
+
+
+@pytest.mark.parametrize(("text", "beta"), [("0", 0.0), ("1/9", 1 / 9), ("0.25", 0.25)])
+def test_smooth_l1_beta_flag_reaches_both_stages(text, beta):
+    args = detector_cli.build_parser().parse_args(["train", "--smooth-l1-beta", text])
+    assert "smooth_l1_beta" not in detector_cli.choose_training_defaults(args, "some/folder")
+    model = detector_cli.build_detector(3, fpn_channels=8, pretrained=False,
+                                        smooth_l1_beta=args.smooth_l1_beta)  # fmt: skip
+    assert model.rpn.smooth_l1_beta == model.smooth_l1_beta == pytest.approx(beta)
+    assert model.config["smooth_l1_beta"] == model.config["rpn"]["smooth_l1_beta"]
+    loss = "box loss L1" if not beta else f"box loss smooth-L1 (beta {beta:.4g})"
+    assert loss in detector_cli.describe_setup(args, None, [])
 
 
 @pytest.mark.parametrize(
@@ -73,6 +87,8 @@ def test_voc2007_keeps_the_notebooks_settings():
         (["--fpn-levels", "p6"], "invalid FPN level 'p6': valid levels are p2, p3, p4, p5"),
         (["--anchor-scale", "-1"], "anchor scales must be positive"),
         (["--image-size", "big"], "--image-size must be a number of pixels or 'auto', got 'big'"),
+        (["--smooth-l1-beta", "-1"], "--smooth-l1-beta must be a number >= 0"),
+        (["--smooth-l1-beta", "1/0"], "--smooth-l1-beta must be a number >= 0"),
     ],
 )
 def test_bad_flags_are_named(flags, message, capsys):

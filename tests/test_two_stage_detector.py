@@ -741,6 +741,101 @@ def test_rpn_anchor_offset_matches_torchvision_and_old_checkpoints_keep_theirs()
     assert FasterRCNN.from_config(model.config).rpn.anchor_offset == 0.0
 
 
+def test_config_without_smooth_l1_beta_is_completed_with_l1():
+    """Checkpoints written before ``smooth_l1_beta`` existed trained with L1 in both stages:
+    ``complete_config`` says so (and leaves its argument alone), and a model rebuilt from such a
+    config has L1 losses."""
+    model = FasterRCNN(
+        DetectorBackboneWithFPN(8, pretrained=False), RPN(8, [8], smooth_l1_beta=0.5), [8], 3, 8,
+        smooth_l1_beta=0.25,
+    )  # fmt: skip
+    assert model.config["rpn"]["smooth_l1_beta"] == 0.5 and model.config["smooth_l1_beta"] == 0.25
+    old = copy.deepcopy(model.config)
+    del old["rpn"]["smooth_l1_beta"], old["smooth_l1_beta"], old["rpn"]["anchor_offset"]
+    completed = FasterRCNN.complete_config(old)
+    assert completed["smooth_l1_beta"] == completed["rpn"]["smooth_l1_beta"] == 0.0
+    assert completed["rpn"]["anchor_offset"] == 0.5 and "smooth_l1_beta" not in old
+    rebuilt = FasterRCNN.from_config(old)
+    assert rebuilt.smooth_l1_beta == rebuilt.rpn.smooth_l1_beta == 0.0
+    assert FasterRCNN.from_config(model.config).config == model.config
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="smooth_l1_beta must be a finite number >= 0"):
+            RPN(8, [8], smooth_l1_beta=bad)
+
+
+def test_second_stage_losses_equal_torchvision_fastrcnn_loss():
+    """With ``smooth_l1_beta = 1/9`` and every RoI sampled, ``loss_cls`` and ``loss_box`` are
+    torchvision's ``fastrcnn_loss`` (cross-entropy mean; smooth-L1 sum over foreground RoIs of
+    their class's deltas / number of RoIs), the targets encoded by its ``BoxCoder``."""
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    torch.manual_seed(0)
+    C, B, S = 4, 2, 24
+    model = FasterRCNN(DetectorBackboneWithFPN(8, pretrained=False), RPN(8, [8]), [8], C, S,
+                       box_regression=True, smooth_l1_beta=1 / 9)  # fmt: skip
+    xy = torch.rand(B, S, 2) * 100
+    rois = torch.cat([xy, xy + 10 + torch.rand(B, S, 2) * 50], -1)
+    matched = torch.cat([rois + torch.randn(B, S, 4) * 3, torch.randint(0, C, (B, S, 1))], -1)
+    foreground = torch.rand(B, S) < 0.4
+    matched[~foreground] = -1.0
+    sampled = torch.ones(B, S, dtype=torch.bool)
+    cls_logits, box_deltas = torch.randn(B, S, C + 1), torch.randn(B, S, C, 4) * 0.2
+    ours = model._losses(rois, sampled, matched, foreground, cls_logits, box_deltas)
+
+    labels = torch.where(foreground, matched[..., 4].long() + 1, 0).flatten()
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    targets = coder.encode_single(matched[..., :4].flatten(0, 1), rois.flatten(0, 1))
+    with_background = torch.cat([torch.zeros(B, S, 1, 4), box_deltas], 2).flatten(0, 1)
+    loss_cls, loss_box = fastrcnn_loss(
+        cls_logits.flatten(0, 1), with_background.flatten(1), [labels], [targets]
+    )
+    torch.testing.assert_close(ours["loss_cls"], loss_cls)
+    torch.testing.assert_close(ours["loss_box"], loss_box)
+    model.smooth_l1_beta = 0.0  # L1 is the notebook's: larger for errors below beta
+    assert model._losses(rois, sampled, matched, foreground, cls_logits, box_deltas)[
+        "loss_box"
+    ] > loss_box
+
+
+def test_rpn_losses_equal_torchvision_rpn_compute_loss():
+    """With ``smooth_l1_beta = 1/9``, the RPN's losses are torchvision's
+    ``RegionProposalNetwork.compute_loss`` given our matches and samples (its box loss: smooth-L1
+    sum over sampled foreground anchors / number of sampled anchors, here ``batch_size * B``;
+    targets from its ``BoxCoder``)."""
+    from types import SimpleNamespace
+
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(0)
+    rpn = RPN(8, [8], batch_size_per_image=32, anchor_stride_scale=4, smooth_l1_beta=1 / 9)
+    feats = {"p3": torch.randn(2, 8, 32, 32), "p4": torch.randn(2, 8, 16, 16)}  # 256 px
+    anchors = rpn.get_anchors(feats, {"p3": 8, "p4": 16}, torch.float32)
+    logits, deltas = rpn.pred_net(feats)
+    gt = make_gt(2)
+    torch.manual_seed(1)
+    ours = rpn._losses(anchors, logits, deltas, gt)
+
+    all_anchors = torch.cat(list(anchors.values()))
+    torch.manual_seed(1)  # the same draws: matching takes none
+    matched = rcnn_match_anchors_to_gt(
+        all_anchors, gt, rpn.anchor_iou_thresholds, allow_low_quality_matches=True
+    )
+    fg, bg = sample_rpn_training_masks(matched, 32, fg_fraction=0.5)
+    assert (fg | bg).sum() == 64 and fg.sum() > 0
+    sampler = SimpleNamespace(fg_bg_sampler=lambda labels: (list(fg), list(bg)))
+    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    targets = [coder.encode_single(m[:, :4], all_anchors) for m in matched]
+    loss_obj, loss_box = RegionProposalNetwork.compute_loss(
+        sampler,
+        torch.cat(list(logits.values()), 1).flatten(),
+        torch.cat(list(deltas.values()), 1).flatten(0, 1),
+        [f.float() for f in fg],
+        targets,
+    )
+    torch.testing.assert_close(ours["loss_rpn_obj"], loss_obj)
+    torch.testing.assert_close(ours["loss_rpn_box"], loss_box)
+
+
 def test_config_round_trips_with_its_value_formats():
     """``config`` is derived from the settings: plain lists, a sequence anchor scale as floats;
     ``from_config`` rebuilds the same config and state_dict keys, and editing the returned dict
