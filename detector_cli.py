@@ -35,6 +35,7 @@ from eecs598.augment import (
     aspect_ratios_of,
     build_train_transform,
     multiscale_sizes,
+    presized_bytes,
 )
 from eecs598.cache import CachedDetection
 from eecs598.checkpoint import load_checkpoint, load_model_weights
@@ -340,6 +341,8 @@ def _eval_loader(dataset: Any, workers: int) -> torch.utils.data.DataLoader:
 
 # What `train` records in the checkpoint's meta about how it fed the model.
 _SETUP_KEYS = ("batch_mode", "multiscale", "flip", "photometric", "iou_crop", "fpn_levels")
+# The most memory `train` spends on images resized to every multi-scale size in advance.
+_PRESIZE_BUDGET = 2 * 2**30
 # Candidate short sides of `--image-size auto`, smallest first.
 _AUTO_IMAGE_SIZES = (224, 256, 288, 320)
 # `--image-size auto` wants every class's median box at least this many pixels on its short
@@ -435,9 +438,20 @@ def _train_loader(
     """The training batches: ``AugmentedDetection`` items (flip, photometric, IoU crop),
     drawn by a ``DistributedSampler`` (seeded, reshuffled per epoch; one process and N
     processes of ``batch_size / N`` see the same global batches), in batches of similar aspect
-    ratio with one short side per batch from ``scales``, padded by ``PadCollate``."""
+    ratio with one short side per batch from ``scales``, padded by ``PadCollate``. With the
+    image cache on, the images are resized to every scale once, in advance, when that takes
+    at most ``_PRESIZE_BUDGET`` bytes (``AugmentedDetection``'s ``presized``); otherwise per
+    batch."""
     transform = build_train_transform(args.flip, args.photometric, args.iou_crop)
-    items = AugmentedDetection(train, transform)
+    presized: Sequence[int] = ()
+    if scales and args.cache != "off":
+        needed = presized_bytes(train, scales)
+        presized = scales if needed <= _PRESIZE_BUDGET else ()
+        if rank == 0:
+            how = "once, in advance" if presized else "per batch (over the memory budget)"
+            print(f"Multi-scale: images resized to each short side {how}: {needed / 2**20:.0f} "
+                  f"MiB for all scales, budget {_PRESIZE_BUDGET / 2**20:.0f} MiB")  # fmt: skip
+    items = AugmentedDetection(train, transform, presized)
     sampler = torch.utils.data.DistributedSampler(
         items, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
     )

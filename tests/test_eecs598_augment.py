@@ -19,6 +19,7 @@ from eecs598.augment import (
     aspect_ratios_of,
     build_train_transform,
     multiscale_sizes,
+    presized_bytes,
 )
 from eecs598.images import normalize_uint8
 
@@ -298,6 +299,36 @@ def test_seeded_sampler_resizes_each_batch_to_one_short_side():
             assert torch.equal(gt[i, valid, 4], rows[valid, 4])
             assert_padding_rows(gt[i])
     assert len(seen) > 1
+
+
+def test_presized_items_equal_resizing_each_time():
+    """``presized``: every item resized to each scale once, in advance, gives the tensors the
+    per-item resize gives (flipped or not, by the same seeds); a scale an item already has is
+    not stored; ``presized_bytes`` predicts the memory."""
+    data = ToyDetection([(20, 30), (30, 18), (24, 24)])
+    scales = (16, 24, 40)
+    transform = build_train_transform(flip=True)
+    each_time = AugmentedDetection(data, transform)
+    presized = AugmentedDetection(data, transform, presized=scales)
+    assert sorted(presized._presized) == [
+        (i, s) for i in range(3) for s in scales if not (i == 2 and s == 24)
+    ]
+    resized = [AugmentedDetection(data, None)[ItemKey(i, 0, s)][1] for i, s in presized._presized]
+    assert {tuple(im.shape[-2:]) for im in resized} >= {(16, 24), (40, 60), (40, 24), (40, 40)}
+    images = sum(im.nbytes for im in resized)
+    assert presized_bytes(data, scales) == images
+    assert presized.presized_bytes == images + 8 * MAX_BOXES * 5 * 4  # + the boxes (float32)
+    for index, short_side, seed in [(i, s, seed) for i in range(3) for s in scales
+                                    for seed in range(3)]:  # fmt: skip
+        key = ItemKey(index, seed, short_side)
+        ours, reference = presized[key], each_time[key]
+        assert ours[0] == reference[0]
+        assert torch.equal(ours[1], reference[1]) and torch.equal(ours[2], reference[2])
+        assert min(ours[1].shape[-2:]) == short_side
+    stored = presized._presized[0, 16][1].clone()
+    presized[ItemKey(0, 0, 16)][2].fill_(7.0)  # callers get a copy of the stored boxes
+    assert torch.equal(presized._presized[0, 16][1], stored)
+    assert AugmentedDetection(data, None, presized=()).presized_bytes == 0
 
 
 @pytest.mark.parametrize("workers", [0, 2])

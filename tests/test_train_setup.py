@@ -144,6 +144,21 @@ def _pipeline(folder, workers: int):
     return detector_cli._train_loader(args, train, scales, 1, 0)
 
 
+def test_train_loader_presizes_every_scale_within_the_memory_budget(folder, monkeypatch, capsys):
+    """With the cache on, ``train`` resizes the images to every multi-scale size once when it
+    fits the budget, else per batch; the batches are the same either way."""
+    presized = _pipeline(folder, 0)
+    assert "resized to each short side once, in advance" in capsys.readouterr().out
+    assert presized.dataset.presized_bytes > 0
+    monkeypatch.setattr(detector_cli, "_PRESIZE_BUDGET", 0)
+    per_batch = _pipeline(folder, 0)
+    assert "per batch (over the memory budget)" in capsys.readouterr().out
+    assert per_batch.dataset.presized_bytes == 0
+    for ours, reference in zip(presized, per_batch, strict=True):
+        assert ours[0] == reference[0]
+        assert all(torch.equal(x, y) for x, y in zip(ours[1:], reference[1:], strict=True))
+
+
 def _model() -> FasterRCNN:
     torch.manual_seed(0)
     sizes = {"p3": [12.0], "p4": [24.0], "p5": [48.0]}
