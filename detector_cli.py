@@ -81,7 +81,7 @@ NOTEBOOK_TRAINING = {
 }
 # `train` on data nobody tuned for (a VOC-layout folder, a COCO JSON, the shapes data): no crop,
 # padded batches, flips and multi-scale, anchors fitted to the boxes, box regression with
-# torchvision's smooth-L1 box losses (beta 1/9: faster early training than L1, bench/README.md),
+# torchvision's smooth-L1 box losses (beta 1/9: tighter boxes than L1, bench/README.md),
 # and settings that train from random init without diverging (warmup, clipping). Flags win.
 DATA_TRAINING = {
     **NOTEBOOK_MODEL,

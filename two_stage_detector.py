@@ -685,7 +685,7 @@ class RPN(nn.Module):
         smooth_l1_beta: the box loss. 0 (the default, the notebook's): L1. Above 0: smooth-L1,
             quadratic for errors below ``beta`` (``F.smooth_l1_loss``); torchvision's RPN
             uses 1/9, which ``train`` on new data defaults to (``bench/README.md``: it
-            trains faster at small budgets). Bit-equal to L1 at 0.
+            places boxes tighter, BCCD AP75 57.0% against 52.1%). Bit-equal to L1 at 0.
 
     ``config`` gives these settings as stored in checkpoints.
     """
