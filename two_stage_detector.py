@@ -1159,8 +1159,9 @@ class FasterRCNN(nn.Module):
     Second stage. Each proposal is pooled by ``fpn_roi_align`` into a ``roi_size`` map from the
     FPN level ``assign_fpn_levels`` picks: the values of ``torchvision.ops.roi_align(...,
     aligned=True, spatial_scale=1 / stride, sampling_ratio=2)`` run on each FPN level, in one
-    call for all levels. A conv stem (3x3 conv + ReLU per ``stem_channels``) and a linear layer
-    give ``C + 1`` logits (index 0 is background).
+    call for all levels (``roi_align_offset=0``: where ``aligned=False`` samples, as
+    torchvision's ``MultiScaleRoIAlign`` does). A conv stem (3x3 conv + ReLU per
+    ``stem_channels``) and a linear layer give ``C + 1`` logits (index 0 is background).
 
     Training. Valid GT boxes are mixed into each image's proposals; proposals are matched
     with GT at IoU 0.5 (``>= 0.5`` foreground, below background); ``batch_size_per_image`` RoIs
@@ -1188,6 +1189,12 @@ class FasterRCNN(nn.Module):
         box_regression: add class-specific second-stage box regression.
         detections_per_image: the most detections returned per image.
         smooth_l1_beta: the second-stage box loss, as ``RPN``'s (0: L1, the default).
+        roi_align_offset: ``fpn_roi_align``'s ``offset``, where feature ``(i, j)`` of stride
+            ``s`` is taken to sit in the image: ``((j + offset) s, (i + offset) s)``. 0.5 (the
+            default) is the cell centre; 0 is the cell's top-left pixel, where this backbone's
+            receptive fields are centred and the RPN's anchors sit (``RPN(anchor_offset=0)``).
+            With 0 and anchors whose half sizes are whole pixels, inference and the training
+            losses equal torchvision's ``FasterRCNN`` given the same weights (tested).
 
     ``config`` gives these settings as stored in checkpoints; ``from_config`` rebuilds the model.
     """
@@ -1203,6 +1210,7 @@ class FasterRCNN(nn.Module):
         box_regression: bool = False,
         detections_per_image: int = 100,
         smooth_l1_beta: float = 0.0,
+        roi_align_offset: float = 0.5,
     ):
         super().__init__()
         self.backbone = backbone
@@ -1214,6 +1222,7 @@ class FasterRCNN(nn.Module):
         self.box_regression = box_regression
         self.detections_per_image = detections_per_image
         self.smooth_l1_beta = _check_smooth_l1_beta(smooth_l1_beta)
+        self.roi_align_offset = float(roi_align_offset)
         self.box_weights = (10.0, 10.0, 5.0, 5.0)
 
         self.cls_pred = nn.Sequential(
@@ -1248,6 +1257,7 @@ class FasterRCNN(nn.Module):
             "box_regression": self.box_regression,
             "detections_per_image": self.detections_per_image,
             "smooth_l1_beta": self.smooth_l1_beta,
+            "roi_align_offset": self.roi_align_offset,
         }
 
     @classmethod
@@ -1268,11 +1278,13 @@ class FasterRCNN(nn.Module):
     def complete_config(config: dict) -> dict:
         """``config`` (a checkpoint's) with the settings added after it was written filled in
         with the values that model trained with: ``anchor_offset = 0.5`` (the notebook's
-        cell-centre anchors) and ``smooth_l1_beta = 0`` (L1) in both stages. A new dict;
+        cell-centre anchors), ``smooth_l1_beta = 0`` (L1) in both stages and
+        ``roi_align_offset = 0.5`` (half-pixel aligned RoI Align). A new dict;
         ``config`` is not changed. Resuming compares the completed config, so an old
         checkpoint warns only about settings that really differ."""
         return {
             "smooth_l1_beta": 0.0,
+            "roi_align_offset": 0.5,
             **config,
             "rpn": {"anchor_offset": 0.5, "smooth_l1_beta": 0.0, **config.get("rpn", {})},
         }
@@ -1465,7 +1477,9 @@ class FasterRCNN(nn.Module):
             without box regression.
         """
         strides = self.backbone.fpn_strides
-        roi_feats = fpn_roi_align(feats, strides, rois, valid, self.roi_size)  # (B*R, C, h, w)
+        roi_feats = fpn_roi_align(
+            feats, strides, rois, valid, self.roi_size, offset=self.roi_align_offset
+        )  # (B*R, C, h, w)
         hidden = self.cls_pred[:-1](roi_feats)
         cls_logits = self.cls_pred[-1](hidden).view(*valid.shape, -1)
         box_deltas = None

@@ -18,6 +18,7 @@ Usage::
 
     python bench/bench_accuracy.py [--datasets shapes bccd] [--iters 300] [--seeds 0 1 2 3 4]
                                    [--bccd-seeds 0] [--sizes-per-level 1] [--smooth-l1-beta 0]
+                                   [--roi-align-offset 0]
                                    [--out bench/results/accuracy.json]
 """
 
@@ -96,14 +97,14 @@ def run(name: str, args, root: Path, seed: int) -> dict:
     options, loader, val, classes, fit = pipeline(name, root, seed, args.sizes_per_level)
     beta = options.smooth_l1_beta if args.smooth_l1_beta is None else args.smooth_l1_beta
     settings = {"image_size": options.image_size, "iters": args.iters, "anchors": fit.sizes,
-                "smooth_l1_beta": beta}  # fmt: skip
+                "smooth_l1_beta": beta, "roi_align_offset": args.roi_align_offset}  # fmt: skip
     results = {"settings": {**cfg, **settings, "train_images": len(loader.dataset)}}
     ours, theirs = build_pair(
         num_classes=len(classes), fpn_channels=cfg["fpn_channels"],
         image_size=options.image_size, rpn_batch=options.rpn_batch_size,
         roi_batch=options.roi_batch_size, pre_nms_topk=400, post_nms_topk=100, seed=seed,
         anchor_sizes=fit.sizes, aspect_ratios=tuple(fit.aspect_ratios),
-        smooth_l1_beta=beta,
+        smooth_l1_beta=beta, roi_align_offset=args.roi_align_offset,
     )  # fmt: skip
     models = {"ours": ours, "torchvision": TorchvisionAdapter(theirs)}
     for label, model in ((k, v) for k, v in models.items() if k in args.models):
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--smooth-l1-beta", type=float, default=None,
                         help="our box losses (default: train's, 1/9; 0: L1). Torchvision's "
                         "model always uses 1/9")  # fmt: skip
+    parser.add_argument("--roi-align-offset", type=float, default=0.5,
+                        help="our RoI Align's sampling offset (0: torchvision's unaligned "
+                        "RoI Align)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/accuracy.json")
     args = parser.parse_args()
     result = {"environment": environment("cpu"), "iters": args.iters}

@@ -11,8 +11,9 @@ post-processing), not different networks:
   ``anchor_offset = 0``; ``AnchorGenerator``'s only placement);
 - RPN: IoU (0.3, 0.6), ``rpn_batch`` anchors per image, half foreground, pre/post-NMS top-k,
   NMS 0.7;
-- second stage: RoI Align 7x7 (sampling ratio 2; ours half-pixel aligned, torchvision's
-  ``MultiScaleRoIAlign`` not, having no such option) from the level chosen by the
+- second stage: RoI Align 7x7 (sampling ratio 2; ours half-pixel aligned unless
+  ``roi_align_offset=0``, torchvision's ``MultiScaleRoIAlign`` not, having no such option)
+  from the level chosen by the
   box size, our conv stem + flatten as the box head, a linear classifier over ``C + 1``
   classes, class-specific box deltas with weights (10, 10, 5, 5), IoU 0.5 matching, ``roi_batch``
   RoIs per image, 25% foreground;
@@ -101,6 +102,7 @@ def build_pair(
     anchor_sizes: dict[str, list[float]] | None = None,
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
     smooth_l1_beta: float = 1 / 9,
+    roi_align_offset: float = 0.5,
 ) -> tuple[FasterRCNN, TorchvisionFasterRCNN]:
     """Return ``(ours, theirs)`` with the same configuration and the same weights."""
     torch.manual_seed(seed)
@@ -119,7 +121,7 @@ def build_pair(
     )
     ours = FasterRCNN(
         backbone, rpn, stem, num_classes, batch_size_per_image=roi_batch, box_regression=True,
-        smooth_l1_beta=smooth_l1_beta,
+        smooth_l1_beta=smooth_l1_beta, roi_align_offset=roi_align_offset,
     )  # fmt: skip
 
     strides = backbone.fpn_strides

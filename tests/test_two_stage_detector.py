@@ -741,22 +741,26 @@ def test_rpn_anchor_offset_matches_torchvision_and_old_checkpoints_keep_theirs()
     assert FasterRCNN.from_config(model.config).rpn.anchor_offset == 0.0
 
 
-def test_config_without_smooth_l1_beta_is_completed_with_l1():
-    """Checkpoints written before ``smooth_l1_beta`` existed trained with L1 in both stages:
-    ``complete_config`` says so (and leaves its argument alone), and a model rebuilt from such a
-    config has L1 losses."""
+def test_config_without_later_settings_is_completed_with_what_old_models_used():
+    """Checkpoints written before ``smooth_l1_beta`` and ``roi_align_offset`` existed trained
+    with L1 in both stages and half-pixel aligned RoI Align: ``complete_config`` says so (and
+    leaves its argument alone), and a model rebuilt from such a config has them."""
     model = FasterRCNN(
         DetectorBackboneWithFPN(8, pretrained=False), RPN(8, [8], smooth_l1_beta=0.5), [8], 3, 8,
-        smooth_l1_beta=0.25,
+        smooth_l1_beta=0.25, roi_align_offset=0.0,
     )  # fmt: skip
     assert model.config["rpn"]["smooth_l1_beta"] == 0.5 and model.config["smooth_l1_beta"] == 0.25
+    assert model.config["roi_align_offset"] == 0.0
     old = copy.deepcopy(model.config)
     del old["rpn"]["smooth_l1_beta"], old["smooth_l1_beta"], old["rpn"]["anchor_offset"]
+    del old["roi_align_offset"]
     completed = FasterRCNN.complete_config(old)
     assert completed["smooth_l1_beta"] == completed["rpn"]["smooth_l1_beta"] == 0.0
     assert completed["rpn"]["anchor_offset"] == 0.5 and "smooth_l1_beta" not in old
+    assert completed["roi_align_offset"] == 0.5 and "roi_align_offset" not in old
     rebuilt = FasterRCNN.from_config(old)
     assert rebuilt.smooth_l1_beta == rebuilt.rpn.smooth_l1_beta == 0.0
+    assert rebuilt.roi_align_offset == 0.5
     assert FasterRCNN.from_config(model.config).config == model.config
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="smooth_l1_beta must be a finite number >= 0"):
