@@ -68,6 +68,7 @@ NOTEBOOK_MODEL = {
     "anchor_scale": 8,
     "anchor_offset": 0.0,
     "smooth_l1_beta": 0.0,
+    "roi_align_offset": 0.5,
 }
 # `train` on voc2007 (the notebook's data): the notebook's choices, square crops, flips.
 NOTEBOOK_TRAINING = {
@@ -138,6 +139,7 @@ def build_detector(
     anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     fpn_levels: Sequence[str] = ("p3", "p4", "p5"),
     smooth_l1_beta: float = NOTEBOOK_MODEL["smooth_l1_beta"],
+    roi_align_offset: float = NOTEBOOK_MODEL["roi_align_offset"],
 ) -> FasterRCNN:
     """The notebook's Faster R-CNN (section 4.3) for ``num_classes`` classes.
 
@@ -149,6 +151,8 @@ def build_detector(
     (pixels per level, e.g. an ``eecs598.anchor_fit`` fit) replaces ``anchor_scale``;
     ``fpn_levels`` adds the stride-4 ``p2`` level when it starts at ``"p2"``.
     ``smooth_l1_beta`` is both stages' box loss (0: the notebook's L1; torchvision uses 1/9).
+    ``roi_align_offset`` is ``FasterRCNN``'s (0.5: the notebook's half-pixel aligned RoI Align;
+    0: where torchvision's unaligned RoI Align samples).
     """
     backbone = DetectorBackboneWithFPN(
         out_channels=fpn_channels, pretrained=pretrained, fpn_levels=fpn_levels
@@ -169,6 +173,7 @@ def build_detector(
         backbone, rpn, num_classes=num_classes, roi_size=(7, 7),
         stem_channels=[fpn_channels, fpn_channels], batch_size_per_image=roi_batch_size,
         box_regression=box_regression, smooth_l1_beta=smooth_l1_beta,
+        roi_align_offset=roi_align_offset,
     )  # fmt: skip
 
 
@@ -211,7 +216,7 @@ def _training_model(
         box_regression=args.box_regression, pretrained=not args.no_pretrained,
         rpn_batch_size=args.rpn_batch_size, roi_batch_size=args.roi_batch_size,
         anchor_offset=args.anchor_offset, fpn_levels=args.fpn_levels,
-        smooth_l1_beta=args.smooth_l1_beta, **anchors,
+        smooth_l1_beta=args.smooth_l1_beta, roi_align_offset=args.roi_align_offset, **anchors,
     )  # fmt: skip
     model.meta = {
         "class_names": classes,
@@ -503,7 +508,8 @@ def describe_setup(
         f"{mark('box_regression')} {'on' if args.box_regression else 'off'}, RPN / RoI "
         f"samples{mark('rpn_batch_size')} {args.rpn_batch_size} / {args.roi_batch_size} per image, "
         f"box loss{mark('smooth_l1_beta')} "
-        + (f"smooth-L1 (beta {args.smooth_l1_beta:.4g})" if args.smooth_l1_beta else "L1"),
+        + (f"smooth-L1 (beta {args.smooth_l1_beta:.4g})" if args.smooth_l1_beta else "L1")
+        + f", RoI Align offset{mark('roi_align_offset')} {args.roi_align_offset:g}",
         f"  schedule: lr{mark('lr')} {args.lr:g}, warm-up{mark('warmup_iters')} "
         f"{args.warmup_iters} it, gradient clip{mark('grad_clip')} "
         f"{args.grad_clip if args.grad_clip else 'off'}, {args.max_iters} iterations, "
@@ -942,6 +948,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "quadratic below beta (torchvision's 1/9). Default: 0 for voc2007, else 1/9",
     )
     p.add_argument(
+        "--roi-align-offset",
+        type=_roi_align_offset,
+        default=argparse.SUPPRESS,
+        help="where RoI Align places feature (i, j) of stride s: at ((j + offset) s, "
+        "(i + offset) s). 0.5 is the cell centre (aligned=True, the notebook's); 0 the cell's "
+        "top-left pixel, where this backbone's receptive fields and the anchors are centred "
+        "(torchvision's aligned=False; bench/README.md compares them). Default: 0.5",
+    )
+    p.add_argument(
         "--no-pretrained",
         action="store_true",
         help="skip loading ImageNet weights for the backbone",
@@ -998,6 +1013,19 @@ def _smooth_l1_beta(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(
             f"--smooth-l1-beta must be a number >= 0 such as 0.111 or 1/9, got {text!r}"
+        )
+    return value
+
+
+def _roi_align_offset(text: str) -> float:
+    """``--roi-align-offset``: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(
+            f"--roi-align-offset must be a number in [0, 1) such as 0 or 0.5, got {text!r}"
         )
     return value
 

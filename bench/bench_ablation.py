@@ -1,20 +1,22 @@
 """Ablation of the training pipeline: what flips, multi-scale, padded batches, fitted anchors,
-the smooth-L1 box loss and the p2 level each add, at equal iterations.
+the smooth-L1 box loss, RoI Align's offset and the p2 level each add, at equal iterations.
 
 Every row runs ``detector_cli.py`` in a fresh process (as a user would) with the flags of the
 row it builds on (the row above, unless named) plus one change, and reads mAP@0.5 and the
 training time from its ``metrics.json``:
 
 1. ``baseline``: square centre crops, no augmentation, one image size, anchors 4 x stride,
-   L1 box losses;
+   L1 box losses, half-pixel aligned RoI Align (the notebook's);
 2. ``+ flip``: random horizontal flips;
 3. ``+ multi-scale``: one random short side per batch (``eecs598.augment.multiscale_sizes``);
 4. ``+ padded``: whole images padded to a multiple of 32 instead of square crops (the
    generated shapes images are square, so this row is skipped there);
 5. ``+ auto anchors``: ``--anchor-scale auto`` (``eecs598.anchor_fit``);
-6. ``+ smooth-L1``: the box losses of both stages smooth-L1 with beta 1/9 instead of L1: row
-   6 is ``train``'s default pipeline;
-7. ``+ p2``: the stride-4 FPN level, added to row 5 (L1).
+6. ``+ smooth-L1``: the box losses of both stages smooth-L1 with beta 1/9 instead of L1;
+   row 6 is ``train``'s default pipeline;
+7. ``+ RoI offset 0``: RoI features sampled at each cell's top-left pixel
+   (``--roi-align-offset 0``, torchvision's; not ``train``'s default);
+8. ``+ p2``: the stride-4 FPN level, added to row 5 (L1, aligned RoI Align).
 
 ``--rows`` runs some rows only (each still with the flags of the rows it builds on).
 
@@ -44,12 +46,13 @@ from harness import BCCD, ROOT, available, environment, write_json
 # (row, flags added to its base row's, which datasets it runs on, base row: None = the row above)
 STEPS = [
     ("baseline", ["--batch-mode", "crop", "--no-flip", "--no-multiscale", "--anchor-scale", "4",
-                  "--smooth-l1-beta", "0"], ("shapes", "bccd"), None),
+                  "--smooth-l1-beta", "0", "--roi-align-offset", "0.5"], ("shapes", "bccd"), None),
     ("+ flip", ["--flip"], ("shapes", "bccd"), None),
     ("+ multi-scale", ["--multiscale"], ("shapes", "bccd"), None),
     ("+ padded", ["--batch-mode", "pad"], ("bccd",), None),
     ("+ auto anchors", ["--anchor-scale", "auto"], ("shapes", "bccd"), None),
     ("+ smooth-L1", ["--smooth-l1-beta", "1/9"], ("shapes", "bccd"), None),
+    ("+ RoI offset 0", ["--roi-align-offset", "0"], ("shapes", "bccd"), None),
     ("+ p2", ["--fpn-levels", "p2", "p3", "p4", "p5"], ("shapes", "bccd"), "+ auto anchors"),
 ]  # fmt: skip
 

@@ -96,15 +96,16 @@ def run(name: str, args, root: Path, seed: int) -> dict:
     cfg = SETTINGS[name]
     options, loader, val, classes, fit = pipeline(name, root, seed, args.sizes_per_level)
     beta = options.smooth_l1_beta if args.smooth_l1_beta is None else args.smooth_l1_beta
+    offset = options.roi_align_offset if args.roi_align_offset is None else args.roi_align_offset
     settings = {"image_size": options.image_size, "iters": args.iters, "anchors": fit.sizes,
-                "smooth_l1_beta": beta, "roi_align_offset": args.roi_align_offset}  # fmt: skip
+                "smooth_l1_beta": beta, "roi_align_offset": offset}  # fmt: skip
     results = {"settings": {**cfg, **settings, "train_images": len(loader.dataset)}}
     ours, theirs = build_pair(
         num_classes=len(classes), fpn_channels=cfg["fpn_channels"],
         image_size=options.image_size, rpn_batch=options.rpn_batch_size,
         roi_batch=options.roi_batch_size, pre_nms_topk=400, post_nms_topk=100, seed=seed,
         anchor_sizes=fit.sizes, aspect_ratios=tuple(fit.aspect_ratios),
-        smooth_l1_beta=beta, roi_align_offset=args.roi_align_offset,
+        smooth_l1_beta=beta, roi_align_offset=offset,
     )  # fmt: skip
     models = {"ours": ours, "torchvision": TorchvisionAdapter(theirs)}
     for label, model in ((k, v) for k, v in models.items() if k in args.models):
@@ -142,9 +143,9 @@ def main() -> None:
     parser.add_argument("--smooth-l1-beta", type=float, default=None,
                         help="our box losses (default: train's, 1/9; 0: L1). Torchvision's "
                         "model always uses 1/9")  # fmt: skip
-    parser.add_argument("--roi-align-offset", type=float, default=0.5,
-                        help="our RoI Align's sampling offset (0: torchvision's unaligned "
-                        "RoI Align)")  # fmt: skip
+    parser.add_argument("--roi-align-offset", type=float, default=None,
+                        help="our RoI Align's sampling offset (default: train's, 0.5; 0: "
+                        "where torchvision's unaligned RoI Align samples)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/accuracy.json")
     args = parser.parse_args()
     result = {"environment": environment("cpu"), "iters": args.iters}

@@ -62,11 +62,13 @@ def test_voc2007_keeps_the_notebooks_settings():
     assert args.anchor_scale == 8 and args.box_regression is False and args.grad_clip is None
     assert (args.rpn_batch_size, args.roi_batch_size, args.lr) == (16, 32, 0.01)
     assert args.smooth_l1_beta == 0.0  # the notebook's L1 box losses
+    assert args.roi_align_offset == 0.5  # and its half-pixel aligned RoI Align
     given = detector_cli.build_parser().parse_args(["train", "--lr", "0.005", "--no-multiscale"])
     filled = detector_cli.choose_training_defaults(given, "some/folder")
     assert given.lr == 0.005 and given.multiscale is False and "lr" not in filled
     assert given.anchor_scale == ["auto"] and given.batch_mode == "pad"
     assert given.smooth_l1_beta == pytest.approx(1 / 9) and "smooth_l1_beta" in filled
+    assert given.roi_align_offset == 0.5 and "roi_align_offset" in filled
 
 
 @pytest.mark.parametrize(("text", "beta"), [("0", 0.0), ("1/9", 1 / 9), ("0.25", 0.25)])
@@ -81,6 +83,17 @@ def test_smooth_l1_beta_flag_reaches_both_stages(text, beta):
     assert loss in detector_cli.describe_setup(args, None, [])
 
 
+@pytest.mark.parametrize("text", ["0", "0.5"])
+def test_roi_align_offset_flag_reaches_the_second_stage(text):
+    args = detector_cli.build_parser().parse_args(["train", "--roi-align-offset", text])
+    assert "roi_align_offset" not in detector_cli.choose_training_defaults(args, "some/folder")
+    model = detector_cli.build_detector(3, fpn_channels=8, pretrained=False,
+                                        roi_align_offset=args.roi_align_offset)  # fmt: skip
+    assert model.roi_align_offset == model.config["roi_align_offset"] == float(text)
+    assert f"RoI Align offset {float(text):g}" in detector_cli.describe_setup(args, None, [])
+    assert detector_cli.build_detector(3, fpn_channels=8, pretrained=False).roi_align_offset == 0.5
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -89,6 +102,8 @@ def test_smooth_l1_beta_flag_reaches_both_stages(text, beta):
         (["--image-size", "big"], "--image-size must be a number of pixels or 'auto', got 'big'"),
         (["--smooth-l1-beta", "-1"], "--smooth-l1-beta must be a number >= 0"),
         (["--smooth-l1-beta", "1/0"], "--smooth-l1-beta must be a number >= 0"),
+        (["--roi-align-offset", "1"], "--roi-align-offset must be a number in [0, 1)"),
+        (["--roi-align-offset", "half"], "--roi-align-offset must be a number in [0, 1)"),
     ],
 )
 def test_bad_flags_are_named(flags, message, capsys):
