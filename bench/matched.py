@@ -13,10 +13,9 @@ post-processing), not different networks:
   NMS 0.7;
 - second stage: RoI Align 7x7 (sampling ratio 2; ours half-pixel aligned unless
   ``roi_align_offset=0``, torchvision's ``MultiScaleRoIAlign`` not, having no such option)
-  from the level chosen by the
-  box size, our conv stem + flatten as the box head, a linear classifier over ``C + 1``
-  classes, class-specific box deltas with weights (10, 10, 5, 5), IoU 0.5 matching, ``roi_batch``
-  RoIs per image, 25% foreground;
+  from the level chosen by the box size, our conv stem + flatten as the box head, a linear
+  classifier over ``C + 1`` classes, class-specific box deltas with weights (10, 10, 5, 5),
+  IoU 0.5 matching, ``roi_batch`` RoIs per image, 25% foreground;
 - box losses: smooth-L1 with beta 1/9 in both stages (torchvision's, fixed in its code; ours
   ``smooth_l1_beta``, 1/9 here as ``train`` on new data uses; 0 would be our L1);
 - torchvision's transform never resizes (``_NoResize``: multi-scale batches arrive resized)
