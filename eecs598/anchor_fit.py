@@ -23,10 +23,32 @@ anchor set allows, not a prediction of the detector's recall.
 
 The search
 ----------
-See :func:`fit_anchors`: a coordinate ascent over per-level sizes on a log grid within
-``[1, 16] x stride``, for 1, 2 and 3 sizes per level and a few candidate ratio sets, keeping
-the fewest sizes whose BPR is within 0.005 of the best. It is deterministic and takes well
-under a second for ``10 ** 4`` boxes.
+:func:`fit_anchors` is deterministic:
+
+1. Candidate sizes of a level with stride ``s``: ``s * 2 ** (k / 4)``, ``k = 0..16``
+   (``[1, 16] x s``, a quarter octave apart: neighbouring squares overlap with IoU 0.71),
+   rounded to 2 decimals, plus the default ``default_scale * s`` when in that range.
+   A configuration has ``K`` sizes per level, strictly ascending within a level and
+   non-decreasing across levels (levels in stride order: larger levels hold larger
+   anchors).
+2. Ratio candidates: ``default_ratios``, ``(1,)``, and the 10/50/90% quantiles of the
+   boxes' ``h / w`` (2 decimals, clipped to ``[0.1, 10]``). For each ratio set a table of
+   each box's best shape IoU over the ratios, for every candidate size, is computed once.
+3. For each ``K`` in 1, 2, 3 (or ``sizes_per_level``) and each ratio set, a coordinate
+   ascent over the ``L * K`` sizes, from two starts: the defaults (with neighbouring grid
+   sizes when ``K > 1``) and evenly spaced quantiles of ``sqrt(w * h)``, snapped to the
+   grid under the ordering constraints. Each slot in turn moves to its best size between
+   its neighbours, scored by matched boxes, then the sum of best IoU, then closeness to
+   the level default (so levels no box needs keep their default), then the smaller
+   size; rounds repeat until nothing moves (at most 6). The better start is kept.
+4. ``K`` is the smallest whose BPR is within 0.005 of the best over all ``K`` (fewer
+   anchors: a cheaper head and fewer easy negatives); among its ratio sets the same score
+   decides, earlier sets (the defaults first) winning exact ties.
+
+More than 20000 boxes are subsampled (fixed seed) for the search; the recalls reported
+are measured on all boxes. Because the default start contains the default anchors, the
+fit's recall is never below the defaults' on the searched boxes; should a subsampled fit
+score below them on all boxes, the defaults are kept.
 """
 
 from __future__ import annotations
@@ -454,32 +476,9 @@ def fit_anchors(
 ) -> AnchorFit:
     """Anchor sizes per level and aspect ratios that maximise the best-possible recall.
 
-    Algorithm (deterministic):
-
-    1. Candidate sizes of a level with stride ``s``: ``s * 2 ** (k / 4)``, ``k = 0..16``
-       (``[1, 16] x s``, a quarter octave apart: neighbouring squares overlap with IoU 0.71),
-       rounded to 2 decimals, plus the default ``default_scale * s`` when in that range.
-       A configuration has ``K`` sizes per level, strictly ascending within a level and
-       non-decreasing across levels (levels in stride order: larger levels hold larger
-       anchors).
-    2. Ratio candidates: ``default_ratios``, ``(1,)``, and the 10/50/90% quantiles of the
-       boxes' ``h / w`` (2 decimals, clipped to ``[0.1, 10]``). For each ratio set a table of
-       each box's best shape IoU over the ratios, for every candidate size, is computed once.
-    3. For each ``K`` in 1, 2, 3 (or ``sizes_per_level``) and each ratio set, a coordinate
-       ascent over the ``L * K`` sizes, from two starts: the defaults (with neighbouring grid
-       sizes when ``K > 1``) and evenly spaced quantiles of ``sqrt(w * h)``, snapped to the
-       grid under the ordering constraints. Each slot in turn moves to its best size between
-       its neighbours, scored by matched boxes, then the sum of best IoU, then closeness to
-       the level default (so levels no box needs keep their default), then the smaller
-       size; rounds repeat until nothing moves (at most 6). The better start is kept.
-    4. ``K`` is the smallest whose BPR is within 0.005 of the best over all ``K`` (fewer
-       anchors: a cheaper head and fewer easy negatives); among its ratio sets the same score
-       decides, earlier sets (the defaults first) winning exact ties.
-
-    More than 20000 boxes are subsampled (fixed seed) for the search; the recalls reported
-    are measured on all boxes. Because the default start contains the default anchors, the
-    fit's recall is never below the defaults' on the searched boxes; should a subsampled fit
-    score below them on all boxes, the defaults are kept.
+    The search (deterministic; more than 20000 boxes are subsampled for it) is described in
+    the module docstring. The recalls reported are measured on all boxes; should a subsampled
+    fit score below the default anchors on them, the defaults are kept.
 
     Args:
         box_wh: ``(N, 2)`` box ``(w, h)`` in pixels of the images the model sees
@@ -495,15 +494,7 @@ def fit_anchors(
     Returns:
         The :class:`AnchorFit`. Without boxes, the defaults, with a warning.
     """
-    box_wh = _check_box_wh(box_wh)
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if not strides or min(strides.values()) <= 0:
-        raise ValueError(f"strides must be positive, got {dict(strides)}")
-    if sizes_per_level is not None and sizes_per_level < 1:
-        raise ValueError(f"sizes_per_level must be positive, got {sizes_per_level}")
-    if classes is not None and len(np.asarray(classes).reshape(-1)) != len(box_wh):
-        raise ValueError("classes must give one class per box")
+    box_wh = _check_fit_args(box_wh, strides, threshold, sizes_per_level, classes)
     levels = sorted(strides, key=lambda name: strides[name])
     level_strides = {name: int(strides[name]) for name in levels}
     defaults = {name: [float(default_scale * s)] for name, s in level_strides.items()}
@@ -521,6 +512,49 @@ def fit_anchors(
         sizes = {name: list(v) for name, v in defaults.items()}
         return AnchorFit(sizes, list(default_ratios), 0.0, 0.0, 0, 0, **common)
 
+    sizes, ratios = _searched_anchors(
+        box_wh, level_strides, default_scale, default_ratios, threshold, sizes_per_level
+    )
+    before = _best_iou(box_wh, anchor_shapes(defaults, default_ratios))
+    after = _best_iou(box_wh, anchor_shapes(sizes, ratios))
+    if (after >= threshold).sum() < (before >= threshold).sum():  # only after subsampling
+        sizes = {name: list(v) for name, v in defaults.items()}
+        ratios, after = list(default_ratios), before
+    return _make_fit(box_wh, sizes, ratios, before, after, classes, class_names, common)
+
+
+def _check_fit_args(
+    box_wh: np.ndarray,
+    strides: Mapping[str, int],
+    threshold: float,
+    sizes_per_level: int | None,
+    classes: np.ndarray | None,
+) -> np.ndarray:
+    """``box_wh`` as ``(N, 2)`` float64 (:func:`_check_box_wh`); ``ValueError`` naming the
+    first argument of :func:`fit_anchors` that is out of range."""
+    box_wh = _check_box_wh(box_wh)
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if not strides or min(strides.values()) <= 0:
+        raise ValueError(f"strides must be positive, got {dict(strides)}")
+    if sizes_per_level is not None and sizes_per_level < 1:
+        raise ValueError(f"sizes_per_level must be positive, got {sizes_per_level}")
+    if classes is not None and len(np.asarray(classes).reshape(-1)) != len(box_wh):
+        raise ValueError("classes must give one class per box")
+    return box_wh
+
+
+def _searched_anchors(
+    box_wh: np.ndarray,
+    level_strides: Mapping[str, int],
+    default_scale: float,
+    default_ratios: Sequence[float],
+    threshold: float,
+    sizes_per_level: int | None,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """The search of the module docstring on ``(N, 2)`` ``box_wh`` (subsampled to
+    :data:`MAX_FIT_BOXES`): ``({level: [S, ...]}, ratios)`` with the fewest sizes per level
+    whose recall is within :data:`RECALL_TOLERANCE` of the best. Levels are in stride order."""
     grid = _size_grid(list(level_strides.values()), default_scale)
     fit_wh = _subsample(box_wh, MAX_FIT_BOXES)
     ratio_sets = _ratio_candidates(fit_wh, default_ratios)
@@ -528,16 +562,9 @@ def fit_anchors(
     found = {k: _search(fit_wh, grid, k, ratio_sets, threshold) for k in counts}
     k = _fewest_sizes(found, RECALL_TOLERANCE * len(fit_wh))
     search, ratio_index = found[k]
-    values = grid.sizes[list(search.slots)].reshape(len(levels), k)
-    sizes = {name: [float(v) for v in row] for name, row in zip(levels, values, strict=True)}
-    ratios = list(ratio_sets[ratio_index])
-
-    before = _best_iou(box_wh, anchor_shapes(defaults, default_ratios))
-    after = _best_iou(box_wh, anchor_shapes(sizes, ratios))
-    if (after >= threshold).sum() < (before >= threshold).sum():  # only after subsampling
-        sizes = {name: list(v) for name, v in defaults.items()}
-        ratios, after = list(default_ratios), before
-    return _make_fit(box_wh, sizes, ratios, before, after, classes, class_names, common)
+    values = grid.sizes[list(search.slots)].reshape(len(level_strides), k)
+    sizes = {name: [float(v) for v in row] for name, row in zip(level_strides, values, strict=True)}
+    return sizes, list(ratio_sets[ratio_index])
 
 
 def _make_fit(box_wh, sizes, ratios, before, after, classes, class_names, common) -> AnchorFit:

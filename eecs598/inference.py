@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from .images import unnormalize_image
-from .mean_ap import CocoImageInfo
+from .mean_ap import (
+    CocoImageInfo,
+    ImageDetections,
+    MeanAPAccumulator,
+    MeanAPResult,
+    coco_evaluate,
+    image_detections,
+    to_coco,
+    write_coco_files,
+    write_tool_files,
+)
 
 __all__ = ["annotation_lookup", "inference_with_detector"]
 
@@ -91,18 +101,11 @@ def _show_detections(
 
 
 def inference_with_detector(
-    detector: nn.Module,
-    test_loader: Iterable,
-    idx_to_class: Mapping[int, str],
-    score_thresh: float,
-    nms_thresh: float,
-    output_dir: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    *,
-    max_show: int | None = None,
-    progress: bool = True,
-) -> Any:
+    detector: nn.Module, test_loader: Iterable, idx_to_class: Mapping[int, str],
+    score_thresh: float, nms_thresh: float, output_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+    max_show: int | None = None, progress: bool = True,
+) -> Any:  # fmt: skip
     """Run the detector on every image of ``test_loader`` (batch size 1).
 
     The detector is put in eval mode and called under ``torch.no_grad()`` as
@@ -112,50 +115,31 @@ def inference_with_detector(
     Without ``output_dir``: each image is un-normalised and shown with its ground truth and
     detections by ``eecs598.utils.detection_visualizer`` (at most ``max_show`` images).
 
-    With ``output_dir``: writes ``output_dir/ground-truth/<id>.txt`` and
-    ``output_dir/detection-results/<id>.txt`` for every image (``<id>`` = image file stem; an
-    empty detection file when nothing is detected), evaluates VOC mAP at IoU 0.5 with
-    ``eecs598.mean_ap.MeanAPAccumulator``, prints the per-class table and returns the
+    With ``output_dir``: writes the mAP tool's ``ground-truth/<id>.txt`` and
+    ``detection-results/<id>.txt`` for every image (``<id>`` = image file stem; an empty
+    detection file when nothing is detected), evaluates VOC mAP at IoU 0.5
+    (``eecs598.mean_ap.MeanAPAccumulator``), prints the per-class table and returns the
     ``MeanAPResult``. Ground truth comes from the dataset's ``annotation_for_path`` when the
-    loader's dataset (or the dataset under its ``Subset`` wrappers) has it, so difficult objects
-    are marked as such; otherwise from the valid rows of ``gt_boxes`` (none difficult).
-
-    It also writes ``output_dir/ground_truth.json`` (COCO instances) and
-    ``output_dir/detections.json`` (COCO results) by ``eecs598.mean_ap``'s mapping, with the
-    boxes mapped back to the pixels of the image files and their real file names and sizes
-    (from the dataset's annotation; without the lookup, the evaluated image's); then, when
-    pycocotools is installed, scores these two with ``COCOeval``, prints its 12-line summary
-    after the VOC table and puts it in the result's ``coco`` (without pycocotools: one line
-    saying so, and ``coco`` is ``None``). COCO's size ranges are thus those of the image files.
-    The mAP tool's files keep the evaluated image's pixels, so ``python -m eecs598.mean_ap
-    OUTPUT_DIR --coco`` gives the same AP and AR but its small/medium/large split is at the
-    evaluated size.
+    loader's dataset (or one under its ``Subset`` wrappers) has it, so difficult objects are
+    marked; otherwise from the valid rows of ``gt_boxes`` (none difficult). It also writes
+    ``ground_truth.json`` and ``detections.json`` (COCO, by ``eecs598.mean_ap``'s mapping) in
+    the pixels, names and sizes of the image files, and scores them with pycocotools'
+    ``COCOeval``: its summary is printed and kept in the result's ``coco`` (without
+    pycocotools: one line saying so, and ``coco`` is ``None``). ``python -m eecs598.mean_ap
+    OUTPUT_DIR --coco`` gives the same AP and AR from the text files, which keep the evaluated
+    image's pixels, so its small/medium/large split is at the evaluated size.
 
     Returns:
         ``MeanAPResult`` with ``output_dir``, else ``None``.
     """
     from tqdm.auto import tqdm
 
-    from .mean_ap import (
-        MeanAPAccumulator,
-        coco_evaluate,
-        image_detections,
-        to_coco,
-        write_coco_files,
-        write_tool_files,
-    )
-
     device = torch.device(device)
     detector.to(device=device, dtype=dtype)
     was_training = detector.training
     detector.eval()
     lookup = annotation_lookup(getattr(test_loader, "dataset", None))
-    accumulator = MeanAPAccumulator(dict(idx_to_class)) if output_dir is not None else None
-    originals, coco_info = [], {}  # the same images in the image files' pixels, for COCO
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        for sub in ("ground-truth", "detection-results"):
-            (output_dir / sub).mkdir(parents=True, exist_ok=True)
+    scoring = None if output_dir is None else _Scoring.create(output_dir, idx_to_class, lookup)
     options = {"test_score_thresh": score_thresh, "test_nms_thresh": nms_thresh}
     batches = tqdm(test_loader, disable=not progress or output_dir is None, desc="inference")
     start_time = time.time()
@@ -164,34 +148,74 @@ def inference_with_detector(
             for shown, (image_paths, images, gt_boxes) in enumerate(batches):
                 prediction = _predict(detector, images.to(device=device, dtype=dtype), **options)
                 gt = _ground_truth(lookup, image_paths[0], gt_boxes[0])
-                if accumulator is None:
-                    if max_show is not None and shown >= max_show:
-                        break
+                if scoring is not None:
+                    scoring.add(image_paths[0], images[0], gt, prediction)
+                elif max_show is not None and shown >= max_show:
+                    break
+                else:
                     _show_detections(images[0], idx_to_class, gt, prediction)
-                    continue
-                image_id = Path(image_paths[0]).stem
-                image = image_detections(image_id, *gt, *prediction)
-                write_tool_files(output_dir, image, idx_to_class)
-                accumulator.add(image)
-                info, scale, offset = _original_pixels(lookup, image_paths[0], images[0])
-                coco_info[image_id] = info
-                originals.append(image_detections(
-                    image_id, (gt[0] + offset) / scale, gt[1], gt[2],
-                    (prediction[0] + offset) / scale, prediction[1], prediction[2],
-                ))  # fmt: skip
     finally:
         detector.train(was_training)
     print(f"Total inference time: {time.time() - start_time:.1f} s")
-    if accumulator is None:
-        return None
-    result = accumulator.compute(iou_threshold=0.5)
-    print(result.summary())
-    coco_gt, coco_dets = to_coco(originals, dict(idx_to_class), coco_info)
-    write_coco_files(output_dir, coco_gt, coco_dets)
-    try:
-        result = dataclasses.replace(result, coco=coco_evaluate(coco_gt, coco_dets))
-    except ModuleNotFoundError as err:
-        print(f"COCO-style metrics skipped: {err}")
+    return None if scoring is None else scoring.result()
+
+
+@dataclasses.dataclass
+class _Scoring:
+    """Scores a run image by image and writes its files under ``output_dir``.
+
+    Each image's GT and detections, in the evaluated image's pixels, go to the mAP tool's text
+    files and to the VOC mAP accumulator. For COCO the same boxes are mapped back to the pixels
+    of the image file, ``(boxes + offset) / scale`` from the dataset's annotation (without the
+    lookup the evaluated image counts as the original), and kept with the files' real names and
+    sizes, so COCO's size ranges are those of the image files.
+    """
+
+    output_dir: Path
+    idx_to_class: Mapping[int, str]
+    lookup: Callable[[str], dict[str, Any]] | None
+    accumulator: MeanAPAccumulator
+    originals: list[ImageDetections] = dataclasses.field(default_factory=list)
+    coco_info: dict[str, CocoImageInfo] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        output_dir: str | os.PathLike,
+        idx_to_class: Mapping[int, str],
+        lookup: Callable[[str], dict[str, Any]] | None,
+    ) -> _Scoring:
+        """An empty scoring; creates ``ground-truth/`` and ``detection-results/``."""
+        accumulator = MeanAPAccumulator(dict(idx_to_class))
+        output_dir = Path(output_dir)
+        for sub in ("ground-truth", "detection-results"):
+            (output_dir / sub).mkdir(parents=True, exist_ok=True)
+        return cls(output_dir, idx_to_class, lookup, accumulator)
+
+    def add(self, path: str, image: torch.Tensor, gt: GroundTruth, prediction: GroundTruth) -> None:
+        """Write and accumulate one ``(3, H, W)`` image's GT and ``(boxes, classes, scores)``."""
+        image_id = Path(path).stem
+        record = image_detections(image_id, *gt, *prediction)
+        write_tool_files(self.output_dir, record, self.idx_to_class)
+        self.accumulator.add(record)
+        info, scale, offset = _original_pixels(self.lookup, path, image)
+        self.coco_info[image_id] = info
+        self.originals.append(image_detections(
+            image_id, (gt[0] + offset) / scale, gt[1], gt[2],
+            (prediction[0] + offset) / scale, prediction[1], prediction[2],
+        ))  # fmt: skip
+
+    def result(self) -> MeanAPResult:
+        """VOC mAP at IoU 0.5 (table printed); the COCO files written and, with pycocotools,
+        scored (summary printed, kept in ``coco``)."""
+        result = self.accumulator.compute(iou_threshold=0.5)
+        print(result.summary())
+        coco_gt, coco_dets = to_coco(self.originals, dict(self.idx_to_class), self.coco_info)
+        write_coco_files(self.output_dir, coco_gt, coco_dets)
+        try:
+            result = dataclasses.replace(result, coco=coco_evaluate(coco_gt, coco_dets))
+        except ModuleNotFoundError as err:
+            print(f"COCO-style metrics skipped: {err}")
+            return result
+        print(result.coco.summary)
         return result
-    print(result.coco.summary)
-    return result

@@ -6,6 +6,27 @@ position is saved in checkpoints), :class:`_TrainState` (optimizer, schedule, sc
 and loss history, with their checkpoint state), :class:`LossLog` (loss values read from the
 device in batches, checked and printed), :func:`train_step` and :func:`flush_denormal`. The
 checkpoint format is documented in :mod:`eecs598.checkpoint`.
+
+Distributed training: when ``torch.distributed`` is initialised with more than one process
+(e.g. under ``torchrun``), the detector is wrapped in ``DistributedDataParallel`` (gradients
+averaged over processes), each process trains on its own batches (give its loader a
+``DistributedSampler``; its epoch is set at every pass), the logged losses are averaged over
+processes, and only rank 0 prints, plots and writes checkpoints. All processes should be
+seeded alike: their RNG states then stay equal, and rank 0's checkpoint resumes all of them.
+
+Host-device syncs: loss values stay on the device and are read (one transfer) every
+``sync_period`` iterations, at log lines and before checkpoints, not every iteration. Off the
+CPU, each batch's class ids are checked on the host (``detector.check_inputs``) before it is
+moved, so ``forward`` need not sync to check them.
+
+CPU subnormals: on CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``)
+while training and the previous setting is restored afterwards, because a freshly initialised
+backbone otherwise makes convolutions much slower.
+
+Resuming: data order is reproduced by replaying the loader's shuffling from the recorded RNG
+state and skipping the batches already used (they are loaded again, not trained on). Model
+settings that differ from the checkpoint's without changing the weights, and training
+arguments that differ, only warn: the checkpoint's optimizer and schedule are kept.
 """
 
 from __future__ import annotations
@@ -14,7 +35,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +220,7 @@ def flush_denormal_enabled() -> bool:
 def flush_denormal(enabled: bool = True) -> Iterator[None]:
     """Flush subnormal floats to zero inside the block (when ``enabled``), then restore the
     previous setting, whatever happens. A random-init trunk makes subnormal floats early in
-    training, which slow CPU convolutions about 100x."""
+    training, which slow CPU convolutions down greatly."""
     was_on = flush_denormal_enabled()
     if enabled:
         torch.set_flush_denormal(True)
@@ -450,151 +471,177 @@ def _due(done: int, period: int, max_iters: int) -> bool:
 
 
 def train_detector(
-    detector: nn.Module,
-    train_loader: Iterable,
-    learning_rate: float = 5e-3,
-    weight_decay: float = 1e-4,
-    max_iters: int = 5000,
-    log_period: int = 20,
-    device: str | torch.device = "cpu",
-    *,
-    momentum: float = 0.9,
-    lr_milestones: Sequence[float] = (0.6, 0.9),
-    lr_gamma: float = 0.1,
-    warmup_iters: int = 100,
-    warmup_factor: float = 0.001,
-    amp: bool = False,
-    grad_clip: float | None = None,
-    checkpoint_path: str | Path | None = None,
-    checkpoint_period: int = 500,
-    resume: bool = False,
-    show_plot: bool = True,
-    plot_path: str | Path | None = None,
-    progress: bool = True,
-    sync_period: int = 20,
-) -> LossHistory:
-    """Train ``detector`` with SGD for ``max_iters`` iterations.
+    detector: nn.Module, train_loader: Iterable, learning_rate: float = 5e-3,
+    weight_decay: float = 1e-4, max_iters: int = 5000, log_period: int = 20,
+    device: str | torch.device = "cpu", *, momentum: float = 0.9,
+    lr_milestones: Sequence[float] = (0.6, 0.9), lr_gamma: float = 0.1, warmup_iters: int = 100,
+    warmup_factor: float = 0.001, amp: bool = False, grad_clip: float | None = None,
+    checkpoint_path: str | Path | None = None, checkpoint_period: int = 500,
+    resume: bool = False, show_plot: bool = True, plot_path: str | Path | None = None,
+    progress: bool = True, sync_period: int = 20,
+) -> LossHistory:  # fmt: skip
+    """Train ``detector`` on ``device`` with SGD for ``max_iters`` iterations.
 
-    Each batch of ``train_loader`` is ``(image_paths, images (B, 3, H, W), gt_boxes (B, N, 5))``,
-    or, padded (``eecs598.augment.PadCollate``), with a fourth entry ``image_sizes (B, 2)``.
-    The detector is called in training mode as ``detector(images, gt_boxes)`` (plus
-    ``image_sizes=`` for padded batches) and must return
-    a dict; every entry whose key contains ``"loss"`` is a scalar loss and they are summed
-    (other entries, e.g. proposals, are ignored). The loader is cycled until ``max_iters``.
+    Each batch of ``train_loader`` (cycled until ``max_iters``) is ``(image_paths,
+    images (B, 3, H, W), gt_boxes (B, N, 5))``, plus ``image_sizes (B, 2)`` when padded
+    (``eecs598.augment.PadCollate``). In training mode ``detector(images, gt_boxes)`` (with
+    ``image_sizes=`` when padded) returns a dict; its entries whose key contains ``"loss"`` are
+    scalar losses, summed. SGD (``momentum``, ``weight_decay``) updates the parameters with
+    ``requires_grad``; the learning rate warms up linearly from ``warmup_factor *
+    learning_rate`` over ``warmup_iters`` and is multiplied by ``lr_gamma`` at each fraction of
+    ``max_iters`` in ``lr_milestones``. ``amp``: float16 autocast + ``GradScaler``, CUDA only
+    (ignored with a note elsewhere); ``grad_clip``: clip the global gradient norm. Distributed
+    runs, host-device syncs and CPU subnormals: see the module docstring.
 
-    Distributed training: when ``torch.distributed`` is initialised with more than one process
-    (e.g. under ``torchrun``), the detector is wrapped in ``DistributedDataParallel`` (gradients
-    averaged over processes), each process trains on its own batches (give its loader a
-    ``DistributedSampler``; its epoch is set at every pass), the logged losses are averaged over
-    processes, and only rank 0 prints, plots and writes checkpoints. All processes should be
-    seeded alike: their RNG states then stay equal, and rank 0's checkpoint resumes all of them.
-
-    Host-device syncs: loss values stay on the device and are read (one transfer) every
-    ``sync_period`` iterations, at log lines and before checkpoints, not every iteration.
-    Off the CPU, each batch's class ids are checked on the host (``detector.check_inputs``)
-    before it is moved, so ``forward`` need not sync to check them.
-
-    On CPU, subnormal floats are flushed to zero (``torch.set_flush_denormal``) while training,
-    and the previous setting is restored afterwards: a freshly initialised backbone otherwise
-    makes convolutions about 100x slower.
-
-    Schedule: SGD (momentum, weight decay) over parameters with ``requires_grad``; learning rate
-    warmed up linearly from ``warmup_factor * learning_rate`` over ``warmup_iters`` iterations
-    and multiplied by ``lr_gamma`` at each fraction of ``max_iters`` in ``lr_milestones``
-    (default: at 60% and 90%).
-
-    Args:
-        detector: Model returning a loss dict in training mode.
-        train_loader: Iterable of batches, usually a DataLoader.
-        learning_rate, weight_decay, momentum: SGD settings.
-        max_iters: Total number of iterations (also when resuming).
-        log_period: Print a log line every ``log_period`` iterations.
-        device: Device for the model and batches.
-        lr_milestones, lr_gamma, warmup_iters, warmup_factor: Schedule (see above).
-        amp: Mixed precision (``torch.autocast`` float16 + ``GradScaler``) on CUDA; ignored with
-            a note on other devices.
-        grad_clip: Clip the global gradient norm to this value (``None``: no clipping).
-        checkpoint_path: Where to write checkpoints (``None``: none). Written atomically every
-            ``checkpoint_period`` iterations and after the last one; the format is described
-            in :mod:`eecs598.checkpoint`.
-        resume: Continue from ``checkpoint_path`` if it exists: weights, optimizer, schedule,
-            iteration count, loss history, RNG states and the loader position are restored, so
-            on CPU the remaining losses equal those of an uninterrupted run. Data order is
-            reproduced by replaying the loader's shuffling from the recorded RNG state and
-            skipping the batches already used (they are loaded again, not trained on). Temp
-            files left by a run killed while writing a checkpoint are deleted first.
-        show_plot: Plot the loss history at the end (shown only on interactive backends).
-        plot_path: Also save the plot there.
-        progress: Show a tqdm progress bar with the current loss.
-        sync_period: Read the loss values from the device at least this often (iterations).
-            A non-finite loss is detected when they are read.
+    A log line every ``log_period`` iterations, a tqdm bar (``progress``); losses are read from
+    the device at least every ``sync_period`` iterations; the history is plotted at the end
+    (``show_plot``, on interactive backends) and/or saved to ``plot_path``. Checkpoints
+    (:mod:`eecs598.checkpoint`) go atomically to ``checkpoint_path`` every ``checkpoint_period``
+    iterations and after the last. ``resume=True`` continues from it if it exists (weights,
+    optimizer, schedule, history, RNG states, loader position; temp files of a killed write are
+    deleted first), so on CPU the losses equal an uninterrupted run's.
 
     Returns:
-        :class:`LossHistory`: total loss per iteration (a list of floats) with ``.terms``
-        holding each loss term's history. When resuming it includes the restored iterations.
+        :class:`LossHistory`: total loss per iteration (restored ones included when resuming),
+        ``.terms`` holding each loss term's history.
 
     Raises:
-        FloatingPointError: A loss is NaN or infinite. The message names the iteration and each
-            loss term's value. Losses are checked before every checkpoint is written, so the
-            last checkpoint on disk stays the last good one. Also raised, naming the parameter,
-            when a checkpoint is due but a weight or buffer is not finite (a non-finite gradient
-            from a finite loss); that checkpoint is not written.
-        ValueError: ``resume`` finds a file that is not a resumable checkpoint, or whose
-            weights do not fit ``detector``; the message names the settings that differ.
-            Settings that differ without changing the weights, and training arguments that
-            differ, only warn (the checkpoint's optimizer and schedule are kept).
+        FloatingPointError: a non-finite loss (naming the iteration and terms), or weight (at a
+            checkpoint); both are checked before it is written, so the last one stays good.
+        ValueError: ``resume`` without ``checkpoint_path``, or its file is not a resumable
+            checkpoint or its weights do not fit ``detector`` (other differences only warn).
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
-    use_amp = _use_amp(amp, device)
-    detector.to(device)
-    detector.train()
-    state = _TrainState.create(
-        [p for p in detector.parameters() if p.requires_grad], train_loader, use_amp,
+    state = _start(detector, train_loader, device, amp, dict(
         learning_rate=learning_rate, weight_decay=weight_decay, momentum=momentum,
         max_iters=max_iters, lr_milestones=[int(f * max_iters) for f in lr_milestones],
         lr_gamma=lr_gamma, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
-    )  # fmt: skip
+    ))  # fmt: skip
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     if resume:
         if checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path")
-        state.resume(checkpoint_path, detector)
-    world, rank = distributed_world()
-    model = _parallel(detector, device) if world > 1 else detector
-    main = rank == 0
+        state.resume(checkpoint_path, detector)  # called here: its warnings name our caller
+    run = _Run.create(detector, device, grad_clip, checkpoint_path, checkpoint_period)
+    log = _loss_log(state, log_period, sync_period, progress and run.main, run.main)
+    start_time = time.time()
+    _train_loop(run, state, log)
+    if run.main:
+        _report_end(state, start_time, progress, show_plot, plot_path)
+    return state.history
+
+
+def _start(
+    detector: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp: bool,
+    train_args: dict[str, Any],
+) -> _TrainState:
+    """Put ``detector`` on ``device`` in training mode and set up SGD over its parameters with
+    ``requires_grad``, with the schedule, scaler and batch stream of ``train_args``
+    (:meth:`_TrainState.create`; checkpoints record ``train_args`` too)."""
+    use_amp = _use_amp(amp, device)
+    detector.to(device)
+    detector.train()
+    params = [p for p in detector.parameters() if p.requires_grad]
+    return _TrainState.create(params, loader, use_amp, **train_args)
+
+
+@dataclass
+class _Run:
+    """What every iteration of one :func:`train_detector` call uses besides the train state.
+
+    ``model`` is ``detector``, or its ``DistributedDataParallel`` wrapper in a process group of
+    ``world > 1`` processes; only the ``main`` process (rank 0) prints and writes checkpoints.
+    ``host_check`` is ``detector.check_inputs`` off the CPU (``None`` on it): batches' class
+    ids are checked on the host, so ``forward`` skips that check and its device sync.
+    """
+
+    detector: nn.Module
+    model: nn.Module
+    device: torch.device
+    grad_clip: float | None
+    world: int
+    main: bool
+    host_check: Callable[..., Any] | None
+    checkpoint_path: Path | None
+    checkpoint_period: int
+
+    @classmethod
+    def create(
+        cls, detector: nn.Module, device: torch.device, grad_clip: float | None,
+        checkpoint_path: Path | None, checkpoint_period: int,
+    ) -> _Run:  # fmt: skip
+        world, rank = distributed_world()
+        model = _parallel(detector, device) if world > 1 else detector
+        host_check = getattr(detector, "check_inputs", None) if device.type != "cpu" else None
+        return cls(
+            detector, model, device, grad_clip, world, rank == 0, host_check,
+            checkpoint_path, checkpoint_period,
+        )  # fmt: skip
+
+
+def _loss_log(
+    state: _TrainState, log_period: int, sync_period: int, show_bar: bool, verbose: bool
+) -> LossLog:
+    """The :class:`LossLog` of a run, filling ``state.history``, with its tqdm bar (from
+    ``state.start_iter`` to ``max_iters``; hidden unless ``show_bar``)."""
+    from tqdm.auto import tqdm
+
+    max_iters = state.train_args["max_iters"]
     bar = tqdm(
-        total=max_iters, initial=state.start_iter, disable=not (progress and main),
+        total=max_iters, initial=state.start_iter, disable=not show_bar,
         desc="train", dynamic_ncols=True,
     )  # fmt: skip
-    log = LossLog(state.history, max_iters, log_period, sync_period, bar, verbose=main)
-    # Off the CPU, forward skips the class-id check (a sync); check batches on the host instead.
-    host_check = getattr(detector, "check_inputs", None) if device.type != "cpu" else None
-    start_time = time.time()
-    with flush_denormal(device.type == "cpu"), contextlib.closing(bar):
-        for iteration in range(state.start_iter, max_iters):
+    return LossLog(state.history, max_iters, log_period, sync_period, bar, verbose=verbose)
+
+
+def _train_loop(run: _Run, state: _TrainState, log: LossLog) -> None:
+    """Iterations ``state.start_iter`` to ``max_iters - 1``: the next batch, :func:`train_step`,
+    its ``(1 + T,)`` loss values queued on the device, the schedule stepped; then
+    :func:`_after_step`. CPU subnormals are flushed meanwhile; the bar is closed at the end."""
+    with flush_denormal(run.device.type == "cpu"), contextlib.closing(log.bar):
+        for iteration in range(state.start_iter, state.train_args["max_iters"]):
             batch = state.stream.next()
-            if host_check is not None:
-                host_check(gt_boxes=batch[2])  # still on the host: no device sync
-            values, names = train_step(model, batch, state, device, grad_clip, world)
+            if run.host_check is not None:
+                run.host_check(gt_boxes=batch[2])  # still on the host: no device sync
+            values, names = train_step(
+                run.model, batch, state, run.device, run.grad_clip, run.world
+            )
             log.add(iteration, values, names, state.optimizer.param_groups[0]["lr"])
             state.scheduler.step()
-            bar.update(1)
-            done = iteration + 1
-            checkpoint_due = bool(checkpoint_path) and _due(done, checkpoint_period, max_iters)
-            if checkpoint_due or log.due(iteration):
-                log.read()
-            if checkpoint_due:  # every rank: DDP keeps weights equal, so all stop together
-                check_finite_weights(detector, done)
-            if checkpoint_due and main:
-                save_checkpoint(checkpoint_path, state.checkpoint(detector, done))
-    if progress and main and max_iters > state.start_iter:
+            log.bar.update(1)
+            _after_step(run, state, log, iteration + 1)
+
+
+def _after_step(run: _Run, state: _TrainState, log: LossLog, done: int) -> None:
+    """After ``done`` iterations: read the queued losses when a log line, ``sync_period`` or a
+    checkpoint is due (a non-finite loss raises before anything is written); at a checkpoint,
+    check the weights are finite on every rank (DDP keeps them equal, so all stop together),
+    then rank 0 writes it."""
+    max_iters = state.train_args["max_iters"]
+    checkpoint_due = bool(run.checkpoint_path) and _due(done, run.checkpoint_period, max_iters)
+    if checkpoint_due or log.due(done - 1):
+        log.read()
+    if checkpoint_due:
+        check_finite_weights(run.detector, done)
+    if checkpoint_due and run.main:
+        save_checkpoint(run.checkpoint_path, state.checkpoint(run.detector, done))
+
+
+def _report_end(
+    state: _TrainState, start_time: float, progress: bool, show_plot: bool,
+    plot_path: str | Path | None,
+) -> None:  # fmt: skip
+    """On rank 0 after the loop: the iterations trained and their time (with ``progress``, if
+    any were), then the loss plot (shown with ``show_plot``, saved to ``plot_path``)."""
+    max_iters = state.train_args["max_iters"]
+    if progress and max_iters > state.start_iter:
         elapsed = time.time() - start_time
         print(f"Trained {max_iters - state.start_iter} iterations in {elapsed:.1f} s.")
-    if main and (show_plot or plot_path is not None):
+    if show_plot or plot_path is not None:
         plot_losses(state.history, plot_path, show_plot)
-    return state.history
 
 
 def _use_amp(amp: bool, device: torch.device) -> bool:

@@ -17,9 +17,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import detector_cli
+import recipe
 from eecs598.coco import COCODetection
 from eecs598.images import CorruptImageError
 from eecs598.inference import inference_with_detector
+from eecs598.settings import OWN_DATA
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
 from eecs598.voc import VOCLayoutDetection
 
@@ -92,11 +94,8 @@ def test_training_batches_are_the_voc_readers(shapes):
     coco = COCODetection(train_json, root / "JPEGImages", None, 48, train_transform=True)
     assert coco.class_names == tuple(sorted(SHAPES_CLASSES))  # class_names=None: sorted names
     coco = COCODetection(train_json, root / "JPEGImages", SHAPES_CLASSES, 48, train_transform=True)
-    args = detector_cli.build_parser().parse_args(
-        ["train", "--batch-size", "4", "--workers", "0", "--seed", "5", "--photometric"]
-    )
-    detector_cli.choose_training_defaults(args, "shapes")
-    batches = [detector_cli._train_loader(args, ds, (40, 48), 1, 0) for ds in (voc, coco)]
+    settings = OWN_DATA.replace(batch_size=4, workers=0, seed=5, photometric=True)
+    batches = [recipe.train_loader(settings, ds, (40, 48)) for ds in (voc, coco)]
     for sampler_epoch in range(2):
         for loader in batches:
             loader.batch_sampler.set_epoch(sampler_epoch)

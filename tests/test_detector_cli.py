@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import detector_cli
+import recipe
+from eecs598.checkpoint import load_model_weights
+from eecs598.settings import DEMO, NOTEBOOK, OWN_DATA
 
 TINY = [
     "--num-train", "16", "--num-val", "4", "--image-size", "64", "--fpn-channels", "16",
@@ -39,24 +42,80 @@ def test_demo_writes_every_output(demo_run, capsys):
 
 
 def test_checkpoint_carries_config_and_classes(demo_run):
-    model, checkpoint = detector_cli.load_detector(demo_run / "checkpoint.pt")
+    model, checkpoint = recipe.load_detector(demo_run / "checkpoint.pt")
     assert checkpoint["meta"]["class_names"][0] == "red_circle"
     assert checkpoint["meta"]["image_size"] == 64
     # The demo evaluates at a larger short side than it trains at (small objects).
-    assert checkpoint["meta"]["test_image_size"] == detector_cli.DEMO["test_image_size"] == 160
+    assert checkpoint["meta"]["test_image_size"] == DEMO.eval.test_image_size == 160
     assert model.config["backbone"]["out_channels"] == 16
-    assert model.config["rpn"]["anchor_stride_scale"] == detector_cli.DEMO["anchor_scale"]
-    assert model.rpn.anchor_stride_scale == detector_cli.DEMO["anchor_scale"]
+    assert model.config["rpn"]["anchor_stride_scale"] == DEMO.model.rpn.anchor_stride_scale == 4
+    assert model.rpn.anchor_stride_scale == DEMO.model.rpn.anchor_stride_scale
     assert model.config["rpn"]["anchor_offset"] == model.rpn.anchor_offset == 0.0
     assert not model.training
 
 
+def _settings(*argv: str):
+    return detector_cli.settings_from_args(detector_cli.build_parser().parse_args(argv))
+
+
 def test_anchor_offset_flag_reaches_the_rpn():
-    args = detector_cli.build_parser().parse_args(["train", "--anchor-offset", "0.5"])
-    model = detector_cli.build_detector(3, fpn_channels=8, pretrained=False,
-                                        anchor_offset=args.anchor_offset)  # fmt: skip
-    assert args.anchor_offset == 0.5 and model.rpn.anchor_offset == 0.5
-    assert detector_cli.build_parser().parse_args(["demo"]).anchor_offset == 0.0
+    settings = _settings("train", "--anchor-offset", "0.5", "--anchor-scale", "8")
+    model = recipe.build_detector(3, settings.model, fpn_channels=8, pretrained=False)
+    assert settings.model.rpn.anchor_offset == 0.5 and model.rpn.anchor_offset == 0.5
+    assert _settings("demo").model.rpn.anchor_offset == 0.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "preset"),
+    [
+        (["train", "--dataset", "voc2007"], NOTEBOOK),
+        (["train", "--dataset", "my/folder"], OWN_DATA.replace(dataset="my/folder")),
+        (["train", "--dataset", "x.json"], OWN_DATA.replace(dataset="x.json")),
+        (["train"], OWN_DATA),
+        (["demo"], DEMO.replace(data_dir="outputs/demo/data")),
+        (["evaluate", "c.pt"], OWN_DATA.replace(out="runs/evaluate")),
+        (["predict", "c.pt", "images"], OWN_DATA.replace(out="runs/predict")),
+    ],
+)
+def test_every_cli_default_is_the_settings_value(argv, preset):
+    """A flag left out takes the value of the preset for the data: no default of its own."""
+    assert _settings(*argv) == preset
+
+
+def test_flags_replace_their_settings_and_help_names_each_datas_default(capsys):
+    settings = _settings("train", "--dataset", "d", "--anchor-scale", "4", "8", "--grad-clip",
+                         "none", "--fpn-levels", "p2", "p3", "p4", "p5", "--no-flip",
+                         "--smooth-l1-beta", "1/9", "--roi-size", "5", "5")  # fmt: skip
+    assert settings.differences(OWN_DATA.replace(dataset="d")) == {
+        "fpn_levels": (("p2", "p3", "p4", "p5"), ("p3", "p4", "p5")),
+        "anchor_scale": ((4.0, 8.0), "auto"),
+        "roi_size": ((5, 5), (7, 7)),
+        "flip": (False, True),
+        "grad_clip": (None, 10.0),
+    }
+    with pytest.raises(SystemExit):
+        detector_cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "COCO instances .json" in text
+    assert "Default: 0.02 for a VOC-layout folder, a COCO .json or shapes; 0.01 for voc2007" in text
+    assert "Default: auto for a VOC-layout folder, a COCO .json or shapes; 224 for voc2007" in text
+
+
+def test_python_train_is_the_cli_run(demo_run, tmp_path):
+    """``recipe.train`` with settings gives the run ``detector_cli.py demo`` gives with the
+    same flags: the same losses, weights and mAP."""
+    settings = DEMO.replace(
+        out=str(tmp_path), data_dir=str(tmp_path / "data"), num_train=16, num_val=4,
+        image_size=64, fpn_channels=16, batch_size=4, max_iters=4, warmup_iters=2, workers=0,
+        pre_nms_topk=50, post_nms_topk=20, progress=False,
+    )  # fmt: skip
+    metrics = recipe.train(settings)
+    cli = json.loads((demo_run / "metrics.json").read_text())
+    assert metrics["final_loss"] == cli["final_loss"] and metrics["mAP"] == cli["mAP"]
+    ours, _ = recipe.load_detector(tmp_path / "checkpoint.pt")
+    theirs, _ = recipe.load_detector(demo_run / "checkpoint.pt")
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_evaluate_needs_no_repeated_flags(demo_run, tmp_path, capsys):
@@ -85,14 +144,14 @@ def test_predict_writes_images_and_json(demo_run, tmp_path):
     assert len(records) == 20
     assert len(list(tmp_path.glob("*_pred.png"))) == 20
     for det in records[0]["detections"]:
-        assert det["class"] in detector_cli.SHAPES_CLASSES and len(det["box"]) == 4
+        assert det["class"] in recipe.SHAPES_CLASSES and len(det["box"]) == 4
 
 
 def test_mismatched_checkpoint_names_the_settings(demo_run):
     checkpoint = torch.load(demo_run / "checkpoint.pt", weights_only=True)
-    model = detector_cli.build_detector(5, fpn_channels=32, pretrained=False)
+    model = recipe.build_detector(5, fpn_channels=32, pretrained=False)
     with pytest.raises(ValueError) as err:
-        detector_cli.load_weights(model, checkpoint, "ckpt.pt")
+        load_model_weights(model, checkpoint, "ckpt.pt")
     assert "backbone.out_channels: checkpoint 16, model 32" in str(err.value)
 
 

@@ -281,15 +281,16 @@ def test_tiny_and_elongated_images_keep_their_boxes(tmp_path):
 
 def test_cli_skip_corrupt_flag(faulty_root):
     import detector_cli
+    import recipe
 
     args = detector_cli.build_parser().parse_args(
         ["train", "--dataset", str(faulty_root), "--classes", "cat,dog,car", "--image-size",
          "32", "--train-split", "train", "--val-split", "train", "--skip-corrupt"]
     )  # fmt: skip
+    settings = detector_cli.settings_from_args(args)
     with pytest.warns(UserWarning, match="left out"):
-        train, val, classes = detector_cli.make_datasets(args)
+        train, val, classes = recipe.make_datasets(settings)
     assert train.image_ids == val.image_ids == ["ok0", "ok1", "ok2"]
     assert classes == ["cat", "dog", "car"]
-    args.skip_corrupt = False
-    train, _, _ = detector_cli.make_datasets(args)
+    train, _, _ = recipe.make_datasets(settings.replace(skip_corrupt=False))
     assert len(train) == 5

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import detector_cli
+import recipe
 from eecs598.checkpoint import load_checkpoint
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
 from eecs598.training import train_detector
@@ -51,47 +52,58 @@ def test_train_on_a_folder_fits_anchors_prints_its_choices_and_stores_them(
     assert sizes["p3"][0] < 8 * 8  # fitted to 5-51 px boxes, not the notebook's 64 px
     assert checkpoint["meta"]["training"]["batch_mode"] == "pad"
     assert checkpoint["meta"]["training"]["multiscale"] is True
-    model, _ = detector_cli.load_detector(tmp_path / "checkpoint.pt")
+    model, _ = recipe.load_detector(tmp_path / "checkpoint.pt")
     assert model.rpn.anchor_sizes == sizes and model.box_regression
 
 
+def _settings(*flags: str):
+    """What ``train`` runs with for these flags."""
+    return detector_cli.settings_from_args(
+        detector_cli.build_parser().parse_args(["train", *flags])
+    )
+
+
 def test_voc2007_keeps_the_notebooks_settings():
-    args = detector_cli.build_parser().parse_args(["train", "--dataset", "voc2007"])
-    filled = detector_cli.choose_training_defaults(args, "voc2007")
-    assert "batch_mode" in filled and args.batch_mode == "crop" and args.multiscale is False
-    assert args.anchor_scale == 8 and args.box_regression is False and args.grad_clip is None
-    assert (args.rpn_batch_size, args.roi_batch_size, args.lr) == (16, 32, 0.01)
-    assert args.smooth_l1_beta == 0.0  # the notebook's L1 box losses
-    assert args.roi_align_offset == 0.5  # and its half-pixel aligned RoI Align
-    given = detector_cli.build_parser().parse_args(["train", "--lr", "0.005", "--no-multiscale"])
-    filled = detector_cli.choose_training_defaults(given, "some/folder")
-    assert given.lr == 0.005 and given.multiscale is False and "lr" not in filled
-    assert given.anchor_scale == ["auto"] and given.batch_mode == "pad"
-    assert given.smooth_l1_beta == pytest.approx(1 / 9) and "smooth_l1_beta" in filled
-    assert given.roi_align_offset == 0.5 and "roi_align_offset" in filled
+    settings = _settings("--dataset", "voc2007")
+    data, model, run = settings.data, settings.model, settings.train
+    assert run.batch_mode == "crop" and run.multiscale is False
+    assert model.rpn.anchor_stride_scale == 8 and model.heads.box_regression is False
+    assert run.grad_clip is None
+    assert (model.rpn.batch_size_per_image, model.heads.batch_size_per_image, run.lr) == (
+        16, 32, 0.01,
+    )  # fmt: skip
+    assert model.smooth_l1_beta == 0.0  # the notebook's L1 box losses
+    assert model.heads.roi_align_offset == 0.5  # and its half-pixel aligned RoI Align
+    assert data.image_size == 224
+    given = _settings("--dataset", "some/folder", "--lr", "0.005", "--no-multiscale")
+    assert given.train.lr == 0.005 and given.train.multiscale is False
+    assert given.model.rpn.anchor_stride_scale == "auto" and given.train.batch_mode == "pad"
+    assert given.model.smooth_l1_beta == pytest.approx(1 / 9)
+    assert given.model.heads.roi_align_offset == 0.5
+    setup = recipe.describe_setup(given.replace(image_size=224), None)
+    assert "lr 0.005" in setup and "lr* " not in setup and "batches*: whole images" in setup
 
 
 @pytest.mark.parametrize(("text", "beta"), [("0", 0.0), ("1/9", 1 / 9), ("0.25", 0.25)])
 def test_smooth_l1_beta_flag_reaches_both_stages(text, beta):
-    args = detector_cli.build_parser().parse_args(["train", "--smooth-l1-beta", text])
-    assert "smooth_l1_beta" not in detector_cli.choose_training_defaults(args, "some/folder")
-    model = detector_cli.build_detector(3, fpn_channels=8, pretrained=False,
-                                        smooth_l1_beta=args.smooth_l1_beta)  # fmt: skip
+    settings = _settings("--dataset", "some/folder", "--smooth-l1-beta", text)
+    model = recipe.build_detector(3, settings.model, fpn_channels=8, pretrained=False,
+                                  anchor_scale=8.0)  # fmt: skip
     assert model.rpn.smooth_l1_beta == model.smooth_l1_beta == pytest.approx(beta)
     assert model.config["smooth_l1_beta"] == model.config["rpn"]["smooth_l1_beta"]
-    loss = "box loss L1" if not beta else f"box loss smooth-L1 (beta {beta:.4g})"
-    assert loss in detector_cli.describe_setup(args, None, [])
+    loss = "L1" if not beta else f"smooth-L1 (beta {beta:.4g})"
+    setup = recipe.describe_setup(settings, None)
+    assert f"box loss {loss}" in setup or f"box loss* {loss}" in setup
 
 
 @pytest.mark.parametrize("text", ["0", "0.5"])
 def test_roi_align_offset_flag_reaches_the_second_stage(text):
-    args = detector_cli.build_parser().parse_args(["train", "--roi-align-offset", text])
-    assert "roi_align_offset" not in detector_cli.choose_training_defaults(args, "some/folder")
-    model = detector_cli.build_detector(3, fpn_channels=8, pretrained=False,
-                                        roi_align_offset=args.roi_align_offset)  # fmt: skip
+    settings = _settings("--roi-align-offset", text)
+    model = recipe.build_detector(3, settings.model, fpn_channels=8, pretrained=False,
+                                  anchor_scale=8.0)  # fmt: skip
     assert model.roi_align_offset == model.config["roi_align_offset"] == float(text)
-    assert f"RoI Align offset {float(text):g}" in detector_cli.describe_setup(args, None, [])
-    assert detector_cli.build_detector(3, fpn_channels=8, pretrained=False).roi_align_offset == 0.5
+    assert f"RoI Align offset {float(text):g}" in recipe.describe_setup(settings, None)
+    assert recipe.build_detector(3, fpn_channels=8, pretrained=False).roi_align_offset == 0.5
 
 
 @pytest.mark.parametrize(
@@ -132,17 +144,17 @@ def _record(width: int, height: int, boxes: list[list[float]], classes: list[int
 
 def test_image_size_auto_looks_at_each_class_median_box():
     big = [_record(640, 480, [[0, 0, 200, 200]], [0])]
-    assert detector_cli.choose_image_size(big, ["a"]) == 224
+    assert recipe.choose_image_size(big, ["a"]) == 224
     # a class of 38 px boxes at 480 px: 20 px needs 253 px, so 256
     cells = big + [_record(640, 480, [[0, 0, 38, 38], [10, 10, 48, 48]], [1, 1])]
-    assert detector_cli.choose_image_size(cells, ["a", "b"]) == 256
+    assert recipe.choose_image_size(cells, ["a", "b"]) == 256
     tiny = [_record(640, 480, [[0, 0, 5, 5]], [0])]
-    assert detector_cli.choose_image_size(tiny, ["a"]) == 320  # the largest candidate
+    assert recipe.choose_image_size(tiny, ["a"]) == 320  # the largest candidate
     small_images = [_record(200, 150, [[0, 0, 5, 5]], [0])]
-    assert detector_cli.choose_image_size(small_images, ["a"]) == 224  # never above 224
-    assert detector_cli.choose_image_size([], ["a"]) == 224
+    assert recipe.choose_image_size(small_images, ["a"]) == 224  # never above 224
+    assert recipe.choose_image_size([], ["a"]) == 224
     no_boxes = [_record(640, 480, [], [])]
-    assert detector_cli.choose_image_size(no_boxes, ["a", "b"]) == 224
+    assert recipe.choose_image_size(no_boxes, ["a", "b"]) == 224
 
 
 class Interrupted(Exception):
@@ -150,13 +162,12 @@ class Interrupted(Exception):
 
 
 def _pipeline(folder, workers: int):
-    args = detector_cli.build_parser().parse_args(
-        ["train", "--dataset", str(folder), "--image-size", "64", "--batch-size", "4",
-         "--workers", str(workers), "--photometric", "--iou-crop", "--seed", "4"]
+    settings = _settings(
+        "--dataset", str(folder), "--image-size", "64", "--batch-size", "4", "--workers",
+        str(workers), "--photometric", "--iou-crop", "--seed", "4",
     )  # fmt: skip
-    detector_cli.choose_training_defaults(args, str(folder))
-    train, _, _, scales = detector_cli._training_datasets(args, 1, 0, None, None)
-    return detector_cli._train_loader(args, train, scales, 1, 0)
+    settings, train, _, _, scales = recipe.training_datasets(settings)
+    return recipe.train_loader(settings, train, scales)
 
 
 def test_train_loader_presizes_every_scale_within_the_memory_budget(folder, monkeypatch, capsys):
@@ -165,7 +176,7 @@ def test_train_loader_presizes_every_scale_within_the_memory_budget(folder, monk
     presized = _pipeline(folder, 0)
     assert "resized to each short side once, in advance" in capsys.readouterr().out
     assert presized.dataset.presized_bytes > 0
-    monkeypatch.setattr(detector_cli, "_PRESIZE_BUDGET", 0)
+    monkeypatch.setattr(recipe, "PRESIZE_BUDGET", 0)
     per_batch = _pipeline(folder, 0)
     assert "per batch (over the memory budget)" in capsys.readouterr().out
     assert per_batch.dataset.presized_bytes == 0
@@ -177,9 +188,10 @@ def test_train_loader_presizes_every_scale_within_the_memory_budget(folder, monk
 def _model() -> FasterRCNN:
     torch.manual_seed(0)
     sizes = {"p3": [12.0], "p4": [24.0], "p5": [48.0]}
-    model = detector_cli.build_detector(
-        5, fpn_channels=16, pretrained=False, pre_nms_topk=50, post_nms_topk=20,
-        box_regression=True, anchor_sizes=sizes,
+    fit = SimpleNamespace(sizes=sizes, aspect_ratios=[0.5, 1.0, 2.0])  # as an AnchorFit
+    model = recipe.build_detector(
+        5, fit=fit, fpn_channels=16, pretrained=False, pre_nms_topk=50, post_nms_topk=20,
+        box_regression=True,
     )  # fmt: skip
     assert isinstance(model.rpn, RPN)
     return model

@@ -1,0 +1,725 @@
+"""The training recipe as functions a notebook can call: data, model, training, evaluation.
+
+``train(settings)``, ``evaluate(checkpoint, settings)`` and ``predict(checkpoint, images,
+settings)`` are what ``detector_cli.py``'s commands run; the parts they are made of are public
+too, in the order ``train`` calls them:
+
+1. ``training_datasets``: the datasets (``make_datasets``) at the short side
+   ``choose_image_size`` picks for ``image_size="auto"``, and the multi-scale sizes;
+2. ``fit_training_anchors``: anchors fitted to the training boxes for ``anchor_scale="auto"``;
+3. ``describe_setup``: what was chosen, printed before training;
+4. ``build_detector``: the model for ``ModelSettings``;
+5. ``train_loader``: augmented, padded, aspect-grouped batches;
+6. ``eecs598.training.train_detector``, then ``evaluate_and_report``.
+
+Settings come from ``eecs598.settings`` (every default, and the presets ``NOTEBOOK``,
+``OWN_DATA`` and ``DEMO``)::
+
+    from eecs598.settings import preset_for
+    import recipe
+
+    settings = preset_for("data/train/_annotations.coco.json").replace(
+        images="data/train", max_iters=600, batch_size=8, out="runs/mine")
+    metrics = recipe.train(settings)
+
+A checkpoint carries the model configuration, the class names and the image size, so
+``evaluate`` and ``predict`` need no repeated settings. Imports point one way: this module uses
+``eecs598``, ``common`` and ``two_stage_detector``; ``a4_helper`` and the CLI sit above it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms.functional import to_tensor
+
+from common import DetectorBackboneWithFPN
+from eecs598.anchor_fit import AnchorFit, fit_anchors, training_box_sizes
+from eecs598.augment import (
+    AspectRatioBatchSampler,
+    AugmentedDetection,
+    PadCollate,
+    aspect_ratios_of,
+    build_train_transform,
+    multiscale_sizes,
+    presized_bytes,
+)
+from eecs598.cache import CachedDetection
+from eecs598.checkpoint import load_checkpoint, load_model_weights
+from eecs598.coco import COCODetection
+from eecs598.files import atomic_write
+from eecs598.images import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    preprocess_image,
+    read_rgb_image,
+    unnormalize_image,
+)
+from eecs598.inference import inference_with_detector
+from eecs598.mean_ap import plot_ap
+from eecs598.settings import (
+    DATA_DEPENDENT,
+    FPN_LEVELS,
+    NOTEBOOK,
+    ModelSettings,
+    Settings,
+    preset_for,
+)
+from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
+from eecs598.training import LossHistory, train_detector
+from eecs598.utils import detection_grid, detection_visualizer, reset_seed
+from eecs598.voc import VOCLayoutDetection, read_voc_xml, voc_objects
+from eecs598.voc2007 import VOC2007DetectionTiny
+from two_stage_detector import RPN, FasterRCNN, compile_detector
+
+__all__ = [
+    "FPN_LEVELS",
+    "SHAPES_CLASSES",
+    "build_detector",
+    "load_detector",
+    "discover_classes",
+    "make_datasets",
+    "choose_image_size",
+    "training_datasets",
+    "fit_training_anchors",
+    "warn_classes_without_boxes",
+    "train_loader",
+    "eval_loader",
+    "describe_setup",
+    "init_distributed",
+    "evaluate_and_report",
+    "train",
+    "evaluate",
+    "predict",
+]
+
+# What `train` records in the checkpoint's meta about how it fed the model.
+SETUP_KEYS = ("batch_mode", "multiscale", "flip", "photometric", "iou_crop", "fpn_levels")
+# The most memory `train` spends on images resized to every multi-scale size in advance.
+PRESIZE_BUDGET = 2 * 2**30
+# Candidate short sides of `image_size="auto"`, smallest first.
+AUTO_IMAGE_SIZES = (224, 256, 288, 320)
+# `image_size="auto"` wants every class's median box at least this many pixels on its short
+# side: two cells of the finest default level (stride 8) plus a margin.
+AUTO_MIN_BOX_SIDE = 20
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+def build_detector(
+    num_classes: int,
+    settings: ModelSettings | None = None,
+    fit: AnchorFit | None = None,
+    **overrides: Any,
+) -> FasterRCNN:
+    """Faster R-CNN for ``num_classes`` classes as ``settings`` say (default: the notebook's
+    section 4.3 model, ``NOTEBOOK.model``), with ``overrides`` by flat name
+    (``build_detector(3, fpn_channels=32, pretrained=False)``).
+
+    ``fit`` (an ``eecs598.anchor_fit`` result) gives the anchor sizes per level and the aspect
+    ratios; it is required when ``anchor_scale`` is ``"auto"``. Both stems are two 3x3 convs of
+    ``fpn_channels``.
+    """
+    model = (settings or NOTEBOOK.model).replace(**overrides)
+    channels = model.backbone.out_channels
+    backbone = DetectorBackboneWithFPN(
+        out_channels=channels, pretrained=model.backbone.pretrained,
+        fpn_levels=model.backbone.fpn_levels,
+    )  # fmt: skip
+    rpn = RPN(fpn_channels=channels, stem_channels=[channels, channels],
+              smooth_l1_beta=model.smooth_l1_beta, **_rpn_arguments(model, fit))  # fmt: skip
+    heads = model.heads
+    return FasterRCNN(
+        backbone, rpn, num_classes=num_classes, roi_size=heads.roi_size,
+        stem_channels=[channels, channels], batch_size_per_image=heads.batch_size_per_image,
+        box_regression=heads.box_regression, detections_per_image=heads.detections_per_image,
+        smooth_l1_beta=model.smooth_l1_beta, roi_align_offset=heads.roi_align_offset,
+    )  # fmt: skip
+
+
+def _rpn_arguments(model: ModelSettings, fit: AnchorFit | None) -> dict[str, Any]:
+    """``RPN``'s keyword arguments from the settings, the anchors from ``fit`` when given."""
+    arguments = {
+        name: getattr(model.rpn, name)
+        for name in ("batch_size_per_image", "anchor_stride_scale", "anchor_aspect_ratios",
+                     "anchor_iou_thresholds", "nms_thresh", "pre_nms_topk", "post_nms_topk",
+                     "allow_low_quality_matches", "min_proposal_size", "anchor_offset")
+    }  # fmt: skip
+    if fit is not None:
+        arguments.update(anchor_stride_scale=8.0, anchor_sizes=fit.sizes,
+                         anchor_aspect_ratios=fit.aspect_ratios)  # fmt: skip
+    elif arguments["anchor_stride_scale"] == "auto":
+        raise ValueError(
+            "anchor_scale 'auto' needs anchors fitted to the training boxes: pass "
+            "fit=recipe.fit_training_anchors(...), or give anchor_scale numbers"
+        )
+    return arguments
+
+
+def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[FasterRCNN, dict]:
+    """A model rebuilt from a checkpoint's own configuration, with its weights and metadata
+    (``model.meta``: class names, image sizes, how it was trained), in eval mode.
+
+    Raises:
+        ValueError: for a file that is no checkpoint, or one without a model configuration;
+            a weights mismatch names the settings that differ.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path, map_location="cpu")  # clear errors for bad files
+    if not checkpoint.get("config") or not checkpoint.get("meta"):
+        raise ValueError(
+            f"{path} has no model configuration or class names: it was not written by "
+            "`detector_cli.py train` (or train_detector with a model that has .config/.meta)"
+        )
+    model = FasterRCNN.from_config(checkpoint["config"], pretrained=False)
+    load_model_weights(model, checkpoint, path)
+    model.meta = checkpoint["meta"]
+    return model.to(device).eval(), checkpoint
+
+
+def _training_model(settings: Settings, classes: list[str], fit: AnchorFit | None) -> FasterRCNN:
+    """``build_detector`` for a training run, its ``meta`` naming the classes, the sizes and
+    how the images were fed (``SETUP_KEYS``)."""
+    model = build_detector(len(classes), settings.model, fit)
+    flat = settings.flat()
+    model.meta = {
+        "class_names": classes,
+        "image_size": settings.data.image_size,
+        "test_image_size": settings.eval.test_image_size or settings.data.image_size,
+        "training": {key: _plain(flat[key]) for key in SETUP_KEYS},
+    }
+    return model
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as checkpoints have always stored them."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def discover_classes(root: Path) -> list[str]:
+    """Sorted object class names found in a VOC-layout folder's annotations."""
+    names = set()
+    for xml_path in sorted((root / "Annotations").glob("*.xml")):
+        for obj in voc_objects(read_voc_xml(xml_path)):  # ValueError naming a malformed file
+            name = str(obj.get("name", "")).strip()  # as the reader reads it
+            if name:
+                names.add(name)
+    if not names:
+        raise FileNotFoundError(f"No annotated objects under {root / 'Annotations'}")
+    return sorted(names)
+
+
+def make_datasets(
+    settings: Settings, *, image_size: int | None = None, test_image_size: int | None = None,
+    classes: Sequence[str] | None = None, train_image_size: int | None = None,
+    train_transform: bool | None = None,
+) -> tuple[Any, Any, list[str]]:  # fmt: skip
+    """Train and val datasets plus class names for ``settings.data``.
+
+    A keyword that is given replaces its setting: a checkpoint's sizes and classes (a
+    VOC-layout folder's; voc2007 and shapes have their own). ``data_dir`` defaults to
+    ``data``. ``train_image_size`` is the training reader's short side when it differs from
+    ``image_size`` (the largest multi-scale size: batches are only ever scaled down),
+    ``train_transform`` its centre crop (default: the reader's).
+    """
+    data = settings.data
+    data_dir = data.data_dir or "data"
+    size = image_size or (data.image_size if data.image_size != "auto" else None) or 224
+    test_size = test_image_size or settings.eval.test_image_size or size
+    train_size = train_image_size or size
+    crop = {} if train_transform is None else {"train_transform": train_transform}
+    if data.dataset == "voc2007":
+        train = VOC2007DetectionTiny(data_dir, "train", data.download, image_size=train_size,
+                                     skip_corrupt=data.skip_corrupt, **crop)  # fmt: skip
+        val = VOC2007DetectionTiny(data_dir, "val", image_size=test_size,
+                                   skip_corrupt=data.skip_corrupt)  # fmt: skip
+        return train, val, [train.idx_to_class[i] for i in range(len(train.idx_to_class))]
+    if data.dataset.lower().endswith(".json"):
+        return _coco_datasets(settings, train_size, test_size, classes, train_transform)
+    if data.dataset == "shapes":
+        root = Path(data_dir) / "shapes"
+        make_shapes_dataset(root, num_train=data.num_train, num_val=data.num_val,
+                            image_size=size, seed=settings.train.seed)  # fmt: skip
+        classes = list(SHAPES_CLASSES)
+    else:
+        root = Path(data.dataset)
+        if not classes:
+            classes = data.classes.split(",") if data.classes else discover_classes(root)
+    train = VOCLayoutDetection(root, data.train_split, classes, image_size=train_size,
+                               skip_corrupt=data.skip_corrupt, **crop)  # fmt: skip
+    val = VOCLayoutDetection(root, data.val_split, classes, image_size=test_size,
+                             skip_corrupt=data.skip_corrupt)  # fmt: skip
+    return train, val, list(classes)
+
+
+def _coco_datasets(
+    settings: Settings, size: int, test_size: int, classes: Sequence[str] | None,
+    train_transform: bool | None = None,
+) -> tuple[Any, Any, list[str]]:  # fmt: skip
+    """Train and val ``COCODetection`` for a COCO instances JSON: train on ``dataset`` with
+    ``images``; validate on ``val_dataset`` with ``val_images`` (default: its folder), or,
+    without it, on ``dataset`` too. Classes: ``classes``, the ``classes`` setting, else the
+    JSON's."""
+    data = settings.data
+    names = classes or (data.classes.split(",") if data.classes else None)
+    crop = True if train_transform is None else train_transform
+    train = COCODetection(data.dataset, data.images, names, size, train_transform=crop,
+                          skip_corrupt=data.skip_corrupt)  # fmt: skip
+    val_images = data.val_images if data.val_dataset else data.images
+    val = COCODetection(data.val_dataset or data.dataset, val_images, train.class_names,
+                        test_size, skip_corrupt=data.skip_corrupt)  # fmt: skip
+    return train, val, list(train.class_names)
+
+
+def _datasets_rank_zero_first(
+    settings: Settings, world: int, rank: int, **options: Any
+) -> tuple[Any, Any, list[str]]:
+    """``make_datasets(settings, **options)`` on every process, rank 0 first: it generates or
+    downloads the data once, while the other processes wait and then read it."""
+    if rank == 0:
+        datasets = make_datasets(settings, **options)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        datasets = make_datasets(settings, **options)
+    return datasets
+
+
+def choose_image_size(records: Sequence[Any], class_names: Sequence[str]) -> int:
+    """``image_size="auto"``: the smallest of ``AUTO_IMAGE_SIZES`` at which every class's
+    median box has a short side of at least ``AUTO_MIN_BOX_SIDE`` px after the resize, and
+    never more than the images' median short side (no upsampling). Images without boxes, and
+    classes without boxes, do not vote; no boxes at all gives the smallest size."""
+    sides, classes, image_sides = [], [], []
+    for record in records:
+        scale = 1.0 / min(record.width, record.height)  # box side per pixel of short side
+        wh = record.boxes[:, 2:] - record.boxes[:, :2]
+        sides.append(wh.min(axis=1) * scale)
+        classes.append(record.classes)
+        image_sides.append(min(record.width, record.height))
+    if not records or not sum(len(s) for s in sides):
+        return AUTO_IMAGE_SIZES[0]
+    sides, classes = np.concatenate(sides), np.concatenate(classes)
+    medians = [
+        np.median(sides[classes == c]) for c in range(len(class_names)) if (classes == c).any()
+    ]
+    needed = AUTO_MIN_BOX_SIDE / min(medians)  # short side that makes the smallest median fit
+    cap = max(AUTO_IMAGE_SIZES[0], int(np.median(image_sides)))
+    fitting = [size for size in AUTO_IMAGE_SIZES if needed <= size <= cap]
+    return fitting[0] if fitting else min(cap, AUTO_IMAGE_SIZES[-1])
+
+
+def training_datasets(
+    settings: Settings, world: int = 1, rank: int = 0
+) -> tuple[Settings, Any, Any, list[str], tuple[int, ...] | None]:
+    """Settle ``image_size="auto"`` from the training boxes (``choose_image_size``; 224 for the
+    generated shapes, whose images are made at that size, and voc2007), then build the
+    datasets. The training reader reads at the largest multi-scale size, uncropped in ``pad``
+    mode.
+
+    Returns:
+        ``(settings with the image size settled, train, val, class names, multi-scale sizes
+        or None)``.
+    """
+    data = settings.data
+    if data.image_size == "auto" and data.dataset in ("shapes", "voc2007"):
+        settings = settings.replace(image_size=224)
+    elif data.image_size == "auto":
+        probe, _, names = _datasets_rank_zero_first(settings, world, rank, image_size=224)
+        settings = settings.replace(image_size=choose_image_size(probe.records, names))
+    size = settings.data.image_size
+    scales = multiscale_sizes(size) if settings.train.multiscale else None
+    train, val, classes = _datasets_rank_zero_first(
+        settings, world, rank, image_size=size, train_image_size=max(scales) if scales else None,
+        train_transform=settings.train.batch_mode == "crop",
+    )  # fmt: skip
+    return settings, train, val, classes, scales
+
+
+def fit_training_anchors(
+    settings: Settings, train: Any, classes: Sequence[str], report: bool = True
+) -> AnchorFit | None:
+    """``anchor_scale="auto"``: anchors fitted to the training boxes at the (settled) image
+    size (``eecs598.anchor_fit``); None when numbers were given. Prints the fit report."""
+    if settings.model.rpn.anchor_stride_scale != "auto":
+        return None
+    strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
+    box_wh, box_classes = training_box_sizes(
+        train.records, settings.data.image_size, crop=settings.train.batch_mode == "crop"
+    )
+    fit = fit_anchors(box_wh, strides, classes=box_classes, class_names=classes)
+    if report:
+        print(fit.report())
+    return fit
+
+
+def warn_classes_without_boxes(train: Any, classes: Sequence[str]) -> None:
+    """Warn, naming them, about classes that no training box has: they cannot be learned."""
+    records = getattr(train, "records", None)
+    if records is None:  # a dataset without records: nothing to count
+        return
+    seen = {int(c) for record in records for c in record.classes[~record.difficult]}
+    missing = [name for i, name in enumerate(classes) if i not in seen]
+    if missing:
+        warnings.warn(
+            f"No training boxes for class(es) {', '.join(missing)}: the detector cannot learn "
+            "them (their AP will be 0).",
+            stacklevel=2,
+        )
+
+
+def train_loader(
+    settings: Settings, train: Any, scales: Sequence[int] | None, world: int = 1, rank: int = 0
+) -> torch.utils.data.DataLoader:
+    """The training batches: ``AugmentedDetection`` items (flip, photometric, IoU crop),
+    drawn by a ``DistributedSampler`` (seeded, reshuffled per epoch; one process and N
+    processes of ``batch_size / N`` see the same global batches), in batches of similar aspect
+    ratio with one short side per batch from ``scales``, padded by ``PadCollate``. With the
+    image cache on, the images are resized to every scale once, in advance, when that takes
+    at most ``PRESIZE_BUDGET`` bytes (``AugmentedDetection``'s ``presized``); otherwise per
+    batch."""
+    run, seed = settings.train, settings.train.seed
+    transform = build_train_transform(run.flip, run.photometric, run.iou_crop)
+    presized: Sequence[int] = ()
+    if scales and run.cache != "off":
+        needed = presized_bytes(train, scales)
+        presized = scales if needed <= PRESIZE_BUDGET else ()
+        if rank == 0:
+            how = "once, in advance" if presized else "per batch (over the memory budget)"
+            print(f"Multi-scale: images resized to each short side {how}: {needed / 2**20:.0f} "
+                  f"MiB for all scales, budget {PRESIZE_BUDGET / 2**20:.0f} MiB")  # fmt: skip
+    items = AugmentedDetection(train, transform, presized)
+    sampler = torch.utils.data.DistributedSampler(
+        items, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    ratios = aspect_ratios_of(train) if run.batch_mode == "pad" else [1.0] * len(items)
+    batches = AspectRatioBatchSampler(
+        sampler, ratios, settings.train.batch_size // world, scales=scales, seed=seed
+    )
+    return torch.utils.data.DataLoader(
+        items, batch_sampler=batches, collate_fn=PadCollate(size_divisible=32),
+        num_workers=settings.data.workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=settings.data.workers > 0,
+    )  # fmt: skip
+
+
+def eval_loader(dataset: Any, workers: int) -> torch.utils.data.DataLoader:
+    """Evaluation batches: one image each, in order (training: ``train_loader``)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=1, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
+
+
+# ---------------------------------------------------------------------------------- setup
+
+
+def describe_setup(settings: Settings, scales: Sequence[int] | None) -> str:
+    """What ``train`` chose, in a few lines: sizes, batches, transforms, anchors, schedule.
+    Settings whose default depends on the data and that still have the value of the preset
+    for this data (``preset_for``) are marked with ``*``."""
+    flat, preset = settings.flat(), preset_for(settings.data.dataset).flat()
+    chosen = {k for k in DATA_DEPENDENT if flat[k] == preset[k]}
+
+    def mark(key: str) -> str:
+        return "*" if key in chosen else ""
+
+    data, rpn, train = settings.data, settings.model.rpn, settings.train
+    transforms = [name for name, on in (("horizontal flip", train.flip),
+                  ("photometric distortion", train.photometric), ("IoU crop", train.iou_crop))
+                  if on] or ["none"]  # fmt: skip
+    batching = ("whole images, padded to a multiple of 32, grouped by aspect ratio"
+                if train.batch_mode == "pad" else "centre-cropped squares")  # fmt: skip
+    scale = rpn.anchor_stride_scale
+    anchors = ("fitted to the training boxes (report above)" if scale == "auto"
+               else f"{' '.join(f'{v:g}' for v in _values(scale))} x stride")  # fmt: skip
+    sizes = (f", multi-scale{mark('multiscale')} {'/'.join(map(str, scales))} per batch"
+             if scales else f", multi-scale{mark('multiscale')} off")  # fmt: skip
+    beta = settings.model.smooth_l1_beta
+    return "\n".join([
+        "Training setup (* = default for this data; flags override):",
+        f"  image size{mark('image_size')}: short side {data.image_size}{sizes}; evaluation at "
+        f"{settings.eval.test_image_size or data.image_size}",
+        f"  batches{mark('batch_mode')}: {batching}",
+        f"  transforms: {', '.join(transforms)}",
+        f"  anchors{mark('anchor_scale')}: {anchors}; FPN levels "
+        f"{'-'.join(settings.model.backbone.fpn_levels)}",
+        f"  model: FPN {settings.model.backbone.out_channels} channels, box regression"
+        f"{mark('box_regression')} {'on' if settings.model.heads.box_regression else 'off'}, "
+        f"RPN / RoI samples{mark('rpn_batch_size')} {rpn.batch_size_per_image} / "
+        f"{settings.model.heads.batch_size_per_image} per image, box loss{mark('smooth_l1_beta')} "
+        + (f"smooth-L1 (beta {beta:.4g})" if beta else "L1")
+        + f", RoI Align offset {settings.model.heads.roi_align_offset:g}",
+        f"  schedule: lr{mark('lr')} {train.lr:g}, warm-up{mark('warmup_iters')} "
+        f"{train.warmup_iters} it, gradient clip{mark('grad_clip')} "
+        f"{train.grad_clip if train.grad_clip else 'off'}, {train.max_iters} iterations, "
+        f"batch {train.batch_size}",
+    ])  # fmt: skip
+
+
+def _values(scale: Any) -> list:
+    """An anchor scale setting as a list of numbers."""
+    return list(scale) if isinstance(scale, (list, tuple)) else [scale]
+
+
+def init_distributed(device: str, batch_size: int) -> tuple[int, int, str]:
+    """Join the ``torchrun`` process group when there is one; returns ``(world, rank, device)``.
+
+    NCCL on CUDA (one GPU per process: the device becomes ``cuda:LOCAL_RANK``), gloo on CPU.
+    ``batch_size`` (the global batch) must split evenly over the processes.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, device
+    import torch.distributed as dist
+
+    cuda = str(device).startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{local_rank}"
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    return world, dist.get_rank(), device
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (``eecs598.files.atomic_write``)."""
+    with atomic_write(path, mode="w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _output_dir(out: str) -> Path:
+    """The output folder, created if needed."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _detect(
+    model: FasterRCNN, image: torch.Tensor, settings: Settings, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes, labels and scores for one preprocessed (3, H, W) image, at the evaluation
+    settings' score and NMS thresholds."""
+    with torch.no_grad():
+        return model(
+            image[None].to(device), test_score_thresh=settings.eval.score_thresh,
+            test_nms_thresh=settings.eval.nms_thresh,
+        )  # fmt: skip
+
+
+def evaluate_and_report(
+    model: FasterRCNN, val: Any, classes: list[str], out: Path, settings: Settings, device: str
+) -> dict:
+    """mAP on ``val``: tool-format files, AP chart, detections grid, metrics JSON, table."""
+    plt = _pyplot()
+    idx_to_class = dict(enumerate(classes))
+    start = time.time()
+    result = inference_with_detector(
+        model, eval_loader(val, settings.data.workers), idx_to_class,
+        score_thresh=settings.eval.score_thresh, nms_thresh=settings.eval.nms_thresh,
+        output_dir=str(out / "mAP"), device=device, progress=False,
+    )  # fmt: skip
+    seconds = time.time() - start
+    plt.close(plot_ap(result, out / "ap_per_class.png"))
+    samples = _confident_samples(model, val, settings, device)
+    plt.close(detection_grid(samples, idx_to_class, ncols=4, path=out / "detections.png"))
+    metrics = {
+        "mAP": result.map,
+        "ap": result.ap,
+        "iou_threshold": result.iou_threshold,
+        "coco": result.coco.stats if result.coco is not None else None,
+        "num_val_images": len(val),
+        "eval_seconds": round(seconds, 2),
+    }
+    write_json(out / "metrics.json", metrics)  # inference_with_detector printed the table
+    return metrics
+
+
+def _confident_samples(
+    model: FasterRCNN, val: Any, settings: Settings, device: str
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Up to 8 evenly spaced val images with their ground truth and confident detections."""
+    samples = []
+    model.eval()
+    for index in torch.linspace(0, len(val) - 1, steps=min(8, len(val))).long().tolist():
+        _, image, gt = val[index]
+        boxes, labels, scores = _detect(model, image, settings, device)
+        pred = torch.cat([boxes, labels[:, None].to(boxes), scores[:, None]], dim=1).cpu()
+        keep = pred[:, 5] >= 0.5  # readable: confident detections only
+        samples.append((unnormalize_image(image), gt[gt[:, 4] >= 0], pred[keep]))
+    return samples
+
+
+# ---------------------------------------------------------------------------------- entry points
+
+
+def train(settings: Settings) -> dict | None:
+    """Train as ``settings`` say, then (on rank 0) evaluate on the val split and write the
+    report into ``settings.out``: checkpoint.pt, loss.png, ap_per_class.png, detections.png,
+    metrics.json. Runs under ``torchrun`` too (``batch_size`` is the global batch).
+
+    Returns:
+        The metrics (``evaluate``'s, plus ``train_seconds``, ``iterations`` and
+        ``final_loss``); None on the other ranks of a distributed run.
+    """
+    world, rank, device = init_distributed(settings.eval.device, settings.train.batch_size)
+    out = _output_dir(settings.out)
+    checkpoint = out / "checkpoint.pt"
+    if rank == 0 and checkpoint.is_file() and not settings.train.resume:  # keep the old one
+        os.replace(checkpoint, out / "checkpoint.prev.pt")
+        print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
+    reset_seed(settings.train.seed)
+    settings, train_data, val, classes, scales = training_datasets(settings, world, rank)
+    if rank == 0:
+        print(f"Dataset: {len(train_data)} train / {len(val)} val images, "
+              f"classes: {', '.join(classes)}")  # fmt: skip
+        warn_classes_without_boxes(train_data, classes)
+    fit = fit_training_anchors(settings, train_data, classes, report=rank == 0)
+    if rank == 0:
+        print(describe_setup(settings, scales))
+    model = _training_model(settings, classes, fit)
+    start = time.time()
+    history = _run_training(settings, model, train_data, scales, world, rank, device)
+    train_seconds = time.time() - start
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return None
+    metrics = evaluate_and_report(model, val, classes, out, settings, device)
+    metrics.update(train_seconds=round(train_seconds, 1), iterations=settings.train.max_iters,
+                   final_loss=history[-1] if history else None)  # fmt: skip
+    write_json(out / "metrics.json", metrics)
+    print(f"Outputs in {out}/: checkpoint.pt, loss.png, ap_per_class.png, detections.png, ...")
+    return metrics
+
+
+def _run_training(
+    settings: Settings, model: FasterRCNN, train_data: Any, scales: Sequence[int] | None,
+    world: int, rank: int, device: str,
+) -> LossHistory:  # fmt: skip
+    """Cache the images, prepare the model (SyncBatchNorm, compilation) and the loader, and
+    run ``train_detector`` with checkpoints in ``settings.out``."""
+    run, out = settings.train, Path(settings.out)
+    if run.cache != "off":
+        cache_dir = Path(run.cache_dir or out / "cache") if run.cache == "disk" else None
+        train_data = CachedDetection(train_data, cache_dir, progress=run.progress, normalize=False)
+    if run.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if run.compile:
+        compile_detector(model)
+    loader = train_loader(settings, train_data, scales, world, rank)
+    return train_detector(
+        model, loader, learning_rate=run.lr, weight_decay=run.weight_decay,
+        max_iters=run.max_iters, log_period=run.log_period, device=device,
+        warmup_iters=run.warmup_iters, amp=run.amp, grad_clip=run.grad_clip,
+        checkpoint_path=out / "checkpoint.pt", checkpoint_period=run.checkpoint_period,
+        resume=run.resume, show_plot=False, plot_path=out / "loss.png", progress=run.progress,
+    )  # fmt: skip
+
+
+def _test_image_size(settings: Settings, meta: dict) -> int:
+    """Short side for evaluation and prediction: ``test_image_size``, else the checkpoint's
+    test size (older checkpoints: its training size)."""
+    return settings.eval.test_image_size or int(meta.get("test_image_size") or meta["image_size"])
+
+
+def evaluate(checkpoint: str | os.PathLike, settings: Settings | None = None) -> dict:
+    """mAP of a checkpoint on ``settings.data``'s val split, at the checkpoint's sizes and with
+    its classes; writes the report into ``settings.out`` (default settings: the shapes data).
+    Returns the metrics (``mAP``, ``ap`` per class, COCO-style ``coco`` stats, ...)."""
+    settings = settings or preset_for("shapes")
+    model, saved = load_detector(checkpoint, settings.eval.device)
+    meta = saved["meta"]
+    classes = list(meta["class_names"])
+    _, val, _ = make_datasets(settings, image_size=meta["image_size"], classes=classes,
+                              test_image_size=_test_image_size(settings, meta))  # fmt: skip
+    out = _output_dir(settings.out)
+    return evaluate_and_report(model, val, classes, out, settings, settings.eval.device)
+
+
+def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files named in ``inputs``, and those in the folders named there (sorted)."""
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No image or folder at {path}")
+    if not files:
+        raise FileNotFoundError(
+            f"No {'/'.join(IMAGE_EXTENSIONS)} images in {', '.join(map(str, inputs))}"
+        )
+    return files
+
+
+def predict(
+    checkpoint: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    settings: Settings | None = None,
+) -> list[dict]:
+    """Detections for each image file (or every image in each folder) of ``images``: an
+    annotated copy each and all of them in detections.json, in ``settings.out``.
+
+    Returns:
+        One ``{"image": path, "detections": [{"class", "score", "box"}]}`` per image, boxes
+        ``(x1, y1, x2, y2)`` in the original image's pixels.
+    """
+    settings = settings or preset_for("shapes")
+    plt = _pyplot()
+    device = settings.eval.device
+    model, saved = load_detector(checkpoint, device)
+    classes = list(saved["meta"]["class_names"])
+    size = _test_image_size(settings, saved["meta"])
+    out = _output_dir(settings.out)
+    records = []
+    for path in image_files(images):
+        try:
+            image = read_rgb_image(path)
+        except CorruptImageError as err:
+            raise ValueError(f"Cannot read image {path}: {err.__cause__}") from err
+        tensor, (sx, sy) = preprocess_image(image, size)
+        boxes, labels, scores = _detect(model, tensor, settings, device)
+        boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])  # back to original pixels
+        pred = torch.cat([boxes, labels.cpu()[:, None].float(), scores.cpu()[:, None]], dim=1)
+        fig = detection_visualizer(to_tensor(image), classes, pred=pred, show=False)
+        fig.savefig(out / f"{path.stem}_pred.png", dpi=100)
+        plt.close(fig)
+        records.append({"image": str(path), "detections": [
+            {"class": classes[int(c)], "score": round(float(s), 4),
+             "box": [round(float(v), 2) for v in b]}
+            for b, c, s in zip(boxes, labels, scores, strict=True)
+        ]})  # fmt: skip
+    write_json(out / "detections.json", records)
+    print(f"{len(records)} images: annotated copies and detections.json in {out}/")
+    return records
