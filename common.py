@@ -1,12 +1,22 @@
-"""Backbone with a feature pyramid, FPN location coordinates, and non-maximum suppression.
+"""Backbone with a feature pyramid, FPN location coordinates, box operations and NMS.
 
 This module is shared by the detectors of the assignment. It reads top-down in the order the
-notebook teaches:
+notebook teaches, then the box operations ``two_stage_detector`` runs on:
 
 1. ``DetectorBackboneWithFPN``: RegNet-X-400MF trunk plus a small FPN giving p3, p4, p5
    (optionally p2 as well).
 2. ``get_fpn_location_coords``: the image coordinates of every FPN feature location.
-3. ``nms`` and ``class_spec_nms``: greedy non-maximum suppression, written here and vectorised.
+3. ``box_iou``, then ``nms`` and ``class_spec_nms``: greedy non-maximum suppression, written
+   here and vectorised (``greedy_nms_keep``).
+4. The detector's engine, in the padded layout it keeps its boxes in ((B, K, ...) tensors with
+   a (B, K) mask, filled slots first): ``clip_boxes``; ``batched_nms_topk``, NMS within groups
+   of every image at once (``FIXED_SHAPE_NMS`` picks its implementation); ``full_precision``,
+   ``gather_rows`` and ``unpad``.
+5. ``assign_fpn_levels`` and ``fpn_roi_align``: which FPN level pools each box, and RoI Align
+   of every box from its level in one call.
+
+The input validators (``check_images`` among them, re-exported here) are in
+``eecs598.checks``, below this module.
 
 Shapes use ``B`` for the batch, ``H, W`` for a feature map's height and width, ``N`` for boxes.
 Boxes are ``(x1, y1, x2, y2)`` in absolute image pixels.
@@ -24,6 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import feature_extraction
 
+from eecs598.checks import BACKGROUND, check_images
+from eecs598.settings import FPN_LEVELS, BackboneSettings
+
 __all__ = [
     "hello_common",
     "check_images",
@@ -34,12 +47,22 @@ __all__ = [
     "greedy_nms_keep",
     "nms",
     "class_spec_nms",
+    "clip_boxes",
+    "FIXED_SHAPE_NMS",
+    "batched_nms_topk",
+    "full_precision",
+    "gather_rows",
+    "unpad",
+    "assign_fpn_levels",
+    "reassign_proposals_to_fpn_levels",
+    "fpn_roi_align",
 ]
 
-# Every FPN level the backbone can give, finest first; level ``p<l>`` is built from ``c<l>``.
-FPN_LEVELS = ("p2", "p3", "p4", "p5")
-# The ``fpn_levels`` the backbone accepts: p3-p5 (the default, the notebook's model) or p2-p5.
-_DEFAULT_FPN_LEVELS = ("p3", "p4", "p5")
+# Every FPN level the backbone can give (``eecs598.settings.FPN_LEVELS``), finest first; level
+# ``p<l>`` is built from ``c<l>``. The ``fpn_levels`` the backbone accepts: p3-p5 (the default,
+# the notebook's model) or p2-p5.
+_BACKBONE = BackboneSettings()
+_DEFAULT_FPN_LEVELS = _BACKBONE.fpn_levels
 _VALID_FPN_LEVELS = (_DEFAULT_FPN_LEVELS, FPN_LEVELS)
 # RegNet-X-400MF stages whose outputs become c2, c3, c4, c5 (strides 4, 8, 16, 32).
 _TRUNK_NODES = {
@@ -110,14 +133,6 @@ def _validate_fpn_levels(fpn_levels: Sequence[str]) -> tuple[str, ...]:
     return levels
 
 
-def check_images(images: torch.Tensor) -> None:
-    """Raise a ValueError unless ``images`` is a (B, 3, H, W) floating point tensor."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating point tensor, got {images.dtype}")
-
-
 class DetectorBackboneWithFPN(nn.Module):
     """RegNet-X-400MF trunk with a Feature Pyramid Network on its last three or four stages.
 
@@ -152,7 +167,7 @@ class DetectorBackboneWithFPN(nn.Module):
     def __init__(
         self,
         out_channels: int,
-        pretrained: bool = True,
+        pretrained: bool = _BACKBONE.pretrained,
         fpn_levels: Sequence[str] = _DEFAULT_FPN_LEVELS,
     ):
         super().__init__()
@@ -305,7 +320,7 @@ def greedy_nms_keep(
     """Greedy NMS of each row of boxes already in visiting order (best first).
 
     The vectorised form of greedy NMS behind ``nms`` and the detector's fixed-shape NMS
-    (``two_stage_detector._batched_nms_topk``), for ``R`` independent rows at once.
+    (``batched_nms_topk``), for ``R`` independent rows at once.
     ``IoU[j, i]`` is computed as torchvision's CPU kernel does, in the boxes' dtype:
     ``inter / (area_j + area_i - inter)`` with ``area = (x2 - x1) * (y2 - y1)`` and
     ``inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))``. Box ``i`` is kept when it
@@ -432,3 +447,415 @@ def class_spec_nms(
     max_coordinate = boxes.abs().max()
     offsets = class_ids.to(boxes) * (2 * max_coordinate + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """Clip (B, ..., 4) boxes to the image.
+
+    Args:
+        boxes: (B, ..., 4) boxes.
+        image_size: ``(H, W)`` shared by the batch, or a (B, 2) tensor of each image's true
+            ``(H, W)`` inside a padded batch (``FasterRCNN.forward``'s ``image_sizes``).
+    """
+    if isinstance(image_size, torch.Tensor):
+        upper = image_size.to(boxes).flip(-1).repeat(1, 2)  # (B, 4): W, H, W, H
+        upper = upper.view(len(upper), *([1] * (boxes.dim() - 2)), 4)
+    else:
+        height, width = image_size
+        upper = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), upper)
+
+
+#: Which NMS ``batched_nms_topk`` runs: ``None`` picks the fixed-shape one on accelerators and
+#: under ``torch.compile`` and torchvision's per-group kernel for eager CPU tensors; ``True`` /
+#: ``False`` force one (``bench/bench_syncs.py`` counts both; the tests run both).
+FIXED_SHAPE_NMS: bool | None = None
+
+
+def batched_nms_topk(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    group_index: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    topk: int,
+    sweeps: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS within each group of every image, then the ``topk`` best survivors per image.
+
+    The detector's NMS in the padded layout: the RPN's proposals (one group per image and
+    level) and the final detections (one group per image and class). Two implementations keep
+    the same boxes (``tests/test_properties.py`` checks both against ``torchvision.ops.nms``
+    per group, with tied coordinates and scores):
+
+    - fixed shape (``_fixed_shape_nms_keep``), on accelerators and under ``torch.compile``:
+      all images and groups at once as IoU matrices and fixed-point sweeps; no Python loop, no
+      boolean indexing and a single host-device sync (the convergence check; none compiled),
+      whatever the batch size;
+    - ``torchvision.ops.nms`` per group (``_torchvision_nms_keep``), for eager CPU tensors: its
+      sequential kernel beats the ``n x n`` matrices there (timings in ``bench/README.md``),
+      and a sync costs nothing on a CPU.
+
+    ``FIXED_SHAPE_NMS`` overrides the choice. Either way each group's kept set is
+    ``torchvision.ops.nms``'s (CPU kernel) on its valid members: float32 IoU arithmetic, the
+    rule ``IoU > iou_threshold``, members visited by decreasing score with equal scores in
+    increasing position. Boxes with NaN coordinates or scores are not covered by that
+    guarantee.
+
+    Args:
+        boxes: (B, N, 4) boxes; scores, valid: (B, N). Invalid entries neither survive nor
+            suppress.
+        group_index: (G, n) int64, a partition of the positions ``0..N-1`` into ``G`` groups of
+            ``n``: row ``g`` lists group ``g``'s positions in increasing order, the same groups
+            in every image (e.g. ``arange(N).view(G, n)`` for contiguous groups).
+        iou_threshold: a box is suppressed by a kept, better box with IoU above this.
+        topk: survivors kept per image.
+        sweeps: fixed-shape NMS: sweeps run before the first convergence check.
+
+    Returns:
+        ``(index, mask)``, each (B, topk): the positions (in ``0..N-1``) of each image's
+        survivors, best first, equal scores in increasing position (so an image's result does
+        not depend on the other images of the batch); ``mask`` marks the filled slots, which
+        come first. Unfilled slots have index 0.
+    """
+    fixed_shape = FIXED_SHAPE_NMS
+    if fixed_shape is None:
+        fixed_shape = boxes.device.type != "cpu" or torch.compiler.is_compiling()
+    if fixed_shape:
+        kept = _fixed_shape_nms_keep(boxes, scores, group_index, valid, iou_threshold, sweeps)
+    else:
+        kept = _torchvision_nms_keep(boxes, scores, group_index, valid, iou_threshold)
+    return _best_survivors(kept, scores, topk)
+
+
+def _best_survivors(
+    kept: torch.Tensor, scores: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batched_nms_topk``'s ``(index, mask)`` (B, topk) from its (B, N) ``kept`` set.
+
+    Survivors first, by decreasing score, equal scores by position: two stable sorts.
+    """
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    survivors_first = torch.sort(
+        (~torch.gather(kept, 1, by_score)).to(torch.uint8), dim=1, stable=True
+    ).indices
+    index = torch.gather(by_score, 1, survivors_first[:, :topk])
+    mask = torch.gather(kept, 1, index)
+    if index.shape[1] < topk:  # fewer positions than slots
+        index = F.pad(index, (0, topk - index.shape[1]))
+        mask = F.pad(mask, (0, topk - mask.shape[1]))
+    return index.masked_fill(~mask, 0), mask
+
+
+def _torchvision_nms_keep(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    group_index: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+) -> torch.Tensor:
+    """``batched_nms_topk``'s kept set by ``torchvision.ops.nms`` on each group of each image.
+
+    One sort by group and one NMS per non-empty group. (``torchvision.ops.batched_nms`` does
+    the same for large inputs, with a ``nonzero`` per group; for small ones it shifts each
+    group's boxes by an offset instead, whose float32 rounding can change IoUs near the
+    threshold, so it is not called.)
+
+    Args: as ``batched_nms_topk``'s.
+
+    Returns:
+        (B, N) bool: kept.
+    """
+    batch, num = scores.shape
+    num_groups, group_size = group_index.shape
+    group_of = torch.empty(num, dtype=torch.long, device=scores.device)
+    group_of[group_index.reshape(-1)] = torch.arange(
+        num_groups, device=scores.device
+    ).repeat_interleave(group_size)
+    image_ids = torch.arange(batch, device=scores.device)[:, None]
+    groups = (image_ids * num_groups + group_of).masked_fill(~valid, -1).reshape(-1)
+    flat_boxes, flat_scores = boxes.reshape(-1, 4).float(), scores.reshape(-1).float()
+    kept = torch.zeros(batch * num, dtype=torch.bool, device=scores.device)
+    by_group = torch.sort(groups, stable=True).indices  # invalid first, positions ascending
+    counts = torch.bincount(groups + 1, minlength=batch * num_groups + 1).tolist()
+    start = counts[0]
+    for count in counts[1:]:
+        if count:
+            members = by_group[start : start + count]
+            keep = torchvision.ops.nms(flat_boxes[members], flat_scores[members], iou_threshold)
+            kept[members[keep]] = True
+            start += count
+    return kept.view(batch, num)
+
+
+def _fixed_shape_nms_keep(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    group_index: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    sweeps: int = 16,
+) -> torch.Tensor:
+    """``batched_nms_topk``'s kept set as tensors of fixed shape: per group, the IoU matrix of
+    its ``n`` members in visiting order, resolved by ``greedy_nms_keep``.
+
+    Args: as ``batched_nms_topk``'s.
+
+    Returns:
+        (B, N) bool: kept.
+    """
+    batch, num = scores.shape
+    num_groups, group_size = group_index.shape
+    members = group_index.reshape(-1)
+    group_boxes = boxes[:, members].float().view(batch, num_groups, group_size, 4)
+    group_scores = scores[:, members].float().view(batch, num_groups, group_size)
+    group_valid = valid[:, members].view(batch, num_groups, group_size)
+    # Greedy visiting order within each group: decreasing score, equal scores by position
+    # (``group_index`` rows list positions in increasing order, the sort is stable).
+    ranked = group_scores.masked_fill(~group_valid, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    keep = greedy_nms_keep(
+        gather_rows(group_boxes.flatten(0, 1), order.flatten(0, 1)),
+        torch.gather(group_valid, -1, order).flatten(0, 1),
+        iou_threshold,
+        sweeps,
+    )  # (B * G, n), in visiting order
+    kept = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
+    positions = torch.gather(group_index.expand(batch, -1, -1), -1, order).view(batch, -1)
+    return kept.scatter_(1, positions, keep.view(batch, -1))
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) outputs to float32; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[b, index[b, k]]`` for (B, N, ...) values and (B, K) index -> (B, K, ...)."""
+    expanded = index.view(*index.shape, *([1] * (values.dim() - 2)))
+    return torch.gather(values, 1, expanded.expand(-1, -1, *values.shape[2:]))
+
+
+def unpad(
+    values: torch.Tensor, mask: torch.Tensor, counts: list[int] | None = None
+) -> list[torch.Tensor]:
+    """(B, K, ...) padded values and (B, K) mask whose filled slots come first in each row (as
+    ``batched_nms_topk`` fills them) -> B tensors of the filled slots, views of ``values``.
+
+    Reading the counts is a host-device sync; pass ``counts`` (``mask.sum(1).tolist()``) to
+    split several tensors of one mask with a single sync.
+    """
+    if counts is None:
+        counts = mask.sum(dim=1).tolist()
+    return [row[:count] for row, count in zip(values, counts, strict=True)]
+
+
+def assign_fpn_levels(
+    boxes: torch.Tensor, fpn_level_ids: Sequence[int] = (3, 4, 5)
+) -> torch.Tensor:
+    """FPN level that pools each box: ``clamp(floor(4 + log2(sqrt(area) / 224)), 3, 5)``.
+
+    This is Equation (1) of the FPN paper with ``k0 = 4``: a 224x224 box goes to p4, boxes half
+    that size to p3, twice that size to p5.
+
+    Args:
+        boxes: (..., 4) boxes.
+
+    Returns:
+        (...,) int64 level ids within ``[min(fpn_level_ids), max(fpn_level_ids)]``.
+    """
+    wh = (boxes[..., 2:4] - boxes[..., 0:2]).clamp(min=1e-6)
+    scale = torch.sqrt(wh[..., 0] * wh[..., 1])
+    levels = torch.floor(4 + torch.log2(scale / 224))
+    levels = levels.nan_to_num(nan=float(min(fpn_level_ids)))  # NaN boxes: no wild index
+    return levels.clamp(min(fpn_level_ids), max(fpn_level_ids)).long()
+
+
+def reassign_proposals_to_fpn_levels(
+    proposals_per_image: list[torch.Tensor],
+    gt_boxes: torch.Tensor | None = None,
+    fpn_level_ids: Sequence[int] = (3, 4, 5),
+) -> dict[str, list[torch.Tensor]]:
+    """Group proposals by the FPN level that should pool them (``assign_fpn_levels``).
+
+    During training the valid GT boxes of each image are mixed in, so the second stage sees
+    good boxes even while the RPN is still poor. This is the assignment's per-level form;
+    ``FasterRCNN`` does not call it: it keeps proposals padded (B, R, 4), mixes GT in itself
+    and lets ``fpn_roi_align`` pick each box's level, without splitting per image or level.
+
+    Args:
+        proposals_per_image: B tensors of shape (N_i, 4).
+        gt_boxes: (B, M, 5) GT rows, or None.
+
+    Returns:
+        ``{"p3": [...], "p4": [...], "p5": [...]}``: per level, B tensors of shape
+        (N_{i, level}, 4), in their input order (proposals first, then GT boxes).
+    """
+    batch = len(proposals_per_image)
+    boxes = torch.cat(list(proposals_per_image), dim=0)
+    image_ids = torch.repeat_interleave(
+        torch.arange(batch, device=boxes.device),
+        torch.tensor([len(p) for p in proposals_per_image], device=boxes.device),
+    )
+    if gt_boxes is not None:
+        valid = gt_boxes[..., 4] != BACKGROUND  # (B, M)
+        gt_image_ids = torch.arange(batch, device=boxes.device)[:, None].expand_as(valid)
+        boxes = torch.cat([boxes, gt_boxes[..., :4][valid].to(boxes)], dim=0)
+        image_ids = torch.cat([image_ids, gt_image_ids[valid]], dim=0)
+    # A stable sort by image keeps proposals before GT boxes within each image.
+    order = torch.sort(image_ids, stable=True).indices
+    boxes, image_ids = boxes[order], image_ids[order]
+    levels = assign_fpn_levels(boxes, fpn_level_ids)
+    result = {}
+    for level_id in fpn_level_ids:
+        in_level = levels == level_id
+        counts = torch.bincount(image_ids[in_level], minlength=batch)
+        result[f"p{level_id}"] = list(torch.split(boxes[in_level], counts.tolist()))
+    return result
+
+
+def fpn_roi_align(
+    feats: dict[str, torch.Tensor],
+    strides: dict[str, int],
+    boxes: torch.Tensor,
+    valid: torch.Tensor,
+    output_size: tuple[int, int] = (7, 7),
+    sampling_ratio: int = 2,
+    offset: float = 0.5,
+) -> torch.Tensor:
+    """RoI Align of every box from the FPN level ``assign_fpn_levels`` picks, in one call.
+
+    Same values as ``torchvision.ops.roi_align(..., aligned=True)`` on each box's level (the
+    sampling grid of detectron2's ROIAlignV2): each output bin averages
+    ``sampling_ratio ** 2`` bilinear samples. It is written as a single weighted
+    ``F.embedding_bag`` over all levels' features stacked as rows (each output bin sums 16
+    weighted feature rows), so the backward pass is one scatter-add instead of a loop over RoIs
+    (timings against torchvision's kernel: ``bench/README.md``).
+
+    Args:
+        feats: ``{level: (B, C, H_l, W_l)}`` features, e.g. ``{"p3": ..., "p5": ...}``.
+        strides: ``{level: stride}``.
+        boxes: (B, R, 4) boxes ``(x1, y1, x2, y2)`` in image pixels.
+        valid: (B, R) bool; invalid slots pool zeros.
+        output_size: ``(h, w)`` bins.
+        sampling_ratio: samples per bin along each axis.
+        offset: where feature ``(i, j)`` sits in the image, as ``get_fpn_location_coords``
+            places it: at ``((j + offset) * s, (i + offset) * s)``. 0.5 is ``aligned=True``;
+            0 samples where ``aligned=False`` does (without its 1-pixel minimum RoI size).
+
+    Returns:
+        (B * R, C, h, w) pooled features (channels-last memory layout), row ``b * R + r``
+        for box ``r`` of image ``b``.
+    """
+    batch, num_rois = valid.shape
+    level_ids = [int(name[1:]) for name in feats]
+    table, heights, widths, scales, offsets = _stack_fpn_levels(feats, strides, batch)
+    device = table.device
+
+    boxes = full_precision(boxes.reshape(-1, 4))
+    level = assign_fpn_levels(boxes, level_ids) - min(level_ids)  # (N,) index into the levels
+    image = torch.arange(batch, device=device).repeat_interleave(num_rois)
+    height, width = heights[level][:, None], widths[level][:, None]
+    x1, y1, x2, y2 = (boxes * scales[level][:, None] - offset).unbind(dim=1)
+    out_h, out_w = output_size
+    y_taps = _axis_taps(y1, y2, height, out_h, sampling_ratio)
+    x_taps = _axis_taps(x1, x2, width, out_w, sampling_ratio)
+    base = offsets[level] + image * (heights * widths)[level]
+    return _pool_bins(table, base, width, y_taps, x_taps, valid.reshape(-1), sampling_ratio)
+
+
+def _stack_fpn_levels(
+    feats: dict[str, torch.Tensor], strides: dict[str, int], batch: int
+) -> tuple[torch.Tensor, ...]:
+    """``fpn_roi_align``'s table: every level's (B, C, H_l, W_l) features as rows of one
+    (sum_l B * H_l * W_l, C) tensor (channels last), and per level ``l`` the (L,) tensors
+    ``heights``, ``widths``, ``scales`` (1 / stride) and ``offsets`` (its first row)."""
+    names = list(feats)
+    channels, device = feats[names[0]].shape[1], feats[names[0]].device
+    heights = torch.tensor([feats[n].shape[2] for n in names], device=device)
+    widths = torch.tensor([feats[n].shape[3] for n in names], device=device)
+    scales = torch.tensor([1.0 / strides[n] for n in names], device=device)
+    rows = torch.tensor([feats[n][0, 0].numel() * batch for n in names], device=device)
+    offsets = torch.cumsum(rows, 0) - rows
+    table = torch.cat([feats[n].permute(0, 2, 3, 1).reshape(-1, channels) for n in names])
+    return table, heights, widths, scales, offsets
+
+
+def _axis_taps(
+    start: torch.Tensor, end: torch.Tensor, size: torch.Tensor, bins: int, grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear taps of a RoI's sampling grid along one axis.
+
+    Args:
+        start, end: (N,) the RoIs' extent in feature pixels; size: (N, 1) length of the axis.
+        bins: output bins; grid: samples per bin, at the centres of ``grid`` equal parts.
+
+    Returns:
+        ``_bilinear_taps``' ``(index, weight)``, each (N, bins * grid, 2).
+    """
+    step = (torch.arange(bins * grid, device=start.device) + 0.5) / grid
+    coords = start[:, None] + step * ((end - start) / bins)[:, None]  # (N, bins * grid)
+    return _bilinear_taps(coords, size)
+
+
+def _bilinear_taps(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbour indices and weights of bilinear interpolation along one axis.
+
+    Border rule of RoI Align: samples outside ``[-1, size]`` contribute nothing, samples in
+    ``[-1, 0]`` read index 0, samples past the last pixel read the last pixel.
+
+    Args:
+        coords: (R, S) sample positions in pixels; size: (R, 1) length of the axis.
+
+    Returns:
+        ``index (R, S, 2)`` int64 of the lower and upper neighbour and ``weight (R, S, 2)``.
+    """
+    coords = coords.nan_to_num(nan=-2.0)  # NaN boxes (diverged weights) read nothing
+    inside = (coords >= -1.0) & (coords <= size)
+    coords = coords.clamp(min=0)
+    low = torch.minimum(coords.floor(), size - 1)
+    at_end = low >= size - 1
+    coords = torch.where(at_end, low, coords)
+    high = torch.where(at_end, low, low + 1)
+    frac = coords - low
+    weight = torch.stack([1 - frac, frac], dim=-1) * inside[..., None]
+    return torch.stack([low, high], dim=-1).long(), weight
+
+
+def _pool_bins(
+    table: torch.Tensor,
+    base: torch.Tensor,
+    width: torch.Tensor,
+    y_taps: tuple[torch.Tensor, torch.Tensor],
+    x_taps: tuple[torch.Tensor, torch.Tensor],
+    valid: torch.Tensor,
+    grid: int,
+) -> torch.Tensor:
+    """Every output bin of ``fpn_roi_align`` as one weighted ``F.embedding_bag`` of table rows.
+
+    Args:
+        table: (T, C) feature rows (``_stack_fpn_levels``); base: (N,) row of pixel (0, 0) of
+            each RoI's image and level; width: (N, 1) that level's width;
+        y_taps, x_taps: ``_axis_taps`` of the rows, (N, h * grid, 2), and of the columns,
+            (N, w * grid, 2); valid: (N,) bool, invalid RoIs pool zeros; grid: samples per bin.
+
+    Returns:
+        (N, C, h, w) bin averages (channels-last memory layout).
+    """
+    n, channels = len(base), table.shape[1]
+    out_h, out_w = y_taps[0].shape[1] // grid, x_taps[0].shape[1] // grid
+    # (N, h, w, grid_y, grid_x, 2, 2): every bin's samples times their 4 neighbours.
+    y_index = y_taps[0].view(n, out_h, 1, grid, 1, 2, 1)
+    x_index = x_taps[0].view(n, 1, out_w, 1, grid, 1, 2)
+    y_weight = y_taps[1].view(n, out_h, 1, grid, 1, 2, 1)
+    x_weight = x_taps[1].view(n, 1, out_w, 1, grid, 1, 2)
+    index = base.view(n, 1, 1, 1, 1, 1, 1) + y_index * width.view(n, 1, 1, 1, 1, 1, 1) + x_index
+    weight = y_weight * x_weight * (valid.view(n, 1, 1, 1, 1, 1, 1) / grid**2)
+    taps = grid * grid * 4
+    pooled = F.embedding_bag(
+        index.reshape(-1, taps),
+        table,
+        per_sample_weights=weight.reshape(-1, taps).to(table.dtype),
+        mode="sum",
+    )
+    return pooled.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)

@@ -1,19 +1,30 @@
 """Faster R-CNN: a Region Proposal Network plus a Fast R-CNN second stage.
 
-The module reads top-down in the order the notebook teaches:
+The module reads top-down in the order the notebook teaches (sections 3.5 to 4.2):
 
-1. ``RPNPredictionNetwork``: objectness logits and box deltas for every anchor.
-2. ``generate_fpn_anchors``: ``A`` anchors at every FPN location.
-3. ``iou`` and ``rcnn_match_anchors_to_gt``: anchor to GT matching.
-4. ``rcnn_get_deltas_from_anchors`` / ``rcnn_apply_deltas_to_anchors``: box deltas.
-5. ``sample_rpn_training``: foreground / background sampling.
-6. ``RPN``: the first stage, losses and proposals.
-7. ``assign_fpn_levels`` and ``fpn_roi_align``: which FPN level pools each box, and RoI Align
-   of every box from its level in one call (what ``FasterRCNN`` uses).
-   ``reassign_proposals_to_fpn_levels`` is the assignment's form of the same step, proposal
-   lists grouped per level (GT boxes mixed in for training); the model does not call it.
-8. ``FasterRCNN``: the second-stage classifier (and optional box regression), training losses
-   and inference; ``compile_detector`` compiles its fixed-shape parts.
+1. ``RPNPredictionNetwork``: objectness logits and box deltas for every anchor (3.5).
+2. ``generate_fpn_anchors``: ``A`` anchors at every FPN location (3.6.1).
+3. ``iou`` and ``rcnn_match_anchors_to_gt``: anchor to GT matching (3.6.2).
+4. ``rcnn_get_deltas_from_anchors`` / ``rcnn_apply_deltas_to_anchors``: box deltas (3.6.4).
+5. ``sample_rpn_training``: foreground / background sampling (3.7).
+6. ``RPN``: the first stage, losses and proposals (3.8).
+7. The second stage's training (4): ``sample_training_rois`` mixes GT boxes into the
+   proposals and samples the RoIs to classify; ``fast_rcnn_losses``.
+8. ``FasterRCNN``: backbone, RPN, RoI pooling and the second-stage classifier (and optional
+   box regression), trained end to end (4, 4.1).
+9. ``fast_rcnn_detections``: inference, per-class scores and boxes through class-specific NMS
+   (4.2); ``compile_detector`` compiles the model's fixed-shape parts.
+
+Below this module, and re-exported here where the notebook or tests import them:
+
+- ``common``: the box operations the model runs on: ``assign_fpn_levels`` and
+  ``fpn_roi_align`` (which FPN level pools each box, and RoI Align of every box from its level
+  in one call; ``reassign_proposals_to_fpn_levels`` is the assignment's per-level form of the
+  same step, which the model does not call), ``class_spec_nms``, and the engine of the padded
+  layout: ``batched_nms_topk`` (with its ``FIXED_SHAPE_NMS`` switch), ``clip_boxes``,
+  ``gather_rows``, ``unpad``.
+- ``eecs598.checks``: the input validators, and the GT-row markers ``BACKGROUND`` and
+  ``NEUTRAL``.
 
 Conventions. ``B`` is the batch size, ``A`` the anchors per location, ``C`` the number of object
 classes. Boxes are ``(x1, y1, x2, y2)`` in absolute pixels of the (resized) input image. GT boxes
@@ -26,23 +37,30 @@ Everything is vectorised over the batch: the only Python loops run over the FPN 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
 from common import (
     DetectorBackboneWithFPN,
+    assign_fpn_levels,
+    batched_nms_topk,
     box_iou,
-    check_images,
     class_spec_nms,
+    clip_boxes,
+    fpn_roi_align,
+    full_precision,
+    gather_rows,
     get_fpn_location_coords,
-    greedy_nms_keep,
+    reassign_proposals_to_fpn_levels,
+    unpad,
 )
+from eecs598 import checks
+from eecs598.checks import BACKGROUND, NEUTRAL
+from eecs598.settings import HeadSettings, ModelSettings, RPNSettings, complete_config
 
 __all__ = [
     "hello_two_stage_detector",
@@ -58,15 +76,20 @@ __all__ = [
     "fpn_roi_align",
     "reassign_proposals_to_fpn_levels",
     "RPN",
+    "sample_training_rois",
+    "fast_rcnn_losses",
     "FasterRCNN",
+    "fast_rcnn_detections",
     "compile_detector",
     "class_spec_nms",
+    "BACKGROUND",
+    "NEUTRAL",
 ]
 
-BACKGROUND = -1.0
-NEUTRAL = -1e8
 # Largest log-scale change a decoded delta may apply (torchvision and detectron2 use the same).
 DELTA_SCALE_CLAMP = math.log(1000.0 / 16)
+# The constructors' defaults, defined once in ``eecs598.settings`` (the notebook's values).
+_RPN, _HEADS, _MODEL = RPNSettings(), HeadSettings(), ModelSettings()
 
 
 def hello_two_stage_detector() -> None:
@@ -226,7 +249,7 @@ def rcnn_match_anchors_to_gt(
     Returns:
         (N, 5) matched GT rows, or (B, N, 5) for batched ``gt_boxes``.
     """
-    _check_gt_boxes(gt_boxes)
+    checks.check_gt_boxes(gt_boxes)
     valid_gt = gt_boxes[..., 4] != BACKGROUND  # (..., M)
     match_matrix = iou(anchor_boxes, gt_boxes[..., :4])  # (..., N, M)
     match_matrix = match_matrix.masked_fill(~valid_gt[..., None, :], -1.0)
@@ -366,282 +389,30 @@ def sample_rpn_training(
     return fg_mask.nonzero().squeeze(1), bg_mask.nonzero().squeeze(1)
 
 
-def assign_fpn_levels(
-    boxes: torch.Tensor, fpn_level_ids: Sequence[int] = (3, 4, 5)
-) -> torch.Tensor:
-    """FPN level that pools each box: ``clamp(floor(4 + log2(sqrt(area) / 224)), 3, 5)``.
-
-    This is Equation (1) of the FPN paper with ``k0 = 4``: a 224x224 box goes to p4, boxes half
-    that size to p3, twice that size to p5.
+def _decode_top_anchors(
+    anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, topk: int, slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One level's ``min(topk, N)`` anchors of highest objectness in every image, decoded into
+    boxes and padded to ``slots`` (``RPN.predict_proposals``).
 
     Args:
-        boxes: (..., 4) boxes.
+        anchors: (N, 4); logits: (B, N); deltas: (B, N, 4), in the anchors' dtype.
+        topk: anchors kept per image; slots: ``>= min(topk, N)``, the padded length.
 
     Returns:
-        (...,) int64 level ids within ``[min(fpn_level_ids), max(fpn_level_ids)]``.
+        ``(boxes (B, slots, 4), logits (B, slots), filled (B, slots))``, best first; empty
+        slots have zero boxes, ``-inf`` logits and ``filled`` False.
     """
-    wh = (boxes[..., 2:4] - boxes[..., 0:2]).clamp(min=1e-6)
-    scale = torch.sqrt(wh[..., 0] * wh[..., 1])
-    levels = torch.floor(4 + torch.log2(scale / 224))
-    levels = levels.nan_to_num(nan=float(min(fpn_level_ids)))  # NaN boxes: no wild index
-    return levels.clamp(min(fpn_level_ids), max(fpn_level_ids)).long()
-
-
-def reassign_proposals_to_fpn_levels(
-    proposals_per_image: list[torch.Tensor],
-    gt_boxes: torch.Tensor | None = None,
-    fpn_level_ids: Sequence[int] = (3, 4, 5),
-) -> dict[str, list[torch.Tensor]]:
-    """Group proposals by the FPN level that should pool them (``assign_fpn_levels``).
-
-    During training the valid GT boxes of each image are mixed in, so the second stage sees
-    good boxes even while the RPN is still poor. This is the assignment's per-level form;
-    ``FasterRCNN`` does not call it: it keeps proposals padded (B, R, 4), mixes GT in itself
-    and lets ``fpn_roi_align`` pick each box's level, without splitting per image or level.
-
-    Args:
-        proposals_per_image: B tensors of shape (N_i, 4).
-        gt_boxes: (B, M, 5) GT rows, or None.
-
-    Returns:
-        ``{"p3": [...], "p4": [...], "p5": [...]}``: per level, B tensors of shape
-        (N_{i, level}, 4), in their input order (proposals first, then GT boxes).
-    """
-    batch = len(proposals_per_image)
-    boxes = torch.cat(list(proposals_per_image), dim=0)
-    image_ids = torch.repeat_interleave(
-        torch.arange(batch, device=boxes.device),
-        torch.tensor([len(p) for p in proposals_per_image], device=boxes.device),
+    k = min(topk, logits.shape[1])
+    top_logits, top_idx = logits.topk(k, dim=1)  # (B, k)
+    top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
+    boxes = rcnn_apply_deltas_to_anchors(top_deltas, anchors[top_idx])
+    padding = slots - k
+    return (
+        F.pad(boxes, (0, 0, 0, padding)),
+        F.pad(top_logits, (0, padding), value=float("-inf")),
+        F.pad(torch.ones_like(top_idx, dtype=torch.bool), (0, padding)),
     )
-    if gt_boxes is not None:
-        valid = gt_boxes[..., 4] != BACKGROUND  # (B, M)
-        gt_image_ids = torch.arange(batch, device=boxes.device)[:, None].expand_as(valid)
-        boxes = torch.cat([boxes, gt_boxes[..., :4][valid].to(boxes)], dim=0)
-        image_ids = torch.cat([image_ids, gt_image_ids[valid]], dim=0)
-    # A stable sort by image keeps proposals before GT boxes within each image.
-    order = torch.sort(image_ids, stable=True).indices
-    boxes, image_ids = boxes[order], image_ids[order]
-    levels = assign_fpn_levels(boxes, fpn_level_ids)
-    result = {}
-    for level_id in fpn_level_ids:
-        in_level = levels == level_id
-        counts = torch.bincount(image_ids[in_level], minlength=batch)
-        result[f"p{level_id}"] = list(torch.split(boxes[in_level], counts.tolist()))
-    return result
-
-
-def _bilinear_taps(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbour indices and weights of bilinear interpolation along one axis.
-
-    Border rule of RoI Align: samples outside ``[-1, size]`` contribute nothing, samples in
-    ``[-1, 0]`` read index 0, samples past the last pixel read the last pixel.
-
-    Args:
-        coords: (R, S) sample positions in pixels; size: (R, 1) length of the axis.
-
-    Returns:
-        ``index (R, S, 2)`` int64 of the lower and upper neighbour and ``weight (R, S, 2)``.
-    """
-    coords = coords.nan_to_num(nan=-2.0)  # NaN boxes (diverged weights) read nothing
-    inside = (coords >= -1.0) & (coords <= size)
-    coords = coords.clamp(min=0)
-    low = torch.minimum(coords.floor(), size - 1)
-    at_end = low >= size - 1
-    coords = torch.where(at_end, low, coords)
-    high = torch.where(at_end, low, low + 1)
-    frac = coords - low
-    weight = torch.stack([1 - frac, frac], dim=-1) * inside[..., None]
-    return torch.stack([low, high], dim=-1).long(), weight
-
-
-def fpn_roi_align(
-    feats: dict[str, torch.Tensor],
-    strides: dict[str, int],
-    boxes: torch.Tensor,
-    valid: torch.Tensor,
-    output_size: tuple[int, int] = (7, 7),
-    sampling_ratio: int = 2,
-    offset: float = 0.5,
-) -> torch.Tensor:
-    """RoI Align of every box from the FPN level ``assign_fpn_levels`` picks, in one call.
-
-    Same values as ``torchvision.ops.roi_align(..., aligned=True)`` on each box's level (the
-    sampling grid of detectron2's ROIAlignV2): each output bin averages
-    ``sampling_ratio ** 2`` bilinear samples. It is written as a single weighted
-    ``F.embedding_bag`` over all levels' features stacked as rows (each output bin sums 16
-    weighted feature rows), so the backward pass is one scatter-add instead of a loop over RoIs
-    (faster than torchvision's kernel on CPU, forward plus backward: ``bench/README.md``).
-
-    Args:
-        feats: ``{level: (B, C, H_l, W_l)}`` features, e.g. ``{"p3": ..., "p5": ...}``.
-        strides: ``{level: stride}``.
-        boxes: (B, R, 4) boxes ``(x1, y1, x2, y2)`` in image pixels.
-        valid: (B, R) bool; invalid slots pool zeros.
-        output_size: ``(h, w)`` bins.
-        sampling_ratio: samples per bin along each axis.
-        offset: where feature ``(i, j)`` sits in the image, as ``get_fpn_location_coords``
-            places it: at ``((j + offset) * s, (i + offset) * s)``. 0.5 is ``aligned=True``;
-            0 samples where ``aligned=False`` does (without its 1-pixel minimum RoI size).
-
-    Returns:
-        (B * R, C, h, w) pooled features (channels-last memory layout), row ``b * R + r``
-        for box ``r`` of image ``b``.
-    """
-    names = list(feats)
-    first = feats[names[0]]
-    batch, num_rois = valid.shape
-    channels, dtype, device = first.shape[1], first.dtype, first.device
-    level_ids = [int(name[1:]) for name in names]
-    # Per level: height, width, 1 / stride, first row in the stacked table.
-    heights = torch.tensor([feats[n].shape[2] for n in names], device=device)
-    widths = torch.tensor([feats[n].shape[3] for n in names], device=device)
-    scales = torch.tensor([1.0 / strides[n] for n in names], device=device)
-    rows = torch.tensor([feats[n][0, 0].numel() * batch for n in names], device=device)
-    offsets = torch.cumsum(rows, 0) - rows
-    table = torch.cat([feats[n].permute(0, 2, 3, 1).reshape(-1, channels) for n in names])
-
-    boxes = _full_precision(boxes.reshape(-1, 4))
-    level = assign_fpn_levels(boxes, level_ids) - min(level_ids)  # (N,) index into ``names``
-    image = torch.arange(batch, device=device).repeat_interleave(num_rois)
-    height, width = heights[level][:, None], widths[level][:, None]
-    x1, y1, x2, y2 = (boxes * scales[level][:, None] - offset).unbind(dim=1)
-    out_h, out_w = output_size
-    grid = sampling_ratio
-    step_y = (torch.arange(out_h * grid, device=device) + 0.5) / grid
-    step_x = (torch.arange(out_w * grid, device=device) + 0.5) / grid
-    ys = y1[:, None] + step_y * ((y2 - y1) / out_h)[:, None]  # (N, h * grid)
-    xs = x1[:, None] + step_x * ((x2 - x1) / out_w)[:, None]  # (N, w * grid)
-    y_index, y_weight = _bilinear_taps(ys, height)
-    x_index, x_weight = _bilinear_taps(xs, width)
-
-    # (N, h, w, grid_y, grid_x, 2, 2): every bin's samples times their 4 neighbours.
-    n = len(boxes)
-    y_index = y_index.view(n, out_h, 1, grid, 1, 2, 1)
-    x_index = x_index.view(n, 1, out_w, 1, grid, 1, 2)
-    y_weight = y_weight.view(n, out_h, 1, grid, 1, 2, 1)
-    x_weight = x_weight.view(n, 1, out_w, 1, grid, 1, 2)
-    base = offsets[level] + image * (heights * widths)[level]
-    index = base.view(n, 1, 1, 1, 1, 1, 1) + y_index * width.view(n, 1, 1, 1, 1, 1, 1) + x_index
-    weight = y_weight * x_weight * (valid.reshape(-1).view(n, 1, 1, 1, 1, 1, 1) / grid**2)
-    taps = grid * grid * 4
-    pooled = F.embedding_bag(
-        index.reshape(-1, taps),
-        table,
-        per_sample_weights=weight.reshape(-1, taps).to(dtype),
-        mode="sum",
-    )
-    return pooled.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)
-
-
-def _check_gt_boxes(gt_boxes: torch.Tensor, batch_size: int | None = None) -> None:
-    """Raise a ValueError naming the expected shape when ``gt_boxes`` does not have it."""
-    if batch_size is None:
-        ok, expected = gt_boxes.dim() in (2, 3) and gt_boxes.shape[-1] == 5, "(M, 5) or (B, M, 5)"
-    else:
-        ok = gt_boxes.dim() == 3 and gt_boxes.shape[0] == batch_size and gt_boxes.shape[-1] == 5
-        expected = f"(B={batch_size}, M, 5)"
-    if not ok:
-        raise ValueError(
-            f"gt_boxes must have shape {expected} with rows (x1, y1, x2, y2, class), "
-            f"got {tuple(gt_boxes.shape)}"
-        )
-
-
-def _check_inputs_match_model(
-    images: torch.Tensor, gt_boxes: torch.Tensor | None, weight: torch.Tensor
-) -> None:
-    """Raise a ValueError when ``images`` (B, 3, H, W) or ``gt_boxes`` (B, M, 5) are on another
-    device than the model's ``weight``, or ``images`` has another dtype outside autocast."""
-    if images.device != weight.device:
-        raise ValueError(
-            f"images are on device {images.device} but the model is on {weight.device}; "
-            f"move them with images.to({str(weight.device)!r}) (or the model with .to())"
-        )
-    if gt_boxes is not None and gt_boxes.device != images.device:
-        raise ValueError(
-            f"gt_boxes are on device {gt_boxes.device} but images are on {images.device}"
-        )
-    try:
-        autocast = torch.is_autocast_enabled(weight.device.type)
-    except RuntimeError:  # a device type without autocast support
-        autocast = False
-    if images.dtype != weight.dtype and not autocast:
-        raise ValueError(
-            f"images are {images.dtype} but the model's weights are {weight.dtype}; convert "
-            f"one of them (images.to({weight.dtype}) or model.to({images.dtype})), or use "
-            "torch.autocast"
-        )
-
-
-def _check_gt_values(gt_boxes: torch.Tensor, num_classes: int) -> None:
-    """Raise a ValueError naming the first bad value of (B, M, 5) ``gt_boxes``.
-
-    Class ids must be -1 (padding) or integers in ``0..num_classes-1``; the boxes of
-    non-padding rows must be finite with ``x2 >= x1`` and ``y2 >= y1`` (a zero-size box overlaps
-    nothing, so it is simply never matched). A host-device sync unless ``gt_boxes`` is on the
-    CPU (see ``FasterRCNN.check_inputs``).
-    """
-    classes = gt_boxes[..., 4]
-    bad = (classes != BACKGROUND) & (
-        (classes < 0) | (classes >= num_classes) | (classes != classes.round())
-    )
-    boxes = gt_boxes[..., :4]
-    bad_box = (
-        ~torch.isfinite(boxes).all(dim=-1)
-        | (boxes[..., 2] < boxes[..., 0])
-        | (boxes[..., 3] < boxes[..., 1])
-    ) & (classes != BACKGROUND)
-    if not (bad | bad_box).any():
-        return
-    if bad.any():
-        raise ValueError(
-            f"gt_boxes class ids must be integers in [0, {num_classes - 1}] or -1 for "
-            f"padding, got {classes[bad].unique().tolist()}"
-        )
-    b, j = bad_box.nonzero()[0].tolist()
-    raise ValueError(
-        f"gt_boxes[{b}, {j}] = {gt_boxes[b, j].tolist()} is not a usable box: coordinates "
-        "must be finite with x2 >= x1 and y2 >= y1 (padding rows have class -1)"
-    )
-
-
-def _check_image_sizes(image_sizes: torch.Tensor, images: torch.Tensor) -> None:
-    """Raise a ValueError unless ``image_sizes`` is (B, 2) for the (B, 3, H, W) ``images``.
-
-    The values are not compared with the canvas here: that would be a host-device sync per
-    step; ``eecs598.augment.PadCollate`` makes them on the host, within the canvas.
-    """
-    if image_sizes.shape != (len(images), 2) or image_sizes.is_floating_point():
-        raise ValueError(
-            f"image_sizes must be a (B={len(images)}, 2) integer tensor of (height, width), got "
-            f"{tuple(image_sizes.shape)} {image_sizes.dtype}"
-        )
-    if image_sizes.device != images.device:
-        raise ValueError(
-            f"image_sizes are on device {image_sizes.device} but images are on {images.device}"
-        )
-
-
-def _warn_few_batchnorm_values(images: torch.Tensor, stride: int) -> bool:
-    """Warn when a (B, 3, H, W) training batch leaves fewer than 8 values per channel at the
-    backbone's coarsest level (``stride``); return whether it warned.
-
-    Normalising so few values makes BatchNorm's gradients explode (measured with the RegNet
-    trunk: norm ~1e17 for 2 images of 32x32, ~1e5 for one 64x64 image, ~3e2 for 8 values), and
-    the next step turns the weights to NaN. ``stacklevel=4`` names the frame that called
-    ``FasterRCNN.forward`` (this function and ``FasterRCNN._check_forward_inputs`` lie between).
-    """
-    height, width = images.shape[-2:]
-    values = len(images) * math.ceil(height / stride) * math.ceil(width / stride)
-    if values >= 8:
-        return False
-    warnings.warn(
-        f"A training batch of {len(images)} image(s) of {height}x{width} px leaves "
-        f"{values} value(s) per channel in the backbone's last BatchNorm layers; their "
-        "gradients explode. Use a larger batch or larger images, or set grad_clip.",
-        stacklevel=4,
-    )
-    return True
 
 
 class RPN(nn.Module):
@@ -684,8 +455,8 @@ class RPN(nn.Module):
             receptive fields, and trained to a lower mAP (figures in ``bench/README.md``).
         smooth_l1_beta: the box loss. 0 (the default, the notebook's): L1. Above 0: smooth-L1,
             quadratic for errors below ``beta`` (``F.smooth_l1_loss``); torchvision's RPN
-            uses 1/9, which ``train`` on new data defaults to (``bench/README.md``: it
-            places boxes tighter, BCCD AP75 57.0% against 52.1%). Bit-equal to L1 at 0.
+            uses 1/9, which ``train`` on new data defaults to: it places boxes tighter
+            (figures in ``bench/README.md``). Bit-equal to L1 at 0.
 
     ``config`` gives these settings as stored in checkpoints.
     """
@@ -694,21 +465,21 @@ class RPN(nn.Module):
         self,
         fpn_channels: int,
         stem_channels: Sequence[int],
-        batch_size_per_image: int = 16,
-        anchor_stride_scale: float | Sequence[float] = 8,
-        anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-        anchor_iou_thresholds: tuple[float, float] = (0.3, 0.6),
-        nms_thresh: float = 0.7,
-        pre_nms_topk: int = 400,
-        post_nms_topk: int = 100,
-        allow_low_quality_matches: bool = True,
-        min_proposal_size: float = 1e-3,
-        anchor_offset: float = 0.0,
+        batch_size_per_image: int = _RPN.batch_size_per_image,
+        anchor_stride_scale: float | Sequence[float] = _RPN.anchor_stride_scale,
+        anchor_aspect_ratios: Sequence[float] = _RPN.anchor_aspect_ratios,
+        anchor_iou_thresholds: tuple[float, float] = _RPN.anchor_iou_thresholds,
+        nms_thresh: float = _RPN.nms_thresh,
+        pre_nms_topk: int = _RPN.pre_nms_topk,
+        post_nms_topk: int = _RPN.post_nms_topk,
+        allow_low_quality_matches: bool = _RPN.allow_low_quality_matches,
+        min_proposal_size: float = _RPN.min_proposal_size,
+        anchor_offset: float = _RPN.anchor_offset,
         anchor_sizes: dict[str, Sequence[float]] | None = None,
-        smooth_l1_beta: float = 0.0,
+        smooth_l1_beta: float = _MODEL.smooth_l1_beta,
     ):
         super().__init__()
-        self.anchor_sizes = _check_anchor_sizes(anchor_sizes)
+        self.anchor_sizes = checks.check_anchor_sizes(anchor_sizes)
         sizes_per_level = (
             len(next(iter(self.anchor_sizes.values())))
             if self.anchor_sizes
@@ -729,7 +500,7 @@ class RPN(nn.Module):
         self.allow_low_quality_matches = allow_low_quality_matches
         self.min_proposal_size = min_proposal_size
         self.anchor_offset = anchor_offset
-        self.smooth_l1_beta = _check_smooth_l1_beta(smooth_l1_beta)
+        self.smooth_l1_beta = checks.check_smooth_l1_beta(smooth_l1_beta)
         self._anchor_cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
@@ -838,12 +609,12 @@ class RPN(nn.Module):
         )
         output = {"proposal_boxes": boxes, "proposal_scores": scores, "proposal_mask": mask}
         if proposal_list:
-            output["proposals"] = _unpad(boxes, mask)
+            output["proposals"] = unpad(boxes, mask)
         if not self.training:
             return output
         if gt_boxes is None:
             raise ValueError("RPN needs gt_boxes (B, M, 5) in training mode")
-        _check_gt_boxes(gt_boxes, batch_size=len(boxes))
+        checks.check_gt_boxes(gt_boxes, batch_size=len(boxes))
         output.update(self._losses(anchors, obj_logits, boxreg_deltas, gt_boxes.to(dtype)))
         return output
 
@@ -909,248 +680,109 @@ class RPN(nn.Module):
         # Each level's top-k, padded to the same n with invalid slots (a level can have fewer
         # than ``pre_nms_topk`` anchors): one NMS group per image and level, contiguous.
         group_size = max(min(self.pre_nms_topk, len(anchors)) for _, anchors in levels)
-        boxes, logits, filled = [], [], []
-        for level, anchors in levels:
-            level_logits = pred_obj_logits[level].detach().to(anchors)  # (B, HWA)
-            k = min(self.pre_nms_topk, level_logits.shape[1])
-            top_logits, top_idx = level_logits.topk(k, dim=1)  # (B, k)
-            top_deltas = torch.gather(
+        per_level = [
+            _decode_top_anchors(
+                anchors,
+                pred_obj_logits[level].detach().to(anchors),
                 pred_boxreg_deltas[level].detach().to(anchors),
-                1,
-                top_idx[..., None].expand(-1, -1, 4),
+                self.pre_nms_topk,
+                group_size,
             )
-            level_boxes = rcnn_apply_deltas_to_anchors(top_deltas, anchors[top_idx])
-            padding = group_size - k
-            boxes.append(F.pad(level_boxes, (0, 0, 0, padding)))
-            logits.append(F.pad(top_logits, (0, padding), value=float("-inf")))
-            filled.append(F.pad(torch.ones_like(top_idx, dtype=torch.bool), (0, padding)))
-        boxes = _clip_boxes(torch.cat(boxes, dim=1), image_size)  # (B, L*n, 4)
-        logits = torch.cat(logits, dim=1)  # (B, L*n)
+            for level, anchors in levels
+        ]
+        boxes, logits, filled = (torch.cat(parts, dim=1) for parts in zip(*per_level, strict=True))
+        boxes = clip_boxes(boxes, image_size)  # (B, L*n, 4); logits, filled: (B, L*n)
         wh = boxes[..., 2:] - boxes[..., :2]
-        candidates = torch.cat(filled, dim=1) & (wh >= self.min_proposal_size).all(dim=-1)
+        candidates = filled & (wh >= self.min_proposal_size).all(dim=-1)
         groups = torch.arange(logits.shape[1], device=boxes.device).view(len(levels), -1)
-        index, mask = _batched_nms_topk(
+        index, mask = batched_nms_topk(
             boxes, logits, groups, candidates, self.nms_thresh, self.post_nms_topk
         )
-        boxes = _gather_rows(boxes, index) * mask[..., None]
+        boxes = gather_rows(boxes, index) * mask[..., None]
         if not padded:
-            return _unpad(boxes, mask)
-        logits = _gather_rows(logits, index).masked_fill(~mask, float("-inf"))
+            return unpad(boxes, mask)
+        logits = gather_rows(logits, index).masked_fill(~mask, float("-inf"))
         return boxes, logits, mask
 
 
-def _check_anchor_sizes(
-    anchor_sizes: dict[str, Sequence[float]] | None,
-) -> dict[str, list[float]] | None:
-    """``anchor_sizes`` as plain lists; ValueError unless every level has the same count of
-    positive sizes (the prediction network has one set of outputs for every level)."""
-    if not anchor_sizes:
-        return None
-    sizes = {str(level): [float(v) for v in values] for level, values in anchor_sizes.items()}
-    counts = {len(values) for values in sizes.values()}
-    if len(counts) != 1 or 0 in counts or min(min(v) for v in sizes.values()) <= 0:
-        raise ValueError(
-            f"anchor_sizes must give the same number of positive sizes for every level, got {sizes}"
-        )
-    return sizes
-
-
-def _check_smooth_l1_beta(beta: float) -> float:
-    """``beta`` as a float; ValueError unless it is a finite number >= 0."""
-    beta = float(beta)
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"smooth_l1_beta must be a finite number >= 0 (0: L1), got {beta}")
-    return beta
-
-
-def _clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
-    """Clip (B, ..., 4) boxes to the image.
+@torch.no_grad()
+def sample_training_rois(
+    proposals: torch.Tensor,
+    valid: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    batch_size_per_image: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The second stage's training RoIs: add the GT boxes to the proposals, match them with GT
+    at IoU 0.5, and sample ``batch_size_per_image`` RoIs per image with up to 25% foreground:
+    only these are pooled and classified (the head is the costly part).
 
     Args:
-        boxes: (B, ..., 4) boxes.
-        image_size: ``(H, W)`` shared by the batch, or a (B, 2) tensor of each image's true
-            ``(H, W)`` inside a padded batch (``FasterRCNN.forward``'s ``image_sizes``).
+        proposals: (B, K, 4); valid: (B, K).
+        gt_boxes: (B, M, 5) GT rows.
+        batch_size_per_image: RoIs sampled per image.
+
+    Returns:
+        ``(rois (B, S, 4), sampled (B, S), matched (B, S, 5), foreground (B, S))`` with
+        ``S = min(batch_size_per_image, K + M)``: the sampled RoIs first in each row,
+        padded slots marked False in ``sampled``.
     """
-    if isinstance(image_size, torch.Tensor):
-        upper = image_size.to(boxes).flip(-1).repeat(1, 2)  # (B, 4): W, H, W, H
-        upper = upper.view(len(upper), *([1] * (boxes.dim() - 2)), 4)
-    else:
-        height, width = image_size
-        upper = boxes.new_tensor([width, height, width, height])
-    return torch.minimum(boxes.clamp(min=0), upper)
+    gt_boxes = gt_boxes.to(proposals)
+    proposals = torch.cat([proposals, gt_boxes[..., :4]], dim=1)  # (B, R = K + M, 4)
+    valid = torch.cat([valid, gt_boxes[..., 4] != BACKGROUND], dim=1)
+    matched = rcnn_match_anchors_to_gt(proposals, gt_boxes, (0.5, 0.5))  # (B, R, 5)
+    matched = torch.where(valid[..., None], matched, matched.new_tensor(NEUTRAL))
+    fg, bg = sample_rpn_training_masks(matched, batch_size_per_image, fg_fraction=0.25)
+    sampled = fg | bg
+    num_slots = min(batch_size_per_image, sampled.shape[1])
+    order = torch.argsort(sampled.to(torch.uint8), dim=1, descending=True, stable=True)
+    order = order[:, :num_slots]
+    return (
+        gather_rows(proposals, order),
+        torch.gather(sampled, 1, order),
+        gather_rows(matched, order),
+        torch.gather(fg, 1, order),
+    )
 
 
-#: Which NMS ``_batched_nms_topk`` runs: ``None`` picks the fixed-shape one on accelerators and
-#: under ``torch.compile`` and torchvision's per-group kernel for eager CPU tensors; ``True`` /
-#: ``False`` force one (``bench/bench_syncs.py`` counts both; the tests run both).
-FIXED_SHAPE_NMS: bool | None = None
-
-
-def _batched_nms_topk(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    group_index: torch.Tensor,
-    valid: torch.Tensor,
-    iou_threshold: float,
-    topk: int,
-    sweeps: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy NMS within each group of every image, then the ``topk`` best survivors per image.
-
-    Two implementations keep the same boxes (``tests/test_properties.py`` checks both against
-    ``torchvision.ops.nms`` per group, with tied coordinates and scores):
-
-    - fixed shape (``_fixed_shape_nms_keep``), on accelerators and under ``torch.compile``:
-      all images and groups at once as IoU matrices and fixed-point sweeps; no Python loop, no
-      boolean indexing and a single host-device sync (the convergence check; none compiled),
-      whatever the batch size;
-    - ``torchvision.ops.nms`` per group (``_torchvision_nms_keep``), for eager CPU tensors: its
-      sequential kernel beats the ``n x n`` matrices there (the demo trained 33% slower with
-      them), and a sync costs nothing on a CPU.
-
-    ``FIXED_SHAPE_NMS`` overrides the choice. Either way each group's kept set is
-    ``torchvision.ops.nms``'s (CPU kernel) on its valid members: float32 IoU arithmetic, the
-    rule ``IoU > iou_threshold``, members visited by decreasing score with equal scores in
-    increasing position. Boxes with NaN coordinates or scores are not covered by that
-    guarantee.
+def fast_rcnn_losses(
+    rois: torch.Tensor,
+    sampled: torch.Tensor,
+    matched: torch.Tensor,
+    foreground: torch.Tensor,
+    cls_logits: torch.Tensor,
+    box_deltas: torch.Tensor | None,
+    box_weights: Sequence[float],
+    smooth_l1_beta: float,
+) -> dict[str, torch.Tensor]:
+    """Second-stage losses over the RoIs of ``sample_training_rois``, each summed over the
+    sampled RoIs and divided by their number: ``loss_cls``, the cross-entropy of the ``C + 1``
+    logits (class 0 is background), and with ``box_deltas`` ``loss_box``, the (smooth-)L1 loss
+    of the GT class's deltas (encoded with ``box_weights``) over the foreground RoIs.
 
     Args:
-        boxes: (B, N, 4) boxes; scores, valid: (B, N). Invalid entries neither survive nor
-            suppress.
-        group_index: (G, n) int64, a partition of the positions ``0..N-1`` into ``G`` groups of
-            ``n``: row ``g`` lists group ``g``'s positions in increasing order, the same groups
-            in every image (e.g. ``arange(N).view(G, n)`` for contiguous groups).
-        iou_threshold: a box is suppressed by a kept, better box with IoU above this.
-        topk: survivors kept per image.
-        sweeps: fixed-shape NMS: sweeps run before the first convergence check.
+        rois: (B, S, 4); sampled, foreground: (B, S); matched: (B, S, 5) GT rows;
+        cls_logits: (B, S, C+1); box_deltas: (B, S, C, 4) or None;
+        box_weights: ``(wx, wy, ww, wh)``; smooth_l1_beta: 0 for L1.
 
     Returns:
-        ``(index, mask)``, each (B, topk): the positions (in ``0..N-1``) of each image's
-        survivors, best first, equal scores in increasing position (so an image's result does
-        not depend on the other images of the batch); ``mask`` marks the filled slots, which
-        come first. Unfilled slots have index 0.
+        ``{"loss_cls": ()}`` and, with ``box_deltas``, ``"loss_box": ()``: scalars.
     """
-    fixed_shape = FIXED_SHAPE_NMS
-    if fixed_shape is None:
-        fixed_shape = boxes.device.type != "cpu" or torch.compiler.is_compiling()
-    if fixed_shape:
-        kept = _fixed_shape_nms_keep(boxes, scores, group_index, valid, iou_threshold, sweeps)
-    else:
-        kept = _torchvision_nms_keep(boxes, scores, group_index, valid, iou_threshold)
-    # Survivors first, by decreasing score, equal scores by position: two stable sorts.
-    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    survivors_first = torch.sort(
-        (~torch.gather(kept, 1, by_score)).to(torch.uint8), dim=1, stable=True
-    ).indices
-    index = torch.gather(by_score, 1, survivors_first[:, :topk])
-    mask = torch.gather(kept, 1, index)
-    if index.shape[1] < topk:  # fewer positions than slots
-        index = F.pad(index, (0, topk - index.shape[1]))
-        mask = F.pad(mask, (0, topk - mask.shape[1]))
-    return index.masked_fill(~mask, 0), mask
-
-
-def _torchvision_nms_keep(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    group_index: torch.Tensor,
-    valid: torch.Tensor,
-    iou_threshold: float,
-) -> torch.Tensor:
-    """``_batched_nms_topk``'s kept set by ``torchvision.ops.nms`` on each group of each image.
-
-    One sort by group and one NMS per non-empty group. (``torchvision.ops.batched_nms`` does
-    the same for large inputs, with a ``nonzero`` per group; for small ones it shifts each
-    group's boxes by an offset instead, whose float32 rounding can change IoUs near the
-    threshold, so it is not called.)
-
-    Args: as ``_batched_nms_topk``'s.
-
-    Returns:
-        (B, N) bool: kept.
-    """
-    batch, num = scores.shape
-    num_groups, group_size = group_index.shape
-    group_of = torch.empty(num, dtype=torch.long, device=scores.device)
-    group_of[group_index.reshape(-1)] = torch.arange(
-        num_groups, device=scores.device
-    ).repeat_interleave(group_size)
-    image_ids = torch.arange(batch, device=scores.device)[:, None]
-    groups = (image_ids * num_groups + group_of).masked_fill(~valid, -1).reshape(-1)
-    flat_boxes, flat_scores = boxes.reshape(-1, 4).float(), scores.reshape(-1).float()
-    kept = torch.zeros(batch * num, dtype=torch.bool, device=scores.device)
-    by_group = torch.sort(groups, stable=True).indices  # invalid first, positions ascending
-    counts = torch.bincount(groups + 1, minlength=batch * num_groups + 1).tolist()
-    start = counts[0]
-    for count in counts[1:]:
-        if count:
-            members = by_group[start : start + count]
-            keep = torchvision.ops.nms(flat_boxes[members], flat_scores[members], iou_threshold)
-            kept[members[keep]] = True
-            start += count
-    return kept.view(batch, num)
-
-
-def _fixed_shape_nms_keep(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    group_index: torch.Tensor,
-    valid: torch.Tensor,
-    iou_threshold: float,
-    sweeps: int = 16,
-) -> torch.Tensor:
-    """``_batched_nms_topk``'s kept set as tensors of fixed shape: per group, the IoU matrix of
-    its ``n`` members in visiting order, resolved by ``common.greedy_nms_keep``.
-
-    Args: as ``_batched_nms_topk``'s.
-
-    Returns:
-        (B, N) bool: kept.
-    """
-    batch, num = scores.shape
-    num_groups, group_size = group_index.shape
-    members = group_index.reshape(-1)
-    group_boxes = boxes[:, members].float().view(batch, num_groups, group_size, 4)
-    group_scores = scores[:, members].float().view(batch, num_groups, group_size)
-    group_valid = valid[:, members].view(batch, num_groups, group_size)
-    # Greedy visiting order within each group: decreasing score, equal scores by position
-    # (``group_index`` rows list positions in increasing order, the sort is stable).
-    ranked = group_scores.masked_fill(~group_valid, float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    keep = greedy_nms_keep(
-        _gather_rows(group_boxes.flatten(0, 1), order.flatten(0, 1)),
-        torch.gather(group_valid, -1, order).flatten(0, 1),
-        iou_threshold,
-        sweeps,
-    )  # (B * G, n), in visiting order
-    kept = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
-    positions = torch.gather(group_index.expand(batch, -1, -1), -1, order).view(batch, -1)
-    return kept.scatter_(1, positions, keep.view(batch, -1))
-
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision (autocast) outputs to float32; float32 and float64 stay as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _unpad(
-    values: torch.Tensor, mask: torch.Tensor, counts: list[int] | None = None
-) -> list[torch.Tensor]:
-    """(B, K, ...) padded values and (B, K) mask whose filled slots come first in each row (as
-    ``_batched_nms_topk`` fills them) -> B tensors of the filled slots, views of ``values``.
-
-    Reading the counts is a host-device sync; pass ``counts`` (``mask.sum(1).tolist()``) to
-    split several tensors of one mask with a single sync.
-    """
-    if counts is None:
-        counts = mask.sum(dim=1).tolist()
-    return [row[:count] for row, count in zip(values, counts, strict=True)]
-
-
-def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[b, index[b, k]]`` for (B, N, ...) values and (B, K) index -> (B, K, ...)."""
-    expanded = index.view(*index.shape, *([1] * (values.dim() - 2)))
-    return torch.gather(values, 1, expanded.expand(-1, -1, *values.shape[2:]))
+    target = torch.where(foreground, matched[..., 4].long() + 1, 0)  # background is 0
+    loss_cls = F.cross_entropy(
+        full_precision(cls_logits).flatten(0, 1), target.flatten(), reduction="none"
+    )
+    num_sampled = sampled.sum().clamp(min=1)
+    losses = {"loss_cls": (loss_cls * sampled.flatten()).sum() / num_sampled}
+    if box_deltas is not None:
+        fg_class = target.clamp(min=1) - 1  # (B, S)
+        index = fg_class[..., None, None].expand(-1, -1, 1, 4)
+        pred = full_precision(torch.gather(box_deltas, 2, index).squeeze(2))  # (B, S, 4)
+        gt_deltas = rcnn_get_deltas_from_anchors(rois, matched, box_weights)
+        gt_deltas = torch.where(foreground[..., None], gt_deltas, 0.0)
+        loss_box = F.smooth_l1_loss(pred, gt_deltas, reduction="none", beta=smooth_l1_beta)
+        loss_box = loss_box * foreground[..., None]
+        losses["loss_box"] = loss_box.sum() / num_sampled
+    return losses
 
 
 class FasterRCNN(nn.Module):
@@ -1193,11 +825,10 @@ class FasterRCNN(nn.Module):
             ``s`` is taken to sit in the image: ``((j + offset) s, (i + offset) s)``. 0.5 (the
             default, the notebook's) is the cell centre; 0 is the cell's top-left pixel, where
             this backbone's receptive fields are centred and the RPN's anchors sit
-            (``RPN(anchor_offset=0)``); 0 gave +2.0 points of mAP@0.5 on the generated
-            shapes (5 seeds) and -1.0 on BCCD (``bench/README.md``). With 0 and anchors
-            whose half sizes are whole pixels, inference and the training losses equal
-            torchvision's ``FasterRCNN`` given the same weights
-            (``tests/test_torchvision_pipeline.py``).
+            (``RPN(anchor_offset=0)``); the mAP of each is in ``bench/README.md``. With 0
+            and anchors whose half sizes are whole pixels, inference and the training losses
+            equal torchvision's ``FasterRCNN`` given the same weights
+            (``tests/test_e2e_torchvision_equivalence.py``).
 
     ``config`` gives these settings as stored in checkpoints; ``from_config`` rebuilds the model.
     """
@@ -1209,11 +840,11 @@ class FasterRCNN(nn.Module):
         stem_channels: Sequence[int],
         num_classes: int,
         batch_size_per_image: int,
-        roi_size: tuple[int, int] = (7, 7),
-        box_regression: bool = False,
-        detections_per_image: int = 100,
-        smooth_l1_beta: float = 0.0,
-        roi_align_offset: float = 0.5,
+        roi_size: tuple[int, int] = _HEADS.roi_size,
+        box_regression: bool = _HEADS.box_regression,
+        detections_per_image: int = _HEADS.detections_per_image,
+        smooth_l1_beta: float = _MODEL.smooth_l1_beta,
+        roi_align_offset: float = _HEADS.roi_align_offset,
     ):
         super().__init__()
         self.backbone = backbone
@@ -1224,7 +855,7 @@ class FasterRCNN(nn.Module):
         self.batch_size_per_image = batch_size_per_image
         self.box_regression = box_regression
         self.detections_per_image = detections_per_image
-        self.smooth_l1_beta = _check_smooth_l1_beta(smooth_l1_beta)
+        self.smooth_l1_beta = checks.check_smooth_l1_beta(smooth_l1_beta)
         self.roi_align_offset = float(roi_align_offset)
         self.box_weights = (10.0, 10.0, 5.0, 5.0)
 
@@ -1280,17 +911,8 @@ class FasterRCNN(nn.Module):
     @staticmethod
     def complete_config(config: dict) -> dict:
         """``config`` (a checkpoint's) with the settings added after it was written filled in
-        with the values that model trained with: ``anchor_offset = 0.5`` (the notebook's
-        cell-centre anchors), ``smooth_l1_beta = 0`` (L1) in both stages and
-        ``roi_align_offset = 0.5`` (half-pixel aligned RoI Align). A new dict;
-        ``config`` is not changed. Resuming compares the completed config, so an old
-        checkpoint warns only about settings that really differ."""
-        return {
-            "smooth_l1_beta": 0.0,
-            "roi_align_offset": 0.5,
-            **config,
-            "rpn": {"anchor_offset": 0.5, "smooth_l1_beta": 0.0, **config.get("rpn", {})},
-        }
+        with the values that model trained with (``eecs598.settings.complete_config``)."""
+        return complete_config(config)
 
     def forward(
         self,
@@ -1318,14 +940,10 @@ class FasterRCNN(nn.Module):
             scores (N,))``. Eval, B > 1: a list of B such tuples.
 
         Raises:
-            ValueError: naming the shape, dtype, device or value at fault: images not
-                (B, 3, H, W) floating point, on another device than the model, or of another
-                dtype outside autocast; gt_boxes not (B, M, 5), on another device, with a class
-                id outside ``0..C-1`` (``-1`` pads), or a non-padding box that is not finite or
-                is inverted, ``x2 < x1`` or ``y2 < y1`` (these two value checks run here for CPU
-                gt_boxes, else in :meth:`check_inputs`, which ``train_detector`` calls on the
-                host); a training batch of a single image of at most 32x32 px (BatchNorm cannot
-                normalise its one value per channel).
+            ValueError: naming the shape, dtype, device or value at fault of ``images``,
+                ``gt_boxes`` (listed at ``eecs598.checks.check_forward_inputs``) or
+                ``image_sizes``; for a training batch of a single image of at most 32x32 px
+                (BatchNorm cannot normalise its one value per channel).
 
         Warns once per model when a training batch has fewer than 8 values per channel at the
         coarsest backbone level (e.g. 2 images of 32x32 px): BatchNorm's gradients explode.
@@ -1334,11 +952,13 @@ class FasterRCNN(nn.Module):
         self._check_forward_inputs(images, gt_boxes)
         image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
         if image_sizes is not None:
-            _check_image_sizes(image_sizes, images)
-        feats = self._features(images)
+            checks.check_image_sizes(image_sizes, images)
+        feats = checks.run_backbone(self.backbone, images)
         rois, valid, rpn_losses = self._proposals(feats, gt_boxes, image_size)
         if self.training:
-            rois, valid, matched, foreground = self._select_training_rois(rois, valid, gt_boxes)
+            rois, valid, matched, foreground = sample_training_rois(
+                rois, valid, gt_boxes, self.batch_size_per_image
+            )
         cls_logits, box_deltas = self._box_head(feats, rois, valid)
         if not self.training:
             detections = self.inference(
@@ -1363,51 +983,27 @@ class FasterRCNN(nn.Module):
             gt_boxes: (B, M, 5) GT rows (``(M, 5)`` or ``(B, M, 5)`` without ``images``).
         """
         if images is not None:
-            check_images(images)
+            checks.check_images(images)
         if gt_boxes is not None:
-            _check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
-            _check_gt_values(gt_boxes, self.num_classes)
+            checks.check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
+            checks.check_gt_values(gt_boxes, self.num_classes)
 
     def _check_forward_inputs(self, images: torch.Tensor, gt_boxes: torch.Tensor | None) -> None:
-        """``forward``'s checks (see its Raises), and the few-BatchNorm-values warning.
+        """``forward``'s checks (``check_forward_inputs``), and the few-BatchNorm-values warning
+        once per model (``warn_few_batchnorm_values``).
 
         Args:
             images: (B, 3, H, W).
             gt_boxes: (B, M, 5) in training mode, None in eval mode.
         """
-        check_images(images)
-        _check_inputs_match_model(images, gt_boxes, next(self.parameters()))
+        weight = next(self.parameters())
+        checks.check_forward_inputs(images, gt_boxes, weight, self.num_classes, self.training)
         if not self.training:
             return
-        if gt_boxes is None:
-            raise ValueError("FasterRCNN needs gt_boxes (B, M, 5) in training mode")
-        _check_gt_boxes(gt_boxes, batch_size=len(images))
-        # Elsewhere it would be a sync per step, and under torch.compile a graph break:
-        # ``train_detector`` checks each batch on the host (``check_inputs``) instead.
-        if gt_boxes.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_gt_values(gt_boxes, self.num_classes)
         if not getattr(self, "_warned_few_values", False) and self.backbone.training:
             stride = max(getattr(self.backbone, "fpn_strides", {"p5": 32}).values())
-            if _warn_few_batchnorm_values(images, stride):
+            if checks.warn_few_batchnorm_values(images, stride):
                 self._warned_few_values = True  # once per model
-
-    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The backbone's ``{level: (B, C, H_l, W_l)}`` features of (B, 3, H, W) ``images``.
-
-        BatchNorm's bare error for one value per channel (a training batch of one image of at
-        most 32x32 px) is re-raised as a ValueError saying what to change.
-        """
-        try:
-            return self.backbone(images)
-        except ValueError as err:
-            if "more than 1 value per channel" not in str(err):
-                raise
-            raise ValueError(
-                f"A training batch of {len(images)} image of {images.shape[-2]}x"
-                f"{images.shape[-1]} px leaves one value per channel in the backbone's last "
-                "BatchNorm layers, which cannot normalise it. Use a batch of 2 or more images "
-                "(e.g. DataLoader(drop_last=True)) or images larger than 32 px on a side."
-            ) from err
 
     def _proposals(
         self,
@@ -1431,40 +1027,6 @@ class FasterRCNN(nn.Module):
         )
         losses = {k: v for k, v in output.items() if k.startswith("loss")}
         return output["proposal_boxes"], output["proposal_mask"], losses
-
-    @torch.no_grad()
-    def _select_training_rois(
-        self, proposals: torch.Tensor, valid: torch.Tensor, gt_boxes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add the GT boxes to the proposals, match them with GT at IoU 0.5, and sample
-        ``batch_size_per_image`` RoIs per image: only these are pooled and classified (the
-        head is the costly part).
-
-        Args:
-            proposals: (B, K, 4); valid: (B, K).
-            gt_boxes: (B, M, 5) GT rows.
-
-        Returns:
-            ``(rois (B, S, 4), sampled (B, S), matched (B, S, 5), foreground (B, S))`` with
-            ``S = min(batch_size_per_image, K + M)``: the sampled RoIs first in each row,
-            padded slots marked False in ``sampled``.
-        """
-        gt_boxes = gt_boxes.to(proposals)
-        proposals = torch.cat([proposals, gt_boxes[..., :4]], dim=1)  # (B, R = K + M, 4)
-        valid = torch.cat([valid, gt_boxes[..., 4] != BACKGROUND], dim=1)
-        matched = rcnn_match_anchors_to_gt(proposals, gt_boxes, (0.5, 0.5))  # (B, R, 5)
-        matched = torch.where(valid[..., None], matched, matched.new_tensor(NEUTRAL))
-        fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.25)
-        sampled = fg | bg
-        num_slots = min(self.batch_size_per_image, sampled.shape[1])
-        order = torch.argsort(sampled.to(torch.uint8), dim=1, descending=True, stable=True)
-        order = order[:, :num_slots]
-        return (
-            _gather_rows(proposals, order),
-            torch.gather(sampled, 1, order),
-            _gather_rows(matched, order),
-            torch.gather(fg, 1, order),
-        )
 
     def _box_head(
         self, feats: dict[str, torch.Tensor], rois: torch.Tensor, valid: torch.Tensor
@@ -1499,31 +1061,11 @@ class FasterRCNN(nn.Module):
         cls_logits: torch.Tensor,
         box_deltas: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Second-stage losses over the sampled RoIs (see the class docstring).
-
-        Args:
-            rois: (B, S, 4); sampled, foreground: (B, S); matched: (B, S, 5) GT rows;
-            cls_logits: (B, S, C+1); box_deltas: (B, S, C, 4) or None.
-
-        Returns:
-            ``{"loss_cls": ()}`` and, with ``box_deltas``, ``"loss_box": ()``: scalars.
-        """
-        target = torch.where(foreground, matched[..., 4].long() + 1, 0)  # background is 0
-        loss_cls = F.cross_entropy(
-            _full_precision(cls_logits).flatten(0, 1), target.flatten(), reduction="none"
-        )
-        num_sampled = sampled.sum().clamp(min=1)
-        losses = {"loss_cls": (loss_cls * sampled.flatten()).sum() / num_sampled}
-        if box_deltas is not None:
-            fg_class = target.clamp(min=1) - 1  # (B, S)
-            index = fg_class[..., None, None].expand(-1, -1, 1, 4)
-            pred = _full_precision(torch.gather(box_deltas, 2, index).squeeze(2))  # (B, S, 4)
-            gt_deltas = rcnn_get_deltas_from_anchors(rois, matched, self.box_weights)
-            gt_deltas = torch.where(foreground[..., None], gt_deltas, 0.0)
-            loss_box = F.smooth_l1_loss(pred, gt_deltas, reduction="none", beta=self.smooth_l1_beta)
-            loss_box = loss_box * foreground[..., None]
-            losses["loss_box"] = loss_box.sum() / num_sampled
-        return losses
+        """``fast_rcnn_losses`` with this model's box weights and ``smooth_l1_beta``."""
+        return fast_rcnn_losses(
+            rois, sampled, matched, foreground, cls_logits, box_deltas,
+            self.box_weights, self.smooth_l1_beta,
+        )  # fmt: skip
 
     @torch.no_grad()
     def inference(
@@ -1536,45 +1078,68 @@ class FasterRCNN(nn.Module):
         test_score_thresh: float | None = None,
         test_nms_thresh: float | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Detections of every image from the second stage's outputs.
+        """Detections of every image from the second stage's outputs: ``fast_rcnn_detections``
+        with this model's box weights and ``detections_per_image``, thresholds defaulting to
+        0.05 (score) and 0.5 (class-specific NMS)."""
+        return fast_rcnn_detections(
+            proposals, valid, cls_logits, box_deltas, image_size,
+            box_weights=self.box_weights,
+            score_thresh=0.05 if test_score_thresh is None else test_score_thresh,
+            nms_thresh=0.5 if test_nms_thresh is None else test_nms_thresh,
+            detections_per_image=self.detections_per_image,
+        )  # fmt: skip
 
-        Args:
-            proposals: (B, R, 4); valid: (B, R); cls_logits: (B, R, C+1);
-            box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)`` or (B, 2) per image.
 
-        Returns:
-            B tuples ``(boxes (N, 4), classes (N,) int64 in 0..C-1, scores (N,))``, best first.
-        """
-        score_thresh = 0.05 if test_score_thresh is None else test_score_thresh
-        nms_thresh = 0.5 if test_nms_thresh is None else test_nms_thresh
-        batch = len(valid)
-        num_classes = self.num_classes
-        scores = _full_precision(cls_logits).softmax(dim=-1)[..., 1:]  # (B, R, C)
-        if box_deltas is None:
-            boxes = proposals[:, :, None, :].expand(-1, -1, num_classes, -1)
-        else:
-            boxes = rcnn_apply_deltas_to_anchors(
-                box_deltas.to(proposals), proposals[:, :, None, :], self.box_weights
-            )
-            boxes = _clip_boxes(boxes, image_size)
-        wh = boxes[..., 2:] - boxes[..., :2]
-        candidate = valid[..., None] & (scores > score_thresh) & (wh > 1e-2).all(dim=-1)
-        boxes, scores = boxes.reshape(batch, -1, 4), scores.reshape(batch, -1)
-        # Position r * C + c holds class c of proposal r: group c is column c.
-        groups = torch.arange(scores.shape[1], device=scores.device).view(-1, num_classes).T
-        index, mask = _batched_nms_topk(
-            boxes,
-            scores,
-            groups,
-            candidate.reshape(batch, -1),
-            nms_thresh,
-            self.detections_per_image,
+@torch.no_grad()
+def fast_rcnn_detections(
+    proposals: torch.Tensor,
+    valid: torch.Tensor,
+    cls_logits: torch.Tensor,
+    box_deltas: torch.Tensor | None,
+    image_size: tuple[int, int] | torch.Tensor,
+    box_weights: Sequence[float],
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_image: int,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Detections of every image from the second stage's outputs (``FasterRCNN.inference``).
+
+    Every valid proposal gives one candidate per class: its softmax score, and its box refined
+    by that class's deltas (clipped to the image) or, without box regression, the proposal
+    itself. Candidates scoring above ``score_thresh`` and wider and taller than 0.01 px go
+    through class-specific NMS at ``nms_thresh``; the best ``detections_per_image`` survive.
+
+    Args:
+        proposals: (B, R, 4); valid: (B, R); cls_logits: (B, R, C+1), index 0 background;
+        box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)`` or (B, 2) per image;
+        box_weights: the deltas' ``(wx, wy, ww, wh)``.
+
+    Returns:
+        B tuples ``(boxes (N, 4), classes (N,) int64 in 0..C-1, scores (N,))``, best first.
+    """
+    batch = len(valid)
+    num_classes = cls_logits.shape[-1] - 1
+    scores = full_precision(cls_logits).softmax(dim=-1)[..., 1:]  # (B, R, C)
+    if box_deltas is None:
+        boxes = proposals[:, :, None, :].expand(-1, -1, num_classes, -1)
+    else:
+        boxes = rcnn_apply_deltas_to_anchors(
+            box_deltas.to(proposals), proposals[:, :, None, :], box_weights
         )
-        boxes, scores = _gather_rows(boxes, index), _gather_rows(scores, index)
-        classes = index % num_classes
-        counts = mask.sum(dim=1).tolist()  # the one host-device sync of the list outputs
-        outputs = (_unpad(t, mask, counts) for t in (boxes, classes, scores))
-        return list(zip(*outputs, strict=True))
+        boxes = clip_boxes(boxes, image_size)
+    wh = boxes[..., 2:] - boxes[..., :2]
+    candidate = valid[..., None] & (scores > score_thresh) & (wh > 1e-2).all(dim=-1)
+    boxes, scores = boxes.reshape(batch, -1, 4), scores.reshape(batch, -1)
+    # Position r * C + c holds class c of proposal r: group c is column c.
+    groups = torch.arange(scores.shape[1], device=scores.device).view(-1, num_classes).T
+    index, mask = batched_nms_topk(
+        boxes, scores, groups, candidate.reshape(batch, -1), nms_thresh, detections_per_image
+    )
+    boxes, scores = gather_rows(boxes, index), gather_rows(scores, index)
+    classes = index % num_classes
+    counts = mask.sum(dim=1).tolist()  # the one host-device sync of the list outputs
+    outputs = (unpad(t, mask, counts) for t in (boxes, classes, scores))
+    return list(zip(*outputs, strict=True))
 
 
 def compile_detector(detector: nn.Module, **options: Any) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Both models come from ``bench/matched.py`` (same modules and initial weights, same anchors,
 sampling and NMS settings) and are trained by the same ``a4_helper.train_detector`` call on the
-same batches: ``train``'s pipeline (``detector_cli._train_loader``: flips, one random short
+same batches: ``train``'s pipeline (``recipe.train_loader``: flips, one random short
 side per batch, whole images padded to a multiple of 32 and grouped by aspect ratio, BCCD at
 ``--image-size auto``), the same seed, schedule and iteration count. Both get the anchors
 ``--anchor-scale auto`` fits to the training boxes (``eecs598.anchor_fit``). Then the same
@@ -36,9 +36,10 @@ from matched import build_pair, torchvision_targets
 from torch import nn
 
 import a4_helper
-import detector_cli
+import recipe
 from eecs598 import reset_seed
 from eecs598.anchor_fit import fit_anchors, training_box_sizes
+from eecs598.settings import preset_for
 
 SETTINGS = {
     "shapes": {"dataset": "shapes", "image_size": 128, "batch_size": 16, "fpn_channels": 64},
@@ -75,35 +76,38 @@ class TorchvisionAdapter(nn.Module):
 
 
 def pipeline(name: str, root: Path, seed: int, sizes_per_level: int | None = None):
-    """``train``'s datasets, anchors and batches for ``name`` (the demo's shapes, or BCCD)."""
+    """``train``'s settings, datasets, anchors and batches for ``name`` (the demo's shapes, or
+    BCCD)."""
     cfg = SETTINGS[name]
-    flags = ["train", "--dataset", cfg["dataset"], "--image-size", str(cfg["image_size"]),
-             "--batch-size", str(cfg["batch_size"]), "--workers", "0", "--seed", str(seed),
-             "--data-dir", str(root), "--num-train", "480", "--num-val", "96"]  # fmt: skip
-    args = detector_cli.build_parser().parse_args(flags)
-    detector_cli.choose_training_defaults(args, cfg["dataset"])
-    train, val, classes, scales = detector_cli._training_datasets(args, 1, 0, None, None)
-    strides = {level: 2 ** int(level[1:]) for level in args.fpn_levels}
-    fit = detector_cli.fit_training_anchors(args, train, classes, strides, report=False)
+    settings = preset_for(cfg["dataset"]).replace(
+        image_size=cfg["image_size"], batch_size=cfg["batch_size"], workers=0, seed=seed,
+        data_dir=str(root), num_train=480, num_val=96,
+    )  # fmt: skip
+    settings, train, val, classes, scales = recipe.training_datasets(settings)
+    fit = recipe.fit_training_anchors(settings, train, classes, report=False)
     if sizes_per_level is not None:  # the fit restricted to this many sizes per level
-        box_wh, _ = training_box_sizes(train.records, args.image_size)
+        strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
+        box_wh, _ = training_box_sizes(train.records, settings.data.image_size)
         fit = fit_anchors(box_wh, strides, sizes_per_level=sizes_per_level)
     train = a4_helper.CachedDetection(train, normalize=False)
-    return args, detector_cli._train_loader(args, train, scales, 1, 0), val, classes, fit
+    return settings, recipe.train_loader(settings, train, scales), val, classes, fit
 
 
 def run(name: str, args, root: Path, seed: int) -> dict:
     cfg = SETTINGS[name]
     options, loader, val, classes, fit = pipeline(name, root, seed, args.sizes_per_level)
-    beta = options.smooth_l1_beta if args.smooth_l1_beta is None else args.smooth_l1_beta
-    offset = options.roi_align_offset if args.roi_align_offset is None else args.roi_align_offset
-    settings = {"image_size": options.image_size, "iters": args.iters, "anchors": fit.sizes,
+    chosen = options.model
+    beta = chosen.smooth_l1_beta if args.smooth_l1_beta is None else args.smooth_l1_beta
+    offset = (
+        chosen.heads.roi_align_offset if args.roi_align_offset is None else args.roi_align_offset
+    )
+    settings = {"image_size": options.data.image_size, "iters": args.iters, "anchors": fit.sizes,
                 "smooth_l1_beta": beta, "roi_align_offset": offset}  # fmt: skip
     results = {"settings": {**cfg, **settings, "train_images": len(loader.dataset)}}
     ours, theirs = build_pair(
         num_classes=len(classes), fpn_channels=cfg["fpn_channels"],
-        image_size=options.image_size, rpn_batch=options.rpn_batch_size,
-        roi_batch=options.roi_batch_size, pre_nms_topk=400, post_nms_topk=100, seed=seed,
+        image_size=options.data.image_size, rpn_batch=chosen.rpn.batch_size_per_image,
+        roi_batch=chosen.heads.batch_size_per_image, pre_nms_topk=400, post_nms_topk=100, seed=seed,
         anchor_sizes=fit.sizes, aspect_ratios=tuple(fit.aspect_ratios),
         smooth_l1_beta=beta, roi_align_offset=offset,
     )  # fmt: skip
@@ -112,9 +116,9 @@ def run(name: str, args, root: Path, seed: int) -> dict:
         reset_seed(seed)
         start = time.perf_counter()
         history = a4_helper.train_detector(
-            model, loader, learning_rate=options.lr, max_iters=args.iters,
-            warmup_iters=options.warmup_iters, grad_clip=options.grad_clip, log_period=0,
-            show_plot=False, progress=False,
+            model, loader, learning_rate=options.train.lr, max_iters=args.iters,
+            warmup_iters=options.train.warmup_iters, grad_clip=options.train.grad_clip,
+            log_period=0, show_plot=False, progress=False,
         )  # fmt: skip
         train_s = time.perf_counter() - start
         val_loader = torch.utils.data.DataLoader(val, batch_size=1)

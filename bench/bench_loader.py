@@ -62,19 +62,17 @@ def endless(loader):
         yield from loader
 
 
-def augmented_loader(whole, image_size: int, workers: int, *flags: str):
-    """``train``'s loader (``detector_cli._train_loader``) over the uint8 cache of ``whole``
-    (an uncropped reader at the largest multi-scale size), batch 16, with ``flags``."""
-    import detector_cli
+def augmented_loader(whole, image_size: int, workers: int, **options):
+    """``train``'s loader (``recipe.train_loader``) over the uint8 cache of ``whole`` (an
+    uncropped reader at the largest multi-scale size), batch 16, with ``options`` (settings
+    by flat name, e.g. ``photometric=True``)."""
+    import recipe
     from eecs598.augment import multiscale_sizes
+    from eecs598.settings import OWN_DATA
 
-    args = detector_cli.build_parser().parse_args(
-        ["train", "--image-size", str(image_size), "--batch-size", "16", "--workers",
-         str(workers), *flags]
-    )  # fmt: skip
-    detector_cli.choose_training_defaults(args, "folder")
+    settings = OWN_DATA.replace(image_size=image_size, batch_size=16, workers=workers, **options)
     items = a4_helper.CachedDetection(whole, normalize=False)
-    return detector_cli._train_loader(args, items, multiscale_sizes(image_size), 1, 0)
+    return recipe.train_loader(settings, items, multiscale_sizes(image_size))
 
 
 def bench(name: str, plain, args, whole=None) -> dict:
@@ -98,12 +96,14 @@ def bench(name: str, plain, args, whole=None) -> dict:
     }
     if whole is not None:
         variants = (
-            ("train_flip", ()),
-            ("train_flip_per_batch", ("--cache", "off")),
-            ("train_all", ("--photometric", "--iou-crop")),
+            ("train_flip", {}),
+            ("train_flip_per_batch", {"cache": "off"}),
+            ("train_all", {"photometric": True, "iou_crop": True}),
         )
-        for key, flags in variants:
-            loaders[key] = endless(augmented_loader(whole, args.image_size, args.workers, *flags))
+        for key, options in variants:
+            loaders[key] = endless(
+                augmented_loader(whole, args.image_size, args.workers, **options)
+            )
     item_rates = {k: [] for k in datasets}
     loader_rates = {k: [] for k in loaders}
     for _, key in itertools.product(range(args.repeats), loaders):

@@ -24,7 +24,7 @@ import torch
 import torchvision
 from harness import add_step_args, alternate, environment, print_table, summarise, write_json
 
-from two_stage_detector import assign_fpn_levels, fpn_roi_align
+from common import assign_fpn_levels, fpn_roi_align
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32}
 

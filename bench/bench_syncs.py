@@ -55,7 +55,7 @@ from harness import ROOT, add_step_args, environment, shapes_batch, write_json
 from matched import build_pair, torchvision_targets
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import two_stage_detector
+import common
 
 ops = torch.ops.aten
 
@@ -263,14 +263,14 @@ def main() -> None:
         return infer
 
     # Our model once with the NMS its device picks, once with the other one
-    # (``two_stage_detector.FIXED_SHAPE_NMS``): eager CPU runs torchvision's per-group NMS,
+    # (``common.FIXED_SHAPE_NMS``): eager CPU runs torchvision's per-group NMS,
     # accelerators and torch.compile the fixed-shape one.
     other = (False, "per-group NMS") if device.type != "cpu" else (True, "fixed-shape NMS")
     variants = {"ours": None, f"ours, {other[1]}": other[0], "torchvision": None}
 
     rows: dict[str, dict] = {}
     for label, fixed_shape_nms in variants.items():
-        two_stage_detector.FIXED_SHAPE_NMS = fixed_shape_nms
+        common.FIXED_SHAPE_NMS = fixed_shape_nms
         name = "torchvision" if label == "torchvision" else "ours"
         models[name].train()
         step = make_step(name)
@@ -282,7 +282,7 @@ def main() -> None:
             rows[f"{label}: training step"]["cuda"] = cuda_sync_warnings(step)
     for batch in (1, args.batch_size):
         for label, fixed_shape_nms in variants.items():
-            two_stage_detector.FIXED_SHAPE_NMS = fixed_shape_nms
+            common.FIXED_SHAPE_NMS = fixed_shape_nms
             name = "torchvision" if label == "torchvision" else "ours"
             models[name].eval()
             infer = make_inference(name, batch)
@@ -290,7 +290,7 @@ def main() -> None:
             with counting(args.ops_by_origin) as counter:
                 infer()
             rows[f"{label}: inference, batch {batch}"] = counter.summary()
-    two_stage_detector.FIXED_SHAPE_NMS = None
+    common.FIXED_SHAPE_NMS = None
 
     print(f"\naten ops and sync-type ops, {args.image_size} px, FPN {args.fpn_channels}, {device}")
     real = " real syncs" if device.type == "cuda" else ""

@@ -3,8 +3,12 @@
 Submodules, each one concern, listed bottom-up (a module imports only those above it):
 
 - :mod:`eecs598.files`: atomic writes of files and folders.
+- :mod:`eecs598.settings`: every setting of the detector and its training recipe, defined
+  once, with the presets ``NOTEBOOK``, ``OWN_DATA`` and ``DEMO``.
 - :mod:`eecs598.utils`: seeding (``reset_seed``), ``to_numpy`` and ``detection_visualizer``.
 - :mod:`eecs598.grad`: numeric helpers for checking gradients (``rel_error``).
+- :mod:`eecs598.checks`: the detector's input validators (shapes, dtypes, devices, GT values)
+  and the GT-row markers ``BACKGROUND`` / ``NEUTRAL``.
 - :mod:`eecs598.images`: decoding images to RGB, ImageNet normalisation.
 - :mod:`eecs598.augment`: box-aware training augmentation (``torchvision.transforms.v2``),
   multi-scale sizes, padded batches and aspect-ratio batching.
@@ -28,9 +32,10 @@ needs the model's code, so all of them sit below ``common`` and ``two_stage_dete
 notebook reaches them through the ``a4_helper`` facade.
 
 This package is the bottom layer of the project: it never imports ``common``,
-``two_stage_detector`` or ``a4_helper``. Submodules other than ``utils`` are loaded lazily on
-first attribute access, so ``import eecs598`` stays cheap (no torch, no matplotlib) and
-``python -m eecs598.mean_ap`` runs without the package having imported the module beforehand.
+``two_stage_detector``, ``recipe``, ``a4_helper`` or ``detector_cli``. Submodules other than ``utils`` are
+loaded lazily on first attribute access, so ``import eecs598`` stays cheap (no torch, no
+matplotlib) and ``python -m eecs598.mean_ap`` runs without the package having imported the
+module beforehand.
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ _SUBMODULES = frozenset(
         "augment",
         "cache",
         "checkpoint",
+        "checks",
         "coco",
         "files",
         "grad",
         "images",
         "inference",
         "mean_ap",
+        "settings",
         "shapes",
         "submit",
         "training",

@@ -21,3 +21,14 @@ def flush_denormal():
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared with another torch process, two threads
+    per process made conv training 50-100x slower; child processes use one too, so results
+    match them bit for bit."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

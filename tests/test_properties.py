@@ -337,12 +337,12 @@ nms_box = st.one_of(
 def test_batched_nms_topk_equals_torchvision_nms(
     data, batch, num_groups, group_size, threshold, tied_scores, sweeps, interleaved
 ):
-    """Both ``_batched_nms_topk`` implementations (fixed shape: IoU matrices + fixed-point
+    """Both ``batched_nms_topk`` implementations (fixed shape: IoU matrices + fixed-point
     sweeps, no boolean indexing; and one ``batched_nms`` call) keep exactly torchvision's boxes
     per group, in the documented order, for any sweep count (``sweeps=1`` exercises the
     convergence loop), contiguous or interleaved groups, and tied scores."""
-    import two_stage_detector
-    from two_stage_detector import _batched_nms_topk
+    import common
+    from common import batched_nms_topk
 
     count = batch * num_groups * group_size
     boxes = tensor(data.draw(st.lists(nms_box, min_size=count, max_size=count)))
@@ -361,17 +361,17 @@ def test_batched_nms_topk_equals_torchvision_nms(
     groups = positions.view(-1, num_groups).T if interleaved else positions.view(num_groups, -1)
     topk = data.draw(st.integers(1, count + 2))
     ref_index, ref_mask = _reference_nms_topk(boxes, scores, groups, valid, threshold, topk)
-    saved = two_stage_detector.FIXED_SHAPE_NMS
+    saved = common.FIXED_SHAPE_NMS
     try:
         for fixed_shape in (True, False):
-            two_stage_detector.FIXED_SHAPE_NMS = fixed_shape
-            index, mask = _batched_nms_topk(
+            common.FIXED_SHAPE_NMS = fixed_shape
+            index, mask = batched_nms_topk(
                 boxes, scores, groups, valid, threshold, topk, sweeps=sweeps
             )
             assert torch.equal(mask, ref_mask), fixed_shape
             assert torch.equal(index, ref_index), fixed_shape
     finally:
-        two_stage_detector.FIXED_SHAPE_NMS = saved
+        common.FIXED_SHAPE_NMS = saved
 
 
 @pytest.mark.parametrize("fixed_shape", [True, False])
@@ -379,15 +379,15 @@ def test_batched_nms_topk_threshold_compared_as_torchvision_does(monkeypatch, fi
     """IoU 1/10 is the float32 nearest 0.1, just above 0.1: torchvision's CPU kernel compares
     in double precision and suppresses, so must the fixed-shape NMS (a float32 ``iou > 0.1``
     would not)."""
-    import two_stage_detector
-    from two_stage_detector import _batched_nms_topk
+    import common
+    from common import batched_nms_topk
 
-    monkeypatch.setattr(two_stage_detector, "FIXED_SHAPE_NMS", fixed_shape)
+    monkeypatch.setattr(common, "FIXED_SHAPE_NMS", fixed_shape)
     boxes = torch.tensor([[[0.0, 0.0, 1.0, 10.0], [0.0, 0.0, 1.0, 1.0]]])
     scores = torch.tensor([[0.9, 0.8]])
     assert torch.equal(torchvision.ops.nms(boxes[0], scores[0], 0.1), torch.tensor([0]))
     groups = torch.arange(2).view(1, 2)
-    index, mask = _batched_nms_topk(
+    index, mask = batched_nms_topk(
         boxes, scores, groups, torch.ones(1, 2, dtype=torch.bool), 0.1, 2
     )
     assert mask.tolist() == [[True, False]] and index[0, 0] == 0

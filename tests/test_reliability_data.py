@@ -1,7 +1,7 @@
 """Reliability of the VOC-layout reader on faulty or unusual data (issue 6, "Data").
 
 Cases already covered elsewhere: boxes clipped to the image and zero-size / inverted boxes
-dropped (``test_a4_helper_data.test_odd_boxes_clipped_or_dropped_with_warning``), an unknown
+dropped (``test_eecs598_voc.test_odd_boxes_clipped_or_dropped_with_warning``), an unknown
 class name (``test_clear_errors``), more objects than ``max_boxes``
 (``test_more_objects_than_max_boxes_keeps_largest_and_warns_once``), an image whose only object
 is difficult (``test_difficult_objects_kept_for_evaluation_only``).
@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from a4_fixtures import noise_image, write_dataset, write_xml
 from PIL import Image
+from support import noise_image, write_dataset, write_xml
 
 from a4_helper import (
     IMAGENET_MEAN,

@@ -4,9 +4,10 @@ data cases that need the model: empty, tiny and elongated images).
 Cases already covered elsewhere: wrong ranks, non-float images, bad gt shapes and class ids
 (``test_two_stage_detector.test_faster_rcnn_bad_input``); a NaN loss stops naming the iteration
 and terms and keeps the last good checkpoint
-(``test_a4_helper_train.test_non_finite_loss_stops_with_named_terms``); an in-process crash then
+(``test_eecs598_training.test_non_finite_loss_stops_with_named_terms``); an in-process crash then
 resume equals an uninterrupted run (``test_resume_matches_uninterrupted_run``); a mismatched
-checkpoint in ``detector_cli.load_weights`` (``test_mismatched_checkpoint_names_the_settings``).
+checkpoint in ``eecs598.checkpoint.load_model_weights``
+(``test_mismatched_checkpoint_names_the_settings``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from a4_fixtures import noise_image, write_dataset
 from PIL import Image
 from reliability_child import SmallNet, seed_all, train_small
+from support import noise_image, write_dataset
 
 import detector_cli
 from a4_helper import (
@@ -41,17 +42,9 @@ from eecs598.training import flush_denormal_enabled
 from two_stage_detector import RPN, FasterRCNN
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 CHILD = Path(__file__).with_name("reliability_child.py")
 QUIET = {"show_plot": False, "progress": False, "log_period": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the child processes: results must match them bit for bit."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def small_model(num_classes: int = 3, channels: int = 16) -> FasterRCNN:

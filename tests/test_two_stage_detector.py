@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 from torchvision.models.detection._utils import BoxCoder
 
-import two_stage_detector
+import common
 from common import DetectorBackboneWithFPN, get_fpn_location_coords
 from eecs598.grad import rel_error
 from two_stage_detector import (
@@ -588,7 +588,7 @@ def test_batched_inference_equals_one_at_a_time(monkeypatch, box_regression, fix
     batch-size dependent algorithms (1e-6 differences), so the check runs with oneDNN off,
     which makes the backbone features bit-identical and tests the detector's own batching
     exactly."""
-    monkeypatch.setattr(two_stage_detector, "FIXED_SHAPE_NMS", fixed_shape_nms)
+    monkeypatch.setattr(common, "FIXED_SHAPE_NMS", fixed_shape_nms)
     torch.manual_seed(0)
     model = small_faster_rcnn(box_regression=box_regression).eval()
     images = torch.randn(3, 3, 128, 160)
@@ -614,7 +614,7 @@ def test_both_nms_implementations_give_the_same_losses_and_detections(monkeypatc
     images, gt = torch.randn(2, 3, 128, 160), make_gt(2)
     results = []
     for fixed_shape in (False, True):
-        monkeypatch.setattr(two_stage_detector, "FIXED_SHAPE_NMS", fixed_shape)
+        monkeypatch.setattr(common, "FIXED_SHAPE_NMS", fixed_shape)
         model = copy.deepcopy(initial).train()  # the same BatchNorm statistics for both
         torch.manual_seed(1)
         losses = model(images, gt)

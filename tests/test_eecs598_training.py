@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from support import Interrupted, TinyDetector
 from torch import nn
 
 from a4_helper import (
@@ -20,60 +21,7 @@ from a4_helper import (
 )
 
 matplotlib.use("Agg")  # plots and visualisations in these tests must never open a window
-
-
-class Interrupted(Exception):
-    """Stands for a crash or a killed session in the middle of training."""
-
-
-class TinyDetector(nn.Module):
-    """Stand-in detector with the FasterRCNN calling convention.
-
-    Training: predicts the first valid GT box and class of each image from pooled features;
-    dropout and a random channel permutation make it consume the torch RNG like the real model's
-    sampling does. Returns two loss terms and a non-loss entry that must be ignored.
-    Eval: returns the GT-free prediction as one detection per image.
-    """
-
-    def __init__(self, num_classes: int, fail_at: int | None = None, nan_at: int | None = None):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Dropout(0.1))
-        self.head = nn.Linear(8, 4 + num_classes)
-        self.calls = 0
-        self.fail_at, self.nan_at = fail_at, nan_at
-        self.config = {"num_classes": num_classes, "channels": (8,), "act": nn.ReLU}
-
-    def forward(self, images, gt_boxes=None, test_score_thresh=None, test_nms_thresh=None):
-        feats = self.features(images)
-        feats = feats[:, torch.randperm(feats.shape[1])].mean(dim=(2, 3))
-        out = self.head(feats)
-        h, w = images.shape[-2:]
-        scale = torch.tensor([w, h, w, h], dtype=out.dtype)
-        if not self.training:
-            xs = out[0, [0, 2]].sigmoid().sort().values * w
-            ys = out[0, [1, 3]].sigmoid().sort().values * h
-            box = torch.stack([xs[0], ys[0], xs[1], ys[1]])[None]
-            score = out[0, 4:].softmax(0).max(0)
-            return box, score.indices[None], score.values[None]
-        self.calls += 1
-        if self.fail_at is not None and self.calls == self.fail_at:
-            raise Interrupted
-        first = gt_boxes[:, 0]
-        loss_box = nn.functional.smooth_l1_loss(out[:, :4].sigmoid(), first[:, :4] / scale)
-        loss_cls = nn.functional.cross_entropy(out[:, 4:], first[:, 4].long())
-        if self.nan_at is not None and self.calls == self.nan_at:
-            loss_cls = loss_cls * float("nan")
-        return {"loss_box": loss_box, "loss_cls": loss_cls, "proposals": out.detach()}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Use one intra-op thread: on a 2-core machine shared with another torch process, two
-    threads per process made conv training 50-100x slower (measured); one thread does not."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from support import Interrupted
 
 import detector_cli
 import recipe
@@ -155,10 +156,6 @@ def test_image_size_auto_looks_at_each_class_median_box():
     assert recipe.choose_image_size([], ["a"]) == 224
     no_boxes = [_record(640, 480, [], [])]
     assert recipe.choose_image_size(no_boxes, ["a", "b"]) == 224
-
-
-class Interrupted(Exception):
-    pass
 
 
 def _pipeline(folder, workers: int):

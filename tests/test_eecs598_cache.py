@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from support import TinyDetector
 
 from a4_helper import CachedDetection, ShapesDetection, normalize_uint8, train_detector
-from tests.test_a4_helper_train import TinyDetector
 
 
 @pytest.fixture(scope="module")

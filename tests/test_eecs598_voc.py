@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from a4_fixtures import SHARED, noise_image, write_dataset, write_xml
+from support import SHARED, noise_image, write_dataset, write_xml
 
 import a4_helper
 from a4_helper import (

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from a4_fixtures import noise_image, write_dataset
+from support import noise_image, write_dataset
 
 from a4_helper import VOC2007DetectionTiny, download_voc2007
 

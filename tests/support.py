@@ -1,0 +1,102 @@
+"""What several test files share that is not a fixture: writers of small hand-made VOC-layout
+datasets, and a stand-in detector for the training loop (fixtures live in ``conftest.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+# Repository's sibling folder with shared data; absent on some machines (tests then skip).
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def write_xml(path: Path, filename: str, size: tuple[int, int] | None, objects: list) -> None:
+    """Write one annotation; ``objects`` rows are ``(name, (x1, y1, x2, y2), difficult)``."""
+    parts = ["<annotation>", f"<filename>{filename}</filename>"]
+    if size is not None:
+        parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height></size>")
+    for name, box, difficult in objects:
+        coords = "".join(
+            f"<{tag}>{value}</{tag}>"
+            for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True)
+        )
+        parts.append(
+            f"<object><name>{name}</name><difficult>{int(difficult)}</difficult>"
+            f"<bndbox>{coords}</bndbox></object>"
+        )
+    parts.append("</annotation>")
+    path.write_text("\n".join(parts))
+
+
+def write_dataset(root: Path, images: dict, splits: dict[str, list[str]]) -> Path:
+    """Write a VOC-layout dataset.
+
+    Args:
+        images: ``{image_id: (pil_image, file_ext, objects)}``; ``objects`` as in
+            :func:`write_xml`.
+        splits: ``{split: [image_id, ...]}``.
+    """
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, (image, ext, objects) in images.items():
+        filename = f"{image_id}{ext}"
+        image.save(root / "JPEGImages" / filename)
+        write_xml(root / "Annotations" / f"{image_id}.xml", filename, image.size, objects)
+    for split, ids in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Random RGB image converted to ``mode``."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(array).convert(mode)
+
+
+class Interrupted(Exception):
+    """Stands for a crash or a killed session in the middle of training."""
+
+
+class TinyDetector(nn.Module):
+    """Stand-in detector with the FasterRCNN calling convention.
+
+    Training: predicts the first valid GT box and class of each image from pooled features;
+    dropout and a random channel permutation make it consume the torch RNG like the real model's
+    sampling does. Returns two loss terms and a non-loss entry that must be ignored.
+    Eval: returns the GT-free prediction as one detection per image.
+    """
+
+    def __init__(self, num_classes: int, fail_at: int | None = None, nan_at: int | None = None):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Dropout(0.1))
+        self.head = nn.Linear(8, 4 + num_classes)
+        self.calls = 0
+        self.fail_at, self.nan_at = fail_at, nan_at
+        self.config = {"num_classes": num_classes, "channels": (8,), "act": nn.ReLU}
+
+    def forward(self, images, gt_boxes=None, test_score_thresh=None, test_nms_thresh=None):
+        feats = self.features(images)
+        feats = feats[:, torch.randperm(feats.shape[1])].mean(dim=(2, 3))
+        out = self.head(feats)
+        h, w = images.shape[-2:]
+        scale = torch.tensor([w, h, w, h], dtype=out.dtype)
+        if not self.training:
+            xs = out[0, [0, 2]].sigmoid().sort().values * w
+            ys = out[0, [1, 3]].sigmoid().sort().values * h
+            box = torch.stack([xs[0], ys[0], xs[1], ys[1]])[None]
+            score = out[0, 4:].softmax(0).max(0)
+            return box, score.indices[None], score.values[None]
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise Interrupted
+        first = gt_boxes[:, 0]
+        loss_box = nn.functional.smooth_l1_loss(out[:, :4].sigmoid(), first[:, :4] / scale)
+        loss_cls = nn.functional.cross_entropy(out[:, 4:], first[:, 4].long())
+        if self.nan_at is not None and self.calls == self.nan_at:
+            loss_cls = loss_cls * float("nan")
+        return {"loss_box": loss_box, "loss_cls": loss_cls, "proposals": out.detach()}
