@@ -1052,20 +1052,11 @@ class FasterRCNN(nn.Module):
             box_deltas = self.box_pred(hidden).view(*valid.shape, self.num_classes, 4)
         return cls_logits, box_deltas
 
-    def _losses(
-        self,
-        rois: torch.Tensor,
-        sampled: torch.Tensor,
-        matched: torch.Tensor,
-        foreground: torch.Tensor,
-        cls_logits: torch.Tensor,
-        box_deltas: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        """``fast_rcnn_losses`` with this model's box weights and ``smooth_l1_beta``."""
-        return fast_rcnn_losses(
-            rois, sampled, matched, foreground, cls_logits, box_deltas,
-            self.box_weights, self.smooth_l1_beta,
-        )  # fmt: skip
+    def _losses(self, *outputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``fast_rcnn_losses`` of the sampled RoIs' ``outputs`` (``rois, sampled, matched,
+        foreground, cls_logits, box_deltas``) with this model's box weights and
+        ``smooth_l1_beta``."""
+        return fast_rcnn_losses(*outputs, self.box_weights, self.smooth_l1_beta)
 
     @torch.no_grad()
     def inference(

@@ -380,8 +380,17 @@ class DataSettings(SettingsGroup):
 
 @dataclass(frozen=True)
 class TrainSettings(SettingsGroup):
-    """How training images become batches, the optimisation, and how the run executes."""
+    """The optimisation, how training images become batches, and how the run executes."""
 
+    max_iters: int = setting(9000, "SGD iterations")
+    batch_size: int = setting(16, "images per iteration (over all processes under torchrun)")
+    lr: float = setting(0.01, "learning rate; x0.1 at 60% and 90% of --max-iters")
+    weight_decay: float = setting(1e-4, "SGD weight decay")
+    warmup_iters: int = setting(100, "linear learning-rate warm-up from 0.1% of --lr")
+    grad_clip: float | None = setting(
+        None, "clip the gradient norm at this value ('none': no clipping)",
+        parse=optional_float_value,
+    )  # fmt: skip
     batch_mode: str = setting(
         "crop",
         "pad: whole images (short side --image-size), padded to a multiple of 32 and grouped by "
@@ -395,15 +404,6 @@ class TrainSettings(SettingsGroup):
     flip: bool = setting(True, "random horizontal flips")
     photometric: bool = setting(False, "random brightness/contrast/saturation/hue")
     iou_crop: bool = setting(False, "SSD-style random IoU crops")
-    max_iters: int = setting(9000, "SGD iterations")
-    batch_size: int = setting(16, "images per iteration (over all processes under torchrun)")
-    lr: float = setting(0.01, "learning rate; x0.1 at 60% and 90% of --max-iters")
-    weight_decay: float = setting(1e-4, "SGD weight decay")
-    warmup_iters: int = setting(100, "linear learning-rate warm-up from 0.1% of --lr")
-    grad_clip: float | None = setting(
-        None, "clip the gradient norm at this value ('none': no clipping)",
-        parse=optional_float_value,
-    )  # fmt: skip
     cache: str = setting(
         "memory",
         "decode and resize the training images once (CachedDetection); 'disk' also keeps them "
