@@ -5,15 +5,18 @@ This module only re-exports: each name lives in the module of its concern, and i
 one way, from the bottom of the package to the top:
 
 * ``eecs598`` (bottom, knows no model):
-  :mod:`eecs598.files` (atomic writes) -> :mod:`eecs598.images` (decoding, normalisation) ->
+  :mod:`eecs598.files` (atomic writes) -> :mod:`eecs598.settings` (every default, the
+  presets) -> :mod:`eecs598.checks` (input validators) ->
+  :mod:`eecs598.images` (decoding, normalisation) ->
   :mod:`eecs598.augment` (box-aware augmentation, padded batches) ->
   :mod:`eecs598.voc` (VOC-layout parser, geometry, reader) -> :mod:`eecs598.voc2007`,
   :mod:`eecs598.shapes`, :mod:`eecs598.cache` (datasets built on the reader) ->
   :mod:`eecs598.checkpoint` -> :mod:`eecs598.training` (``train_detector``) and
   :mod:`eecs598.inference` (``inference_with_detector``, over :mod:`eecs598.mean_ap`).
-* ``common`` (backbone, FPN, IoU, NMS), then ``two_stage_detector`` (RPN, Faster R-CNN and
-  ``compile_detector``, which reaches into the model's parts).
-* ``a4_helper`` (this facade) and ``detector_cli.py`` on top.
+* ``common`` (backbone, FPN, IoU, NMS, RoI Align), then ``two_stage_detector`` (RPN, Faster
+  R-CNN and ``compile_detector``, which reaches into the model's parts).
+* ``recipe`` (the training recipe: ``train``, ``evaluate``, ``predict`` and their parts).
+* ``a4_helper`` (this facade) and ``detector_cli.py`` (a parser over ``recipe``) on top.
 
 The cut follows what a reader looks for: data questions (how is an image read? how are boxes
 resized?) are answered in the data modules, training questions in ``training`` and its

@@ -50,8 +50,8 @@ GROUPS = {
 COMMANDS = {
     "demo": (("data", "train", "model", "eval"), DEMO.out),
     "train": (("data", "train", "model", "eval"), OWN_DATA.out),
-    "evaluate": (("data", "eval"), "runs/evaluate"),
-    "predict": (("eval",), "runs/predict"),
+    "evaluate": (("data", "eval"), recipe.EVALUATE_OUT),
+    "predict": (("eval",), recipe.PREDICT_OUT),
 }
 DATA_KINDS = "a VOC-layout folder, a COCO .json or shapes"
 

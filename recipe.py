@@ -105,6 +105,8 @@ __all__ = [
 SETUP_KEYS = ("batch_mode", "multiscale", "flip", "photometric", "iou_crop", "fpn_levels")
 # The most memory `train` spends on images resized to every multi-scale size in advance.
 PRESIZE_BUDGET = 2 * 2**30
+# Where `evaluate` and `predict` write when no settings say (`train`: the settings' `out`).
+EVALUATE_OUT, PREDICT_OUT = "runs/evaluate", "runs/predict"
 # Candidate short sides of `image_size="auto"`, smallest first.
 AUTO_IMAGE_SIZES = (224, 256, 288, 320)
 # `image_size="auto"` wants every class's median box at least this many pixels on its short
@@ -538,7 +540,12 @@ def _detect(
 def evaluate_and_report(
     model: FasterRCNN, val: Any, classes: list[str], out: Path, settings: Settings, device: str
 ) -> dict:
-    """mAP on ``val``: tool-format files, AP chart, detections grid, metrics JSON, table."""
+    """mAP on ``val``: tool-format files, AP chart, detections grid, metrics JSON, table; and
+    the error analysis (``eecs598.errors``): the TIDE breakdown printed and kept in the metrics
+    under ``errors``, with errors.json, errors.png, confusion.png, pr_curves.png, per_image.csv
+    and worst.png."""
+    from eecs598.errors import write_error_report
+
     plt = _pyplot()
     idx_to_class = dict(enumerate(classes))
     start = time.time()
@@ -551,11 +558,15 @@ def evaluate_and_report(
     plt.close(plot_ap(result, out / "ap_per_class.png"))
     samples = _confident_samples(model, val, settings, device)
     plt.close(detection_grid(samples, idx_to_class, ncols=4, path=out / "detections.png"))
+    errors = write_error_report(
+        result.images, classes, out, image_pixels=lambda i: unnormalize_image(val[i][1])
+    )
     metrics = {
         "mAP": result.map,
         "ap": result.ap,
         "iou_threshold": result.iou_threshold,
         "coco": result.coco.stats if result.coco is not None else None,
+        "errors": errors,
         "num_val_images": len(val),
         "eval_seconds": round(seconds, 2),
     }
@@ -651,11 +662,22 @@ def _test_image_size(settings: Settings, meta: dict) -> int:
     return settings.eval.test_image_size or int(meta.get("test_image_size") or meta["image_size"])
 
 
-def evaluate(checkpoint: str | os.PathLike, settings: Settings | None = None) -> dict:
-    """mAP of a checkpoint on ``settings.data``'s val split, at the checkpoint's sizes and with
-    its classes; writes the report into ``settings.out`` (default settings: the shapes data).
-    Returns the metrics (``mAP``, ``ap`` per class, COCO-style ``coco`` stats, ...)."""
-    settings = settings or preset_for("shapes")
+def evaluate(checkpoint: str | os.PathLike, data: Settings | str | None = None) -> dict:
+    """mAP of a checkpoint on a dataset's val split, at the checkpoint's sizes and with its
+    classes; writes the report into the settings' ``out``.
+
+    Args:
+        checkpoint: a checkpoint.pt written by ``train``.
+        data: settings (``data`` and ``eval`` are used), or just the dataset (a VOC-layout
+            folder, a COCO .json, voc2007 or shapes) with the preset's settings and the
+            output folder ``EVALUATE_OUT``; default: the shapes data.
+
+    Returns:
+        The metrics (``mAP``, ``ap`` per class, COCO-style ``coco`` stats, ...).
+    """
+    if data is None or isinstance(data, str):
+        data = preset_for(data or "shapes").replace(out=EVALUATE_OUT)
+    settings = data
     model, saved = load_detector(checkpoint, settings.eval.device)
     meta = saved["meta"]
     classes = list(meta["class_names"])
@@ -695,7 +717,7 @@ def predict(
         One ``{"image": path, "detections": [{"class", "score", "box"}]}`` per image, boxes
         ``(x1, y1, x2, y2)`` in the original image's pixels.
     """
-    settings = settings or preset_for("shapes")
+    settings = settings or preset_for("shapes").replace(out=PREDICT_OUT)
     plt = _pyplot()
     device = settings.eval.device
     model, saved = load_detector(checkpoint, device)

@@ -21,6 +21,9 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
   the reader (VOC 2007 with its download, the generated shapes, the decoded-image cache).
 - :mod:`eecs598.mean_ap`: the built-in PASCAL VOC mean Average Precision evaluator, and
   COCO-style AP through ``pycocotools`` with the COCO JSON export.
+- :mod:`eecs598.errors`: error analysis of an evaluation (TIDE's dAP breakdown, confusion
+  matrix, precision-recall and F1 curves, per-image counts and the worst images); the one module
+  loaded from below, by ``python -m eecs598.mean_ap --errors`` inside its command line.
 - :mod:`eecs598.checkpoint`: the checkpoint format and its loading.
 - :mod:`eecs598.training`: ``train_detector`` and its parts.
 - :mod:`eecs598.inference`: ``inference_with_detector``.
@@ -32,10 +35,10 @@ needs the model's code, so all of them sit below ``common`` and ``two_stage_dete
 notebook reaches them through the ``a4_helper`` facade.
 
 This package is the bottom layer of the project: it never imports ``common``,
-``two_stage_detector``, ``recipe``, ``a4_helper`` or ``detector_cli``. Submodules other than ``utils`` are
-loaded lazily on first attribute access, so ``import eecs598`` stays cheap (no torch, no
-matplotlib) and ``python -m eecs598.mean_ap`` runs without the package having imported the
-module beforehand.
+``two_stage_detector``, ``recipe``, ``a4_helper`` or ``detector_cli``. Submodules other than
+``utils`` are loaded lazily on first attribute access, so ``import eecs598`` stays cheap (no
+torch, no matplotlib) and ``python -m eecs598.mean_ap`` runs without the package having
+imported the module beforehand.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ _SUBMODULES = frozenset(
         "checkpoint",
         "checks",
         "coco",
+        "errors",
         "files",
         "grad",
         "images",

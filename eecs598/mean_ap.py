@@ -88,9 +88,15 @@ size ranges (small < 32², medium < 96² px) are in the boxes' own pixels.
 Command line::
 
     python -m eecs598.mean_ap INPUT_DIR [--11-point] [--iou 0.5] [--plot out.png] [--coco]
+                              [--errors] [--plot-dir DIR] [--score-thresh 0.25]
 
 prints ``xx.xx% = <class> AP`` for every evaluated class in sorted order, then
-``mAP = xx.xx%``; with ``--coco``, then pycocotools' 12-line summary of the same files.
+``mAP = xx.xx%``; with ``--coco``, then pycocotools' 12-line summary of the same files. With
+``--errors``, then the error analysis of :mod:`eecs598.errors` (always at IoU 0.5, all-point):
+TIDE's table, one row per error type (``Cls``, ``Loc``, ``Both``, ``Dupe``, ``Bkg``, ``Miss``,
+``FalsePos``, ``FalseNeg``) with its dAP, and the best-F1 score thresholds; ``--plot-dir`` (which
+implies ``--errors``) also writes its files there (``errors.png``, ``confusion.png``,
+``pr_curves.png``, ``per_image.csv``, ``errors.json``; no gallery: the files hold no pixels).
 """
 
 from __future__ import annotations
@@ -103,7 +109,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +123,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COCO_STATS",
+    "INTERPOLATIONS",
     "CocoImageInfo",
     "CocoResult",
     "ImageDetections",
@@ -127,6 +134,7 @@ __all__ = [
     "evaluate_detections",
     "evaluate_folder",
     "image_detections",
+    "interpolated_ap",
     "main",
     "plot_ap",
     "read_folder",
@@ -147,6 +155,10 @@ COCO_STATS: tuple[str, ...] = (
     "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
 )  # fmt: skip
 PYCOCOTOOLS_MISSING = "COCO-style metrics need pycocotools: pip install pycocotools"
+
+#: The AP interpolations :func:`interpolated_ap` knows: VOC2010+ all-point (this evaluator's
+#: default), VOC2007 11-point, COCO 101-point.
+INTERPOLATIONS: tuple[str, ...] = ("all-point", "11-point", "101-point")
 
 # Largest number of (detection, GT) IoU values computed in one batch; bounds peak memory.
 _IOU_CHUNK = 1 << 22
@@ -171,6 +183,10 @@ class MeanAPResult:
         skipped_classes: Classes with GT boxes that are all difficult (left out of the mean).
         coco: COCO-style metrics of the same images, where they were computed
             (:func:`~eecs598.inference.inference_with_detector` with pycocotools installed).
+        images: The evaluated images' records, in the order they were added (what
+            :meth:`MeanAPAccumulator.compute` saw), so that an error analysis
+            (:mod:`eecs598.errors`) can look at each detection again; empty when the result
+            was built otherwise.
     """
 
     ap: dict[str, float]
@@ -185,6 +201,7 @@ class MeanAPResult:
     use_11_point: bool
     skipped_classes: list[str] = field(default_factory=list)
     coco: CocoResult | None = None
+    images: tuple[ImageDetections, ...] = field(default=(), repr=False)
 
     def summary(self) -> str:
         """Text in the folder tool's form: ``xx.xx% = <class> AP`` lines, then ``mAP = xx.xx%``."""
@@ -224,20 +241,58 @@ def average_precision(
     if rec.shape != prec.shape:
         raise ValueError(f"recall {rec.shape} and precision {prec.shape} differ in shape")
     if use_11_point:
-        if rec.size == 0:
-            return 0.0
-        thresholds = np.arange(0.0, 1.1, 0.1)
-        # Largest precision from position i to the end; recall is sorted, so the points with
-        # recall >= t are exactly a suffix starting at searchsorted(rec, t).
-        suffix_max = np.maximum.accumulate(prec[::-1])[::-1]
-        start = np.searchsorted(rec, thresholds, side="left")
-        padded = np.append(suffix_max, 0.0)
-        return float(np.sum(padded[start]) / 11.0)
+        return _sampled_ap(rec, prec, np.arange(0.0, 1.1, 0.1))
     mrec = np.concatenate(([0.0], rec, [1.0]))
     mpre = np.concatenate(([0.0], prec, [0.0]))
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     idx = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
     return float(np.sum((mrec[idx] - mrec[idx - 1]) * mpre[idx]))
+
+
+def _sampled_ap(rec: np.ndarray, prec: np.ndarray, thresholds: np.ndarray) -> float:
+    """Mean over the recall ``thresholds (T,)`` of the largest precision at recall ``>= t``
+    (``0`` where no point reaches ``t``): the N-point interpolations (VOC2007, COCO).
+
+    Args:
+        rec: ``(D,)`` non-decreasing recall.
+        prec: ``(D,)`` precision at the same points.
+        thresholds: ``(T,)`` recall values at which precision is sampled.
+    """
+    if rec.size == 0:
+        return 0.0
+    # Largest precision from position i to the end; recall is sorted, so the points with
+    # recall >= t are exactly a suffix starting at searchsorted(rec, t).
+    suffix_max = np.maximum.accumulate(prec[::-1])[::-1]
+    start = np.searchsorted(rec, thresholds, side="left")
+    padded = np.append(suffix_max, 0.0)
+    return float(np.sum(padded[start]) / thresholds.shape[0])
+
+
+def interpolated_ap(recall: np.ndarray, precision: np.ndarray, interpolation: str) -> float:
+    """AP of one class by the named interpolation (:data:`INTERPOLATIONS`).
+
+    ``"all-point"`` and ``"11-point"`` are :func:`average_precision`'s two modes (VOC2010+ and
+    VOC2007). ``"101-point"`` is COCO's: the mean over the recall thresholds ``0, 0.01, ...,
+    1`` (each ``k / 100``) of the largest precision at recall ``>= t``; it is what TIDE and
+    pycocotools report, so an error analysis can be compared with theirs.
+
+    Args:
+        recall: ``(D,)`` non-decreasing recall after each detection in score order.
+        precision: ``(D,)`` precision at the same points.
+        interpolation: One of :data:`INTERPOLATIONS`.
+
+    Raises:
+        ValueError: An unknown interpolation (the message lists the known ones).
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if interpolation != "101-point":
+        return average_precision(recall, precision, use_11_point=interpolation == "11-point")
+    rec = np.asarray(recall, dtype=np.float64).reshape(-1)
+    prec = np.asarray(precision, dtype=np.float64).reshape(-1)
+    if rec.shape != prec.shape:
+        raise ValueError(f"recall {rec.shape} and precision {prec.shape} differ in shape")
+    return _sampled_ap(rec, prec, np.arange(101) / 100.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +391,8 @@ def _class_map(class_names: Sequence[str] | Mapping[int, str]) -> dict[int, str]
 
 
 # ----------------------------------------------------------------------------------------------
-# Core evaluation on flat arrays (shared by every entry point)
+# Core evaluation on flat arrays (shared by every entry point, and by eecs598.errors, which
+# matches with the same _FlatArrays, PaddedByImage, iou_chunks and match_class)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -380,27 +436,63 @@ class _FlatArrays:
             det_scores=cat([im.det_scores for im in images], np.zeros(0, np.float64)),
         )
 
-    def sorted(self) -> _FlatArrays:
-        """GT by class, then image; detections by class, then score descending. Both sorts are
-        stable (``lexsort``), so GT boxes keep row order and tied scores keep input order."""
-        return self._take(
+    def sort_orders(self) -> tuple[np.ndarray, np.ndarray]:
+        """The permutations :meth:`sorted` applies: ``(G,)`` for GT, ``(D,)`` for detections."""
+        return (
             np.lexsort((self.gt_img, self.gt_classes)),
             np.lexsort((-self.det_scores, self.det_classes)),
         )
 
-    def of_class(self, c: int) -> _FlatArrays:
-        """The rows of class ``c`` (views); the arrays must be :meth:`sorted`."""
-        return self._take(
+    def sorted(self) -> _FlatArrays:
+        """GT by class, then image; detections by class, then score descending. Both sorts are
+        stable (``lexsort``), so GT boxes keep row order and tied scores keep input order."""
+        return self.take(*self.sort_orders())
+
+    def class_slices(self, c: int) -> tuple[slice, slice]:
+        """Where the rows of class ``c`` are: a GT slice and a detection slice (the arrays must
+        be :meth:`sorted`)."""
+        return (
             slice(*np.searchsorted(self.gt_classes, [c, c + 1])),
             slice(*np.searchsorted(self.det_classes, [c, c + 1])),
         )
 
-    def _take(self, g: np.ndarray | slice, d: np.ndarray | slice) -> _FlatArrays:
+    def of_class(self, c: int) -> _FlatArrays:
+        """The rows of class ``c`` (views); the arrays must be :meth:`sorted`."""
+        return self.take(*self.class_slices(c))
+
+    def take(self, g: np.ndarray | slice, d: np.ndarray | slice) -> _FlatArrays:
         """GT rows ``g`` and detection rows ``d`` (an index array or a slice each)."""
         return _FlatArrays(
             self.gt_img[g], self.gt_boxes[g], self.gt_classes[g], self.gt_difficult[g],
             self.det_img[d], self.det_boxes[d], self.det_classes[d], self.det_scores[d],
         )  # fmt: skip
+
+
+def _iou_padded(det_boxes: np.ndarray, gt_padded: np.ndarray, gt_valid: np.ndarray) -> np.ndarray:
+    """IoU of each detection with each padded GT box of its image, +1-pixel convention.
+
+    Args:
+        det_boxes: ``(D, 4)`` float64 ``x1, y1, x2, y2``.
+        gt_padded: ``(D, G, 4)`` float64, the padded GT boxes of each detection's image.
+        gt_valid: ``(D, G)`` bool, which padded entries are real boxes.
+
+    Returns:
+        ``(D, G)`` float64: the IoU; ``-1`` for a real box that does not overlap by at least
+        one "pixel" in each direction (no candidate), ``-inf`` for padding.
+    """
+    d = det_boxes[:, None, :]
+    iw = np.minimum(d[..., 2], gt_padded[..., 2]) - np.maximum(d[..., 0], gt_padded[..., 0]) + 1.0
+    ih = np.minimum(d[..., 3], gt_padded[..., 3]) - np.maximum(d[..., 1], gt_padded[..., 1]) + 1.0
+    candidate = (iw > 0) & (ih > 0) & gt_valid
+    inter = iw * ih
+    area_d = (d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
+    area_g = (gt_padded[..., 2] - gt_padded[..., 0] + 1.0) * (
+        gt_padded[..., 3] - gt_padded[..., 1] + 1.0
+    )
+    union = np.where(candidate, area_d + area_g - inter, 1.0)
+    iou = np.where(candidate, inter / union, -1.0)
+    iou[~gt_valid] = -np.inf
+    return iou
 
 
 def _best_match(
@@ -417,21 +509,52 @@ def _best_match(
         ``(ovmax, argmax)``: ``(D,)`` float64 best IoU (``-1`` when no GT box overlaps) and
         ``(D,)`` int64 index of that GT box within the image (first one on ties).
     """
-    d = det_boxes[:, None, :]
-    iw = np.minimum(d[..., 2], gt_padded[..., 2]) - np.maximum(d[..., 0], gt_padded[..., 0]) + 1.0
-    ih = np.minimum(d[..., 3], gt_padded[..., 3]) - np.maximum(d[..., 1], gt_padded[..., 1]) + 1.0
-    candidate = (iw > 0) & (ih > 0) & gt_valid
-    inter = iw * ih
-    area_d = (d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
-    area_g = (gt_padded[..., 2] - gt_padded[..., 0] + 1.0) * (
-        gt_padded[..., 3] - gt_padded[..., 1] + 1.0
-    )
-    union = np.where(candidate, area_d + area_g - inter, 1.0)
-    iou = np.where(candidate, inter / union, -1.0)
-    iou[~gt_valid] = -np.inf
+    iou = _iou_padded(det_boxes, gt_padded, gt_valid)
     arg = np.argmax(iou, axis=1)
     ovmax = np.take_along_axis(iou, arg[:, None], axis=1)[:, 0]
     return np.maximum(ovmax, -1.0), arg
+
+
+@dataclass(frozen=True, eq=False)
+class PaddedByImage:
+    """GT boxes grouped by image, each group padded to the largest: the table every IoU pass
+    reads, so that a detection meets only the boxes of its own image.
+
+    Attributes:
+        images: ``(U,)`` int64 the images that have boxes, ascending.
+        start: ``(U,)`` int64 position of each image's first box in the input rows.
+        boxes: ``(U, Gmax, 4)`` float64 the boxes, zeros in padding.
+        valid: ``(U, Gmax)`` bool, which entries are real boxes.
+    """
+
+    images: np.ndarray
+    start: np.ndarray
+    boxes: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def build(cls, gt_img: np.ndarray, gt_boxes: np.ndarray) -> PaddedByImage:
+        """The table of ``(G,)`` image positions, sorted ascending, and ``(G, 4)`` boxes
+        (at least one)."""
+        uniq_img, start, counts = np.unique(gt_img, return_index=True, return_counts=True)
+        group = np.repeat(np.arange(uniq_img.shape[0]), counts)
+        rank = np.arange(gt_img.shape[0]) - start[group]
+        padded = np.zeros((uniq_img.shape[0], int(counts.max()), 4), dtype=np.float64)
+        padded[group, rank] = gt_boxes
+        valid = np.zeros(padded.shape[:2], dtype=bool)
+        valid[group, rank] = True
+        return cls(uniq_img, start, padded, valid)
+
+    def rows_of(self, det_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pos, with_gt)``: ``(D,)`` row of each detection's image in the table (clipped;
+        meaningful where the image has boxes) and the detections whose image has boxes."""
+        pos = np.minimum(np.searchsorted(self.images, det_img), self.images.shape[0] - 1)
+        return pos, np.flatnonzero(self.images[pos] == det_img)
+
+    def iou(self, det_boxes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(D, Gmax)`` IoU of ``(D, 4)`` detections with the boxes of table rows ``(D,)``
+        (:func:`_iou_padded`: ``-1`` for no overlap, ``-inf`` for padding)."""
+        return _iou_padded(det_boxes, self.boxes[rows], self.valid[rows])
 
 
 def _best_gt(rows: _FlatArrays) -> tuple[np.ndarray, np.ndarray]:
@@ -445,49 +568,50 @@ def _best_gt(rows: _FlatArrays) -> tuple[np.ndarray, np.ndarray]:
         ``(ovmax, gt_index)``: ``(D,)`` float64 best IoU (``-1`` when the image has no GT box of
         the class or none overlaps) and ``(D,)`` int64 position of that GT box in ``rows``.
     """
-    gt_img, det_img = rows.gt_img, rows.det_img
-    # Group the GT boxes by image and pad each group to the largest group: (U, Gmax, 4).
-    uniq_img, start, counts = np.unique(gt_img, return_index=True, return_counts=True)
-    group = np.repeat(np.arange(uniq_img.shape[0]), counts)
-    rank = np.arange(gt_img.shape[0]) - start[group]
-    gmax = int(counts.max())
-    padded = np.zeros((uniq_img.shape[0], gmax, 4), dtype=np.float64)
-    padded[group, rank] = rows.gt_boxes
-    valid = np.zeros((uniq_img.shape[0], gmax), dtype=bool)
-    valid[group, rank] = True
-
+    det_img = rows.det_img
+    table = PaddedByImage.build(rows.gt_img, rows.gt_boxes)
     # Row of each detection's image in the padded table; only detections whose image has GT
     # boxes of this class are compared at all.
-    pos = np.minimum(np.searchsorted(uniq_img, det_img), uniq_img.shape[0] - 1)
-    with_gt = np.flatnonzero(uniq_img[pos] == det_img)
-
+    pos, with_gt = table.rows_of(det_img)
     ovmax = np.full(det_img.shape[0], -1.0)
     gt_index = np.zeros(det_img.shape[0], dtype=np.int64)
-    chunk = max(1, _IOU_CHUNK // gmax)
-    for lo in range(0, with_gt.shape[0], chunk):
-        sel = with_gt[lo : lo + chunk]
+    for sel in iou_chunks(with_gt, table.boxes.shape[1]):
         img_row = pos[sel]
-        ov, arg = _best_match(rows.det_boxes[sel], padded[img_row], valid[img_row])
+        ov, arg = _best_match(rows.det_boxes[sel], table.boxes[img_row], table.valid[img_row])
         ovmax[sel] = ov
-        gt_index[sel] = start[img_row] + arg
+        gt_index[sel] = table.start[img_row] + arg
     return ovmax, gt_index
 
 
-def _match_class(rows: _FlatArrays, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """TP/FP flags of one class's detections.
+def iou_chunks(indices: np.ndarray, gmax: int) -> Iterator[np.ndarray]:
+    """``indices (D,)`` in consecutive pieces small enough that a piece's ``(n, gmax)`` IoU
+    table stays within ``_IOU_CHUNK`` values (bounds peak memory)."""
+    chunk = max(1, _IOU_CHUNK // max(gmax, 1))
+    for lo in range(0, indices.shape[0], chunk):
+        yield indices[lo : lo + chunk]
+
+
+#: :func:`match_class` outcomes of a detection.
+TP, FP, IGNORED = 1, 0, -1
+
+
+def match_class(rows: _FlatArrays, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The devkit's greedy matching of one class's detections (module docstring, step 3).
 
     Args:
         rows: One class's rows (:meth:`_FlatArrays.of_class`), detections in score order.
         iou_threshold: Minimum IoU for a match.
 
     Returns:
-        ``(tp, fp, n_ignored)``: ``(D,)`` bool flags and the count of ignored detections.
+        ``(outcome, gt_index)``: ``(D,)`` int8 :data:`TP`, :data:`FP` or :data:`IGNORED`
+        (matched to a difficult box), and ``(D,)`` int64 the position in ``rows`` of the GT
+        box a true positive took (``-1`` for the others).
     """
     n_det = rows.det_img.shape[0]
-    tp = np.zeros(n_det, dtype=bool)
-    fp = np.ones(n_det, dtype=bool)
+    outcome = np.full(n_det, FP, dtype=np.int8)
+    taken = np.full(n_det, -1, dtype=np.int64)
     if n_det == 0 or rows.gt_img.shape[0] == 0:
-        return tp, fp, 0
+        return outcome, taken
     ovmax, gt_index = _best_gt(rows)
     # Greedy matching in score order. A detection only ever looks at its best-IoU GT box, so two
     # detections interact only when they share that box: the first such detection (in score
@@ -498,9 +622,21 @@ def _match_class(rows: _FlatArrays, iou_threshold: float) -> tuple[np.ndarray, n
     first = np.zeros(matched.shape[0], dtype=bool)
     first[np.unique(keys, return_index=True)[1]] = True
     difficult = rows.gt_difficult[keys]
-    tp[matched] = first & ~difficult
-    fp[matched] = ~first & ~difficult
-    return tp, fp, int(difficult.sum())
+    outcome[matched[difficult]] = IGNORED
+    won = matched[first & ~difficult]
+    outcome[won] = TP
+    taken[won] = gt_index[won]
+    return outcome, taken
+
+
+def _match_class(rows: _FlatArrays, iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """TP/FP flags of one class's detections (:func:`match_class`).
+
+    Returns:
+        ``(tp, fp, n_ignored)``: ``(D,)`` bool flags and the count of ignored detections.
+    """
+    outcome, _ = match_class(rows, iou_threshold)
+    return outcome == TP, outcome == FP, int(np.count_nonzero(outcome == IGNORED))
 
 
 def _evaluate(
@@ -616,7 +752,9 @@ class MeanAPAccumulator:
             use_11_point: VOC2007 11-point AP instead of all-point AP.
         """
         flat = _FlatArrays.concat(self._images)
-        return _evaluate(flat, self.idx_to_class, iou_threshold, use_11_point)
+        result = _evaluate(flat, self.idx_to_class, iou_threshold, use_11_point)
+        result.images = tuple(self._images)
+        return result
 
     def to_coco(
         self, image_info: Mapping[Hashable, CocoImageInfo] | None = None
@@ -1095,6 +1233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also print COCO-style AP/AR of the same files (needs pycocotools)",
     )
+    _add_error_arguments(parser)
     args = parser.parse_args(argv)
     try:
         accumulator = read_folder(args.input_dir)
@@ -1108,6 +1247,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(coco.summary)
     if args.plot:
         plot_ap(result, args.plot)
+    return _report_errors(args, result, accumulator.idx_to_class)
+
+
+def _add_error_arguments(parser: argparse.ArgumentParser) -> None:
+    """The error-analysis flags of :func:`main`."""
+    parser.add_argument(
+        "--errors", action="store_true", help="also print the TIDE error breakdown at IoU 0.5"
+    )
+    parser.add_argument(
+        "--plot-dir", default=None, help="write the error analysis' pictures and files here"
+    )
+    parser.add_argument(
+        "--score-thresh", type=float, default=None,
+        help="score threshold of the confusion matrix and per-image counts (default: "
+        "eecs598.errors.DEFAULT_SCORE_THRESH, 0.25)",
+    )  # fmt: skip
+
+
+def _report_errors(
+    args: argparse.Namespace, result: MeanAPResult, class_names: Mapping[int, str]
+) -> int:
+    """Print (and with ``--plot-dir`` write) the error analysis; the exit code. Imported here:
+    :mod:`eecs598.errors` builds on this module."""
+    if not (args.errors or args.plot_dir):
+        return 0
+    from .errors import analyse_errors, best_f1, f1_text, write_error_report
+
+    print()
+    try:
+        if args.plot_dir:
+            given = {} if args.score_thresh is None else {"score_thresh": args.score_thresh}
+            write_error_report(result.images, class_names, args.plot_dir, **given)
+            print(f"Error analysis written to {args.plot_dir}")
+        else:
+            analysis = analyse_errors(result.images, class_names)
+            print(analysis.breakdown.table())
+            print(f1_text(*best_f1(analysis)))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

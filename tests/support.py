@@ -51,6 +51,18 @@ def write_dataset(root: Path, images: dict, splits: dict[str, list[str]]) -> Pat
     return root
 
 
+def write_folder(root: Path, files: dict[str, tuple[str, str | None]]) -> Path:
+    """An mAP-tool folder (``ground-truth/``, ``detection-results/``) of text files;
+    ``files``: ``{image_id: (gt text, detection text or None for no file)}``."""
+    (root / "ground-truth").mkdir(parents=True)
+    (root / "detection-results").mkdir()
+    for image_id, (gt_text, det_text) in files.items():
+        (root / "ground-truth" / f"{image_id}.txt").write_text(gt_text)
+        if det_text is not None:
+            (root / "detection-results" / f"{image_id}.txt").write_text(det_text)
+    return root
+
+
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     """Random RGB image converted to ``mode``."""
     rng = np.random.default_rng(seed)

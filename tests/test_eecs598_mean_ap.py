@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import write_folder
 
 from eecs598.mean_ap import (
     MeanAPAccumulator,
@@ -389,17 +390,6 @@ def test_input_validation():
 # ----------------------------------------------------------------------------------------------
 # Folder format and command line
 # ----------------------------------------------------------------------------------------------
-
-
-def write_folder(root: Path, files: dict[str, tuple[str, str | None]]) -> Path:
-    """files: {image_id: (gt text, detection text or None for no file)}."""
-    (root / "ground-truth").mkdir(parents=True)
-    (root / "detection-results").mkdir()
-    for image_id, (gt_text, det_text) in files.items():
-        (root / "ground-truth" / f"{image_id}.txt").write_text(gt_text)
-        if det_text is not None:
-            (root / "detection-results" / f"{image_id}.txt").write_text(det_text)
-    return root
 
 
 def test_folder_hand_case_and_cli_output(tmp_path, capsys):

@@ -16,9 +16,9 @@ import warnings
 
 import numpy as np
 import pytest
+from support import write_folder
 
 from eecs598.mean_ap import MeanAPAccumulator, evaluate_folder, image_detections, main
-from tests.test_eecs598_mean_ap import write_folder
 
 
 @pytest.fixture(autouse=True)

@@ -336,6 +336,8 @@ def test_notebook_runs_in_fast_mode(full_run):
     assert (work_dir / "mAP" / "input" / "detection-results").is_dir()
     assert len(list((work_dir / "mAP" / "input" / "detection-results").iterdir())) == 16
     assert (work_dir / "mAP_fast.png").stat().st_size > 1000
+    for error_type in ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss", "FalsePos", "FalseNeg"):
+        assert re.search(rf"^{error_type} +\d+\.\d\d +\d+$", text, flags=re.M), error_type
     assert (work_dir / "rcnn_detector_fast.pt").is_file()
 
     # Figures were rendered inline despite MPLBACKEND=Agg.
@@ -355,7 +357,7 @@ def test_evaluation_runs_alone_after_a_disconnect(full_run):
     # The same weights on the same images: the same mAP as in the full run.
     assert _map_line(run.text) == _map_line(full_run.text)
     assert chart.stat().st_mtime_ns > written and chart.stat().st_size > 1000  # saved again
-    assert _inline_images(run.nb) == 1  # the per-class AP chart
+    assert _inline_images(run.nb) == 3  # the per-class AP chart, the error breakdown, confusion
 
 
 @pytest.mark.slow
