@@ -14,6 +14,8 @@ notebook teaches, then the box operations ``two_stage_detector`` runs on:
    ``gather_rows`` and ``unpad``.
 5. ``assign_fpn_levels`` and ``fpn_roi_align``: which FPN level pools each box, and RoI Align
    of every box from its level in one call.
+6. ``training_diagnostics``: the numbers ``FasterRCNN`` keeps of each training step (proposal
+   recall, foreground share, top score) to tell a run that learns from one that does not.
 
 The input validators (``check_images`` among them, re-exported here) are in
 ``eecs598.checks``, below this module.
@@ -56,6 +58,7 @@ __all__ = [
     "assign_fpn_levels",
     "reassign_proposals_to_fpn_levels",
     "fpn_roi_align",
+    "training_diagnostics",
 ]
 
 # Every FPN level the backbone can give (``eecs598.settings.FPN_LEVELS``), finest first; level
@@ -859,3 +862,41 @@ def _pool_bins(
         mode="sum",
     )
     return pooled.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def training_diagnostics(
+    proposals: torch.Tensor,
+    valid: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    sampled: torch.Tensor,
+    foreground: torch.Tensor,
+    cls_logits: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Three numbers that say whether a training step is learning, each a detached ``()``
+    tensor left on the device. ``FasterRCNN`` keeps them in ``training_stats`` (apart from the
+    losses, which callers sum); ``train_detector`` reads them with the losses, no extra sync:
+
+    - ``stat_rpn_recall``: the share of valid GT boxes that some RPN proposal overlaps at IoU
+      0.5 or more (proposals before the GT boxes are added). Low: the proposals miss the
+      objects (image size, anchors, the RPN itself), and the second stage cannot recover.
+    - ``stat_fg_share``: the share of foreground among the second stage's sampled RoIs (the
+      GT boxes included). Near 0: the classifier only ever learns background.
+    - ``stat_top_score``: the mean over images of the highest object-class probability among
+      their sampled RoIs. Staying low: the classifier has collapsed to background.
+
+    Args:
+        proposals: (B, K, 4); valid: (B, K).
+        gt_boxes: (B, M, 5) GT rows, padded with ``-1``.
+        sampled, foreground: (B, S); cls_logits: (B, S, C+1).
+    """
+    gt_valid = gt_boxes[..., 4] != BACKGROUND  # (B, M)
+    overlap = box_iou(proposals, gt_boxes[..., :4].to(proposals)) * valid[..., None]
+    best = F.pad(overlap, (0, 0, 1, 0)).amax(dim=1)  # (B, M); the zero row: no proposals
+    found = (best >= 0.5) & gt_valid
+    probs = full_precision(cls_logits).softmax(dim=-1)[..., 1:].amax(dim=-1)  # (B, S)
+    return {
+        "stat_rpn_recall": found.sum() / gt_valid.sum().clamp(min=1),
+        "stat_fg_share": foreground.sum() / sampled.sum().clamp(min=1),
+        "stat_top_score": torch.where(sampled, probs, 0.0).amax(dim=1).mean(),
+    }

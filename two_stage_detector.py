@@ -56,6 +56,7 @@ from common import (
     gather_rows,
     get_fpn_location_coords,
     reassign_proposals_to_fpn_levels,
+    training_diagnostics,
     unpad,
 )
 from eecs598 import checks
@@ -936,8 +937,10 @@ class FasterRCNN(nn.Module):
 
         Returns:
             Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls"}`` (and ``"loss_box"`` with
-            box regression). Eval, B == 1: ``(boxes (N, 4), classes (N,) in 0..C-1,
-            scores (N,))``. Eval, B > 1: a list of B such tuples.
+            box regression); the step's ``training_diagnostics`` are kept in
+            ``self.training_stats`` (``train_detector`` logs them). Eval, B == 1: ``(boxes
+            (N, 4), classes (N,) in 0..C-1, scores (N,))``. Eval, B > 1: a list of B such
+            tuples.
 
         Raises:
             ValueError: naming the shape, dtype, device or value at fault of ``images``,
@@ -954,10 +957,11 @@ class FasterRCNN(nn.Module):
         if image_sizes is not None:
             checks.check_image_sizes(image_sizes, images)
         feats = checks.run_backbone(self.backbone, images)
-        rois, valid, rpn_losses = self._proposals(feats, gt_boxes, image_size)
+        proposals, proposed, rpn_losses = self._proposals(feats, gt_boxes, image_size)
+        rois, valid = proposals, proposed
         if self.training:
             rois, valid, matched, foreground = sample_training_rois(
-                rois, valid, gt_boxes, self.batch_size_per_image
+                proposals, proposed, gt_boxes, self.batch_size_per_image
             )
         cls_logits, box_deltas = self._box_head(feats, rois, valid)
         if not self.training:
@@ -967,6 +971,9 @@ class FasterRCNN(nn.Module):
             )  # fmt: skip
             return detections[0] if len(detections) == 1 else detections
         losses = self._losses(rois, valid, matched, foreground, cls_logits, box_deltas)
+        self.training_stats = training_diagnostics(
+            proposals, proposed, gt_boxes, valid, foreground, cls_logits
+        )
         return {**rpn_losses, **losses}
 
     def check_inputs(

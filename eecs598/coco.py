@@ -113,6 +113,26 @@ def _bbox(path: Path, index: int, annotation: Mapping[str, Any]) -> list[float]:
     return [x, y, x + w, y + h]
 
 
+def _annotated_class_names(
+    path: Path, categories: list[Any], names: list[str], annotations: list[Any]
+) -> list[str]:
+    """The sorted names of the categories that have at least one annotation. Those without
+    any (a Roboflow export's supercategory, say) are left out, named in one warning: a class
+    no box teaches cannot be learned, and its AP would pull the mean down. All names when no
+    category has an annotation."""
+    used = {a.get("category_id") for a in annotations if isinstance(a, Mapping)}
+    empty = sorted({n for c, n in zip(categories, names, strict=True) if c.get("id") not in used})
+    kept = sorted(set(names) - set(empty))
+    if empty and kept:
+        listed = ", ".join(repr(n) for n in empty)
+        warnings.warn(
+            f"{path}: left out the categor{'y' if len(empty) == 1 else 'ies'} without any "
+            f"annotation, {listed} (pass class_names to keep them)", stacklevel=3,
+        )  # fmt: skip
+        return kept
+    return sorted(set(names))
+
+
 class COCODetection(AnnotatedImages):
     """Detection dataset stored as a COCO instances JSON plus an image folder.
 
@@ -125,7 +145,8 @@ class COCODetection(AnnotatedImages):
         annotation_file: The instances JSON.
         image_dir: Folder that ``file_name`` is relative to (default: the JSON's folder).
         class_names: Class list (class index = position), or ``None`` for the sorted names of
-            the file's categories.
+            the file's categories that have annotations (those without are left out, with a
+            warning naming them).
         image_size: Target length of the short image side (and the crop size for training).
         max_boxes: Rows of ``gt_boxes``.
         train_transform: ``True`` resizes and centre-crops (training items), ``False`` (the
@@ -158,7 +179,7 @@ class COCODetection(AnnotatedImages):
         positions = _unique_ids(path, "categories", categories)
         names = [str(_field(path, "categories", i, c, "name")) for i, c in enumerate(categories)]
         if class_names is None:
-            class_names = sorted(set(names))
+            class_names = _annotated_class_names(path, categories, names, data["annotations"])
         image_dir = Path(image_dir) if image_dir is not None else path.parent
         super().__init__(
             path, image_dir, class_names, image_size, max_boxes, train_transform, path.stem

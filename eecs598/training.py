@@ -267,6 +267,21 @@ def plot_losses(history: Sequence[float], plot_path: str | Path | None, show: bo
 # ----------------------------------------------------------------------------------------------
 
 
+# Steps the not-learning checks average over, and the checks: diagnostic, threshold, message.
+DIAGNOSTIC_WINDOW = 20
+NOT_LEARNING = (
+    ("stat_rpn_recall", 0.5,
+     "the RPN's proposals overlap only {:.0%} of the training boxes at IoU 0.5: they miss most "
+     "objects, and the second stage cannot recover them. Try a larger image size, anchors "
+     "fitted to the boxes (anchor_scale 'auto'), the stride-4 level for small objects "
+     "(fpn_levels p2 p3 p4 p5), or more iterations."),
+    ("stat_fg_share", 0.05,
+     "only {:.1%} of the RoIs the second stage samples are objects: it learns almost nothing "
+     "but background. Fix the proposals first (rpn_recall in the log), or keep more of them "
+     "(post_nms_topk)."),
+)  # fmt: skip
+
+
 @dataclass
 class LossLog:
     """Loss values kept on the device and read in batches: one host-device sync per read.
@@ -284,6 +299,7 @@ class LossLog:
     verbose: bool
     names: list[str] = field(default_factory=list)
     pending: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)
+    warned: set[str] = field(default_factory=set)
 
     def add(self, iteration: int, values: torch.Tensor, names: list[str], lr: float) -> None:
         self.names = names
@@ -317,8 +333,22 @@ class LossLog:
         if self.verbose and self.log_period and (iteration % self.log_period == 0 or last):
             from tqdm.auto import tqdm
 
-            parts = "".join(f"[{k}: {v:.3f}]" for k, v in terms.items())
+            parts = "".join(f"[{k.removeprefix('stat_')}: {v:.3f}]" for k, v in terms.items())
             tqdm.write(f"[Iter {iteration}][loss: {total:.3f}]{parts}[lr: {lr:.2e}]")
+            self._warn_if_not_learning(iteration)
+
+    def _warn_if_not_learning(self, iteration: int) -> None:
+        """Once training is a quarter through, warn (once each) when a diagnostic, averaged
+        over the last ``DIAGNOSTIC_WINDOW`` steps, says the detector is not learning."""
+        if iteration < max(self.max_iters // 4, DIAGNOSTIC_WINDOW):
+            return
+        for name, threshold, message in NOT_LEARNING:
+            recent = self.history.terms.get(name, [])[-DIAGNOSTIC_WINDOW:]
+            if name in self.warned or not recent or np.mean(recent) >= threshold:
+                continue
+            self.warned.add(name)
+            value = float(np.mean(recent))
+            warnings.warn(f"Iteration {iteration}: " + message.format(value), stacklevel=2)
 
     def _non_finite(self, iteration: int, total: float, terms: dict) -> FloatingPointError:
         detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
@@ -418,6 +448,16 @@ def _loss_terms(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return terms
 
 
+def _diagnostics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The detector's ``training_stats`` of the step just run (``FasterRCNN`` keeps
+    ``two_stage_detector.training_diagnostics`` there; other detectors have none), looked up
+    through a ``DistributedDataParallel`` or ``torch.compile`` wrapper. Logged beside the
+    losses, never added to them."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return dict(getattr(model, "training_stats", None) or {})
+
+
 def train_step(
     model: nn.Module,
     batch: Sequence[Any],
@@ -431,8 +471,9 @@ def train_step(
     (``eecs598.augment.PadCollate``): ``image_sizes`` is then passed to the model.
 
     uint8 images (``CachedDetection(normalize=False)``) are normalised on ``device``. Returns
-    the ``(1 + T,)`` loss values ``[total, term_1, ...]`` (detached, still on the device;
-    averaged over processes when ``world > 1``) and the term names.
+    the ``(1 + T,)`` values ``[total, term_1, ...]``: the loss terms, then the detector's
+    ``training_stats`` (detached, still on the device; averaged over processes when
+    ``world > 1``) and their names.
     """
     _, images, gt_boxes, *sizes = batch
     images = images.to(device, non_blocking=True)
@@ -442,9 +483,11 @@ def train_step(
     extra = {"image_sizes": sizes[0].to(device, non_blocking=True)} if sizes else {}
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=state.use_amp):
         terms = _loss_terms(model(images, gt_boxes, **extra))
+    stats = _diagnostics(model)
     total = sum(v.float() for v in terms.values())
+    logged = [*terms.values(), *stats.values()]
     values = torch.stack(
-        [total.detach().reshape(())] + [v.detach().float().reshape(()) for v in terms.values()]
+        [total.detach().reshape(())] + [v.detach().float().reshape(()) for v in logged]
     )
     if world > 1:
         torch.distributed.all_reduce(values)
@@ -457,7 +500,7 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    return values, list(terms)
+    return values, [*terms, *stats]
 
 
 def _due(done: int, period: int, max_iters: int) -> bool:

@@ -107,6 +107,22 @@ def test_training_batches_are_the_voc_readers(shapes):
         assert n == len(voc) // 4
 
 
+def test_a_category_without_annotations_is_left_out_and_named(shapes, tmp_path):
+    """A Roboflow export lists its supercategory (id 0, no boxes) as a category: it is not a
+    class to learn, and an AP of 0 for it would pull the mean down."""
+    root, train_json, _ = shapes
+    data = json.loads(train_json.read_text())
+    data["categories"].insert(0, {"id": 0, "name": "creatures", "supercategory": "none"})
+    path = tmp_path / "roboflow.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="left out the category without any annotation, "
+                      "'creatures' \\(pass class_names to keep them\\)"):  # fmt: skip
+        coco = COCODetection(path, root / "JPEGImages")
+    assert coco.class_names == tuple(sorted(SHAPES_CLASSES))
+    kept = COCODetection(path, root / "JPEGImages", ["creatures", *SHAPES_CLASSES])
+    assert kept.class_names[0] == "creatures"
+
+
 def test_crowd_objects_are_ignore_regions_never_targets(tmp_path):
     Image.new("RGB", (40, 30), (90, 90, 90)).save(tmp_path / "a.png")
     data = {

@@ -59,6 +59,38 @@ def test_loss_falls_and_history_has_terms(shapes_root, capsys):
         torch.tensor(history.terms["loss_cls"]))  # fmt: skip
 
 
+class DiagnosedDetector(TinyDetector):
+    """``TinyDetector`` that keeps ``training_stats`` as ``FasterRCNN`` does: proposals that
+    find a fifth of the objects, and no foreground for the second stage."""
+
+    def forward(self, images, gt_boxes=None, **options):
+        out = super().forward(images, gt_boxes, **options)
+        if self.training:
+            self.training_stats = {
+                "stat_rpn_recall": torch.tensor(0.2), "stat_fg_share": torch.tensor(0.0),
+                "stat_top_score": torch.tensor(0.1),
+            }  # fmt: skip
+        return out
+
+
+def test_training_stats_are_logged_apart_and_warn_when_not_learning(shapes_root, capsys):
+    loader = make_loader(shapes_root, n=8, shuffle=False)
+    with pytest.warns(UserWarning) as caught:
+        history = train_detector(
+            DiagnosedDetector(len(SHAPES_CLASSES)), loader, learning_rate=0.1, max_iters=40,
+            warmup_iters=2, show_plot=False, progress=False, log_period=10,
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    assert sum("proposals overlap only 20% of the training boxes" in m for m in messages) == 1
+    assert sum("only 0.0% of the RoIs the second stage samples" in m for m in messages) == 1
+    assert history.terms["stat_rpn_recall"] == [pytest.approx(0.2)] * 40
+    torch.testing.assert_close(  # the total is the losses' alone
+        torch.tensor(history), torch.tensor(history.terms["loss_box"]) +
+        torch.tensor(history.terms["loss_cls"]))  # fmt: skip
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "[rpn_recall: 0.200][fg_share: 0.000][top_score: 0.100]" in line
+
+
 def test_loss_history_repr_is_one_short_line():
     from a4_helper import LossHistory
 

@@ -4,6 +4,7 @@ torchvision's references, and the RPN / Faster R-CNN modules end to end."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.nn import functional as F
 from torchvision.models.detection._utils import BoxCoder
 
 import common
-from common import DetectorBackboneWithFPN, get_fpn_location_coords
+from common import DetectorBackboneWithFPN, get_fpn_location_coords, training_diagnostics
 from eecs598.grad import rel_error
 from two_stage_detector import (
     RPN,
@@ -522,11 +523,39 @@ def test_rpn_loss_normalisation_matches_definition():
     assert out["loss_rpn_box"] == 0
 
 
+def test_training_diagnostics_hand_case():
+    """Recall counts GT boxes some valid proposal overlaps at IoU >= 0.5; the foreground
+    share is over sampled RoIs; the top score is each image's best object probability."""
+    proposals = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10]],
+                              [[0.0, 0, 4, 4], [50, 50, 60, 60], [0, 0, 1, 1]]])  # fmt: skip
+    valid = torch.tensor([[True, True, False], [True, False, True]])
+    pad = [-1.0] * 5
+    gt = torch.tensor([[[0.0, 0, 10, 12, 1], [40, 40, 50, 50, 0], pad],
+                       [[50.0, 50, 60, 60, 2], [0, 0, 10, 10, 0], pad]])  # fmt: skip
+    sampled = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    foreground = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    logits = torch.zeros(2, 4, 4)
+    logits[0, 1, 2] = math.log(6.0)  # softmax (1, 1, 6, 1) / 9: object probability 2/3
+    logits[0, 3, 1] = 50.0  # not sampled: ignored
+    stats = training_diagnostics(proposals, valid, gt, sampled, foreground, logits)
+    # image 0: GT 0 found (IoU 100/120), GT 1 not; image 1: the proposal on GT 0 is invalid,
+    # [0, 0, 4, 4] has IoU 0.16 with GT 1: 1 of 4 found.
+    assert stats["stat_rpn_recall"] == pytest.approx(0.25)
+    assert stats["stat_fg_share"] == pytest.approx(1 / 5)
+    assert stats["stat_top_score"] == pytest.approx((2 / 3 + 0.25) / 2)
+    empty = training_diagnostics(proposals[:, :0], valid[:, :0], gt[:, :0], sampled, foreground,
+                                 logits)  # fmt: skip
+    assert empty["stat_rpn_recall"] == 0 and torch.isfinite(empty["stat_rpn_recall"])
+
+
 def test_faster_rcnn_train_losses_and_gradients():
     torch.manual_seed(0)
     model = small_faster_rcnn(box_regression=True)
     losses = model(torch.randn(3, 3, 128, 128), make_gt(3))
     assert set(losses) == {"loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"}
+    stats = model.training_stats  # kept apart from the losses: callers sum those
+    assert set(stats) == {"stat_rpn_recall", "stat_fg_share", "stat_top_score"}
+    assert all(0 <= v <= 1 and not v.requires_grad for v in stats.values())
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     trunk_grad = sum(p.grad.abs().sum() for p in model.backbone.backbone.parameters())
