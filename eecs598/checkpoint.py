@@ -9,7 +9,8 @@ loads with ``torch.load(weights_only=True)`` (:func:`load_checkpoint` does that)
 * ``iteration``: completed iterations; ``max_iters``: the run's planned length.
 * ``model``, ``optimizer``, ``scheduler``, ``scaler``: state dicts (``scaler`` is ``None``
   without mixed precision).
-* ``loss_history``: the total loss per iteration (list); ``loss_terms``: each term's history.
+* ``loss_history``: the total loss per iteration (list); ``loss_terms``: each term's history;
+  ``training_stats``: each training diagnostic's history (``rpn_recall``, ...; may be absent).
 * ``rng``: the python, numpy, torch and CUDA RNG states (:func:`rng_state`).
 * ``data``: the loader position (``BatchStream.state_dict``).
 * ``config``: ``detector.config`` if the model has one, else ``None``; it rebuilds the model

@@ -71,16 +71,21 @@ __all__ = [
 
 
 class LossHistory(list):
-    """List of total losses per iteration; ``terms`` maps each loss name to its own history.
+    """List of total losses per iteration; ``terms`` maps each loss name to its own history,
+    ``stats`` each of the detector's training diagnostics (``rpn_recall``, ...) to its own.
 
     Its ``repr`` is one short line (count, last and lowest loss, term names), so a notebook cell
     ending in ``train_detector(...)`` does not print thousands of floats; it is still a list
     (``list(history)``, indexing and ``len`` give every value).
     """
 
-    def __init__(self, values: Iterable[float] = (), terms: Mapping[str, list] | None = None):
+    def __init__(
+        self, values: Iterable[float] = (), terms: Mapping[str, list] | None = None,
+        stats: Mapping[str, list] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(values)
         self.terms: dict[str, list[float]] = {k: list(v) for k, v in (terms or {}).items()}
+        self.stats: dict[str, list[float]] = {k: list(v) for k, v in (stats or {}).items()}
 
     def __repr__(self) -> str:
         count = f"{len(self)} iteration{'' if len(self) == 1 else 's'}"
@@ -270,12 +275,12 @@ def plot_losses(history: Sequence[float], plot_path: str | Path | None, show: bo
 # Steps the not-learning checks average over, and the checks: diagnostic, threshold, message.
 DIAGNOSTIC_WINDOW = 20
 NOT_LEARNING = (
-    ("stat_rpn_recall", 0.5,
+    ("rpn_recall", 0.5,
      "the RPN's proposals overlap only {:.0%} of the training boxes at IoU 0.5: they miss most "
      "objects, and the second stage cannot recover them. Try a larger image size, anchors "
      "fitted to the boxes (anchor_scale 'auto'), the stride-4 level for small objects "
      "(fpn_levels p2 p3 p4 p5), or more iterations."),
-    ("stat_fg_share", 0.05,
+    ("fg_share", 0.05,
      "only {:.1%} of the RoIs the second stage samples are objects: it learns almost nothing "
      "but background. Fix the proposals first (rpn_recall in the log), or keep more of them "
      "(post_nms_topk)."),
@@ -323,7 +328,10 @@ class LossLog:
                 raise self._non_finite(iteration, total_value, terms)
             self.history.append(total_value)
             for k, v in terms.items():
-                self.history.terms.setdefault(k, []).append(v)
+                if k.startswith("stat_"):
+                    self.history.stats.setdefault(k.removeprefix("stat_"), []).append(v)
+                else:
+                    self.history.terms.setdefault(k, []).append(v)
             self._print(iteration, total_value, terms, lr)
         self.bar.set_postfix(loss=f"{self.history[-1]:.3f}", lr=f"{self.pending[-1][2]:.2e}")
         self.pending.clear()
@@ -343,7 +351,7 @@ class LossLog:
         if iteration < max(self.max_iters // 4, DIAGNOSTIC_WINDOW):
             return
         for name, threshold, message in NOT_LEARNING:
-            recent = self.history.terms.get(name, [])[-DIAGNOSTIC_WINDOW:]
+            recent = self.history.stats.get(name, [])[-DIAGNOSTIC_WINDOW:]
             if name in self.warned or not recent or np.mean(recent) >= threshold:
                 continue
             self.warned.add(name)
@@ -415,7 +423,9 @@ class _TrainState:
                 f"max_iters={max_iters}; the schedule of the checkpoint is kept.",
                 stacklevel=3,
             )
-        self.history = LossHistory(ckpt["loss_history"], ckpt.get("loss_terms"))
+        self.history = LossHistory(
+            ckpt["loss_history"], ckpt.get("loss_terms"), ckpt.get("training_stats")
+        )
         self.start_iter = int(ckpt["iteration"])
         self.stream.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
@@ -433,6 +443,7 @@ class _TrainState:
             "scaler": self.scaler.state_dict() if self.use_amp else None,
             "loss_history": list(self.history),
             "loss_terms": {k: list(v) for k, v in self.history.terms.items()},
+            "training_stats": {k: list(v) for k, v in self.history.stats.items()},
             "rng": rng_state(),
             "data": self.stream.state_dict(),
             "config": plain_config(getattr(detector, "config", None)),

@@ -83,7 +83,8 @@ def test_training_stats_are_logged_apart_and_warn_when_not_learning(shapes_root,
     messages = [str(w.message) for w in caught]
     assert sum("proposals overlap only 20% of the training boxes" in m for m in messages) == 1
     assert sum("only 0.0% of the RoIs the second stage samples" in m for m in messages) == 1
-    assert history.terms["stat_rpn_recall"] == [pytest.approx(0.2)] * 40
+    assert history.stats["rpn_recall"] == [pytest.approx(0.2)] * 40
+    assert set(history.terms) == {"loss_box", "loss_cls"}  # and the repr names only these
     torch.testing.assert_close(  # the total is the losses' alone
         torch.tensor(history), torch.tensor(history.terms["loss_box"]) +
         torch.tensor(history.terms["loss_cls"]))  # fmt: skip
