@@ -67,7 +67,6 @@ from eecs598.inference import inference_with_detector
 from eecs598.mean_ap import plot_ap
 from eecs598.settings import (
     DATA_DEPENDENT,
-    FPN_LEVELS,
     NOTEBOOK,
     ModelSettings,
     Settings,
@@ -81,7 +80,6 @@ from eecs598.voc2007 import VOC2007DetectionTiny
 from two_stage_detector import RPN, FasterRCNN, compile_detector
 
 __all__ = [
-    "FPN_LEVELS",
     "SHAPES_CLASSES",
     "build_detector",
     "load_detector",
