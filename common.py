@@ -26,6 +26,7 @@ Boxes are ``(x1, y1, x2, y2)`` in absolute image pixels.
 
 from __future__ import annotations
 
+import math
 import struct
 import warnings
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from torch.nn import functional as F
 from torchvision.models import feature_extraction
 
 from eecs598.checks import BACKGROUND, check_images
-from eecs598.settings import FPN_LEVELS, BackboneSettings
+from eecs598.settings import FPN_LEVELS, NORMS, BackboneSettings, ModelSettings
 
 __all__ = [
     "hello_common",
@@ -58,13 +59,14 @@ __all__ = [
     "assign_fpn_levels",
     "reassign_proposals_to_fpn_levels",
     "fpn_roi_align",
+    "group_norm",
     "training_diagnostics",
 ]
 
 # Every FPN level the backbone can give (``eecs598.settings.FPN_LEVELS``), finest first; level
 # ``p<l>`` is built from ``c<l>``. The ``fpn_levels`` the backbone accepts: p3-p5 (the default,
 # the notebook's model) or p2-p5.
-_BACKBONE = BackboneSettings()
+_BACKBONE, _MODEL = BackboneSettings(), ModelSettings()
 _DEFAULT_FPN_LEVELS = _BACKBONE.fpn_levels
 _VALID_FPN_LEVELS = (_DEFAULT_FPN_LEVELS, FPN_LEVELS)
 # RegNet-X-400MF stages whose outputs become c2, c3, c4, c5 (strides 4, 8, 16, 32).
@@ -136,6 +138,17 @@ def _validate_fpn_levels(fpn_levels: Sequence[str]) -> tuple[str, ...]:
     return levels
 
 
+def group_norm(channels: int, norm: str) -> list[nn.Module]:
+    """The normalisation layers to put after a conv of ``channels`` outputs: none for
+    ``norm="none"``; for ``"gn"`` one ``GroupNorm`` of up to 32 groups (detectron2's), the
+    largest count that divides ``channels``. A list, so that callers splice it in."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm == "none":
+        return []
+    return [nn.GroupNorm(math.gcd(32, channels), channels)]
+
+
 class DetectorBackboneWithFPN(nn.Module):
     """RegNet-X-400MF trunk with a Feature Pyramid Network on its last three or four stages.
 
@@ -172,31 +185,35 @@ class DetectorBackboneWithFPN(nn.Module):
         out_channels: int,
         pretrained: bool = _BACKBONE.pretrained,
         fpn_levels: Sequence[str] = _DEFAULT_FPN_LEVELS,
+        norm: str = _MODEL.norm,
     ):
         super().__init__()
         self.out_channels = out_channels
+        self.norm = norm
         self.fpn_levels = _validate_fpn_levels(fpn_levels)
         trunk_names = {_trunk_name(level) for level in self.fpn_levels}
         return_nodes = {node: name for node, name in _TRUNK_NODES.items() if name in trunk_names}
         self.backbone = feature_extraction.create_feature_extractor(
             _regnet_trunk(pretrained), return_nodes=return_nodes
         )
-        self.fpn_params = self._build_fpn(out_channels, self.fpn_levels)
+        self.fpn_params = self._build_fpn(out_channels, self.fpn_levels, norm)
 
     @staticmethod
-    def _build_fpn(out_channels: int, fpn_levels: tuple[str, ...]) -> nn.ModuleDict:
-        """``lateral_c<l>`` (1x1) and ``output_p<l>`` (3x3) convs per level, Kaiming-initialised."""
-        fpn_params = nn.ModuleDict()
+    def _build_fpn(out_channels: int, fpn_levels: tuple[str, ...], norm: str) -> nn.ModuleDict:
+        """``lateral_c<l>`` (1x1) and ``output_p<l>`` (3x3) convs per level, Kaiming-initialised;
+        with ``norm="gn"`` each is a ``Sequential`` of the conv and a ``group_norm``."""
+        convs: dict[str, nn.Conv2d] = {}
         for level in fpn_levels:
-            fpn_params[f"lateral_{_trunk_name(level)}"] = nn.Conv2d(
-                _TRUNK_CHANNELS[_trunk_name(level)], out_channels, kernel_size=1
-            )
-            fpn_params[f"output_{level}"] = nn.Conv2d(
-                out_channels, out_channels, kernel_size=3, padding=1
-            )
-        for conv in fpn_params.values():
+            name = _trunk_name(level)
+            convs[f"lateral_{name}"] = nn.Conv2d(_TRUNK_CHANNELS[name], out_channels, kernel_size=1)
+            convs[f"output_{level}"] = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        for conv in convs.values():  # after creating them all: the notebook's random draws
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
+        fpn_params = nn.ModuleDict()
+        for name, conv in convs.items():
+            norms = group_norm(out_channels, norm)
+            fpn_params[name] = nn.Sequential(conv, *norms) if norms else conv
         return fpn_params
 
     @property
@@ -212,11 +229,15 @@ class DetectorBackboneWithFPN(nn.Module):
         levels this is ``{"out_channels": C}`` only, exactly what checkpoints saved before
         ``fpn_levels`` existed store, so old and new default checkpoints stay interchangeable;
         otherwise ``fpn_levels`` is added as a list, e.g.
-        ``{"out_channels": C, "fpn_levels": ["p2", "p3", "p4", "p5"]}``.
+        ``{"out_channels": C, "fpn_levels": ["p2", "p3", "p4", "p5"]}``, and a ``norm`` other
+        than ``"none"`` likewise.
         """
-        if self.fpn_levels == _DEFAULT_FPN_LEVELS:
-            return {"out_channels": self.out_channels}
-        return {"out_channels": self.out_channels, "fpn_levels": list(self.fpn_levels)}
+        config: dict = {"out_channels": self.out_channels}
+        if self.fpn_levels != _DEFAULT_FPN_LEVELS:
+            config["fpn_levels"] = list(self.fpn_levels)
+        if self.norm != _MODEL.norm:
+            config["norm"] = self.norm
+        return config
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """

@@ -33,7 +33,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 from torchvision.transforms.functional import to_tensor
 
 from common import DetectorBackboneWithFPN
-from eecs598.anchor_fit import AnchorFit, fit_anchors, training_box_sizes
+from eecs598.anchor_fit import AnchorFit, fit_anchors, training_boxes
 from eecs598.augment import (
     AspectRatioBatchSampler,
     AugmentedDetection,
@@ -85,6 +85,8 @@ __all__ = [
     "load_detector",
     "discover_classes",
     "make_datasets",
+    "room_for_every_box",
+    "train_crop_size",
     "choose_image_size",
     "training_datasets",
     "fit_training_anchors",
@@ -100,16 +102,31 @@ __all__ = [
 ]
 
 # What `train` records in the checkpoint's meta about how it fed the model.
-SETUP_KEYS = ("batch_mode", "multiscale", "flip", "photometric", "iou_crop", "fpn_levels")
+SETUP_KEYS = (
+    "batch_mode",
+    "multiscale",
+    "flip",
+    "photometric",
+    "iou_crop",
+    "train_crop",
+    "fpn_levels",
+)
 # The most memory `train` spends on images resized to every multi-scale size in advance.
 PRESIZE_BUDGET = 2 * 2**30
 # Where `evaluate` and `predict` write when no settings say (`train`: the settings' `out`).
 EVALUATE_OUT, PREDICT_OUT = "runs/evaluate", "runs/predict"
 # Candidate short sides of `image_size="auto"`, smallest first.
-AUTO_IMAGE_SIZES = (224, 256, 288, 320)
-# `image_size="auto"` wants every class's median box at least this many pixels on its short
-# side: two cells of the finest default level (stride 8) plus a margin.
+AUTO_IMAGE_SIZES = (224, 256, 288, 320, 384, 448, 512, 576, 640)
+# `image_size="auto"`, the box rule: every class's median box at least this many pixels on
+# its short side: two cells of the finest default level (stride 8) plus a margin.
 AUTO_MIN_BOX_SIDE = 20
+# `image_size="auto"`, the grid rule: at least this share of the training boxes reach the
+# RPN's foreground IoU with an anchor where the RPN places anchors (`AnchorFit.grid_recall`,
+# anchors fitted at that size). Below it the RPN has too few positives to learn from.
+AUTO_GRID_RECALL = 0.8
+# `train_crop="auto"`: images trained at a larger short side are trained in random windows of
+# this many pixels a side, so a step costs what it costs at this size.
+AUTO_TRAIN_CROP = 320
 
 
 # ---------------------------------------------------------------------------------- model
@@ -133,16 +150,18 @@ def build_detector(
     channels = model.backbone.out_channels
     backbone = DetectorBackboneWithFPN(
         out_channels=channels, pretrained=model.backbone.pretrained,
-        fpn_levels=model.backbone.fpn_levels,
+        fpn_levels=model.backbone.fpn_levels, norm=model.norm,
     )  # fmt: skip
     rpn = RPN(fpn_channels=channels, stem_channels=[channels, channels],
-              smooth_l1_beta=model.smooth_l1_beta, **_rpn_arguments(model, fit))  # fmt: skip
+              smooth_l1_beta=model.smooth_l1_beta, norm=model.norm,
+              **_rpn_arguments(model, fit))  # fmt: skip
     heads = model.heads
     return FasterRCNN(
         backbone, rpn, num_classes=num_classes, roi_size=heads.roi_size,
         stem_channels=[channels, channels], batch_size_per_image=heads.batch_size_per_image,
         box_regression=heads.box_regression, detections_per_image=heads.detections_per_image,
         smooth_l1_beta=model.smooth_l1_beta, roi_align_offset=heads.roi_align_offset,
+        norm=model.norm,
     )  # fmt: skip
 
 
@@ -261,7 +280,7 @@ def make_datasets(
                                skip_corrupt=data.skip_corrupt, **crop)  # fmt: skip
     val = VOCLayoutDetection(root, data.val_split, classes, image_size=test_size,
                              skip_corrupt=data.skip_corrupt)  # fmt: skip
-    return train, val, list(classes)
+    return room_for_every_box(train), val, list(classes)
 
 
 def _coco_datasets(
@@ -280,7 +299,18 @@ def _coco_datasets(
     val_images = data.val_images if data.val_dataset else data.images
     val = COCODetection(data.val_dataset or data.dataset, val_images, train.class_names,
                         test_size, skip_corrupt=data.skip_corrupt)  # fmt: skip
-    return train, val, list(train.class_names)
+    return room_for_every_box(train), val, list(train.class_names)
+
+
+def room_for_every_box(dataset: Any) -> Any:
+    """Give a reader a ``gt_boxes`` row for every usable box of its most crowded image.
+
+    Readers keep the ``max_boxes`` (40) largest objects of an image; crowded photos (a
+    shoal of fish) have more, and the left-out ones, the smallest, would train as
+    background. Returns ``dataset`` with ``max_boxes`` raised where needed."""
+    counts = [int((~record.difficult).sum()) for record in getattr(dataset, "records", [])]
+    dataset.max_boxes = max([dataset.max_boxes, *counts])
+    return dataset
 
 
 def _datasets_rank_zero_first(
@@ -297,28 +327,61 @@ def _datasets_rank_zero_first(
     return datasets
 
 
-def choose_image_size(records: Sequence[Any], class_names: Sequence[str]) -> int:
-    """``image_size="auto"``: the smallest of ``AUTO_IMAGE_SIZES`` at which every class's
-    median box has a short side of at least ``AUTO_MIN_BOX_SIDE`` px after the resize, and
-    never more than the images' median short side (no upsampling). Images without boxes, and
-    classes without boxes, do not vote; no boxes at all gives the smallest size."""
-    sides, classes, image_sides = [], [], []
-    for record in records:
-        scale = 1.0 / min(record.width, record.height)  # box side per pixel of short side
-        wh = record.boxes[:, 2:] - record.boxes[:, :2]
-        sides.append(wh.min(axis=1) * scale)
-        classes.append(record.classes)
-        image_sides.append(min(record.width, record.height))
-    if not records or not sum(len(s) for s in sides):
+def choose_image_size(
+    records: Sequence[Any], class_names: Sequence[str],
+    strides: Mapping[str, int] | None = None, anchor_offset: float = 0.0,
+) -> int:  # fmt: skip
+    """``image_size="auto"``: the smallest of ``AUTO_IMAGE_SIZES`` that meets two rules, and
+    never more than the images' median short side (no upsampling):
+
+    - the box rule: every class's median box has a short side of at least
+      ``AUTO_MIN_BOX_SIDE`` px after the resize (classes and images without boxes do not
+      vote);
+    - the grid rule: anchors fitted to the boxes at that size reach the RPN's foreground IoU
+      for at least ``AUTO_GRID_RECALL`` of the boxes *on the stride grid* of ``strides``
+      (default p3-p5) with ``anchor_offset`` (``AnchorFit.grid_recall``). Objects about a
+      stride across lose most of their IoU to the grid's spacing, whatever the anchor shapes.
+
+    Where no candidate meets both, the largest allowed one. No boxes at all gives the
+    smallest size.
+    """
+    if not records or not sum(len(r.boxes) for r in records):
         return AUTO_IMAGE_SIZES[0]
+    cap = max(AUTO_IMAGE_SIZES[0], int(np.median([min(r.width, r.height) for r in records])))
+    needed = _short_side_for_boxes(records, class_names)
+    allowed = [size for size in AUTO_IMAGE_SIZES if size <= cap] or [AUTO_IMAGE_SIZES[0]]
+    strides = strides or {level: 2 ** int(level[1:]) for level in ("p3", "p4", "p5")}
+    for size in allowed:
+        if size >= needed and _grid_recall(records, size, strides, anchor_offset) >= (
+            AUTO_GRID_RECALL
+        ):
+            return size
+    return allowed[-1]
+
+
+def _short_side_for_boxes(records: Sequence[Any], class_names: Sequence[str]) -> float:
+    """The short image side at which the smallest per-class median box side is
+    ``AUTO_MIN_BOX_SIDE`` px (the box rule of ``choose_image_size``)."""
+    sides, classes = [], []
+    for record in records:
+        wh = record.boxes[:, 2:] - record.boxes[:, :2]
+        sides.append(wh.min(axis=1) / min(record.width, record.height))
+        classes.append(record.classes)
     sides, classes = np.concatenate(sides), np.concatenate(classes)
-    medians = [
-        np.median(sides[classes == c]) for c in range(len(class_names)) if (classes == c).any()
-    ]
-    needed = AUTO_MIN_BOX_SIDE / min(medians)  # short side that makes the smallest median fit
-    cap = max(AUTO_IMAGE_SIZES[0], int(np.median(image_sides)))
-    fitting = [size for size in AUTO_IMAGE_SIZES if needed <= size <= cap]
-    return fitting[0] if fitting else min(cap, AUTO_IMAGE_SIZES[-1])
+    medians = [np.median(sides[classes == c]) for c in range(len(class_names))
+               if (classes == c).any()]  # fmt: skip
+    return AUTO_MIN_BOX_SIDE / max(min(medians), 1e-9)
+
+
+def _grid_recall(
+    records: Sequence[Any], size: int, strides: Mapping[str, int], anchor_offset: float
+) -> float:
+    """``AnchorFit.grid_recall`` of anchors fitted to ``records``' boxes at short side ``size``."""
+    boxes, _, image_wh = training_boxes(records, size)
+    if not len(boxes):
+        return 1.0
+    fit = fit_anchors(boxes[:, 2:] - boxes[:, :2], strides)
+    return float(fit.on_grid(boxes, image_wh, anchor_offset).grid_recall)
 
 
 def training_datasets(
@@ -338,14 +401,27 @@ def training_datasets(
         settings = settings.replace(image_size=224)
     elif data.image_size == "auto":
         probe, _, names = _datasets_rank_zero_first(settings, world, rank, image_size=224)
-        settings = settings.replace(image_size=choose_image_size(probe.records, names))
+        strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
+        offset = settings.model.rpn.anchor_offset
+        settings = settings.replace(image_size=choose_image_size(probe.records, names, strides,
+                                                                 offset))  # fmt: skip
     size = settings.data.image_size
+    settings = settings.replace(train_crop=train_crop_size(settings))
     scales = multiscale_sizes(size) if settings.train.multiscale else None
     train, val, classes = _datasets_rank_zero_first(
         settings, world, rank, image_size=size, train_image_size=max(scales) if scales else None,
         train_transform=settings.train.batch_mode == "crop",
     )  # fmt: skip
     return settings, train, val, classes, scales
+
+
+def train_crop_size(settings: Settings) -> int:
+    """The settled ``train_crop``: ``"auto"`` gives ``AUTO_TRAIN_CROP`` when the (settled)
+    image size is larger, else 0 (whole images)."""
+    crop, size = settings.train.train_crop, settings.data.image_size
+    if crop != "auto":
+        return int(crop)
+    return AUTO_TRAIN_CROP if isinstance(size, int) and size > AUTO_TRAIN_CROP else 0
 
 
 def fit_training_anchors(
@@ -356,10 +432,12 @@ def fit_training_anchors(
     if settings.model.rpn.anchor_stride_scale != "auto":
         return None
     strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
-    box_wh, box_classes = training_box_sizes(
+    boxes, box_classes, image_wh = training_boxes(
         train.records, settings.data.image_size, crop=settings.train.batch_mode == "crop"
     )
-    fit = fit_anchors(box_wh, strides, classes=box_classes, class_names=classes)
+    fit = fit_anchors(boxes[:, 2:] - boxes[:, :2], strides, classes=box_classes,
+                      class_names=classes)  # fmt: skip
+    fit = fit.on_grid(boxes, image_wh, settings.model.rpn.anchor_offset)
     if report:
         print(fit.report())
     return fit
@@ -391,7 +469,8 @@ def train_loader(
     at most ``PRESIZE_BUDGET`` bytes (``AugmentedDetection``'s ``presized``); otherwise per
     batch."""
     run, seed = settings.train, settings.train.seed
-    transform = build_train_transform(run.flip, run.photometric, run.iou_crop)
+    crop = train_crop_size(settings)
+    transform = build_train_transform(run.flip, run.photometric, run.iou_crop, crop)
     presized: Sequence[int] = ()
     if scales and run.cache != "off":
         needed = presized_bytes(train, scales)
@@ -425,11 +504,14 @@ def eval_loader(dataset: Any, workers: int) -> torch.utils.data.DataLoader:
 # ---------------------------------------------------------------------------------- setup
 
 
-def describe_setup(settings: Settings, scales: Sequence[int] | None) -> str:
+def describe_setup(
+    settings: Settings, scales: Sequence[int] | None, requested: Settings | None = None
+) -> str:
     """What ``train`` chose, in a few lines: sizes, batches, transforms, anchors, schedule.
     Settings whose default depends on the data and that still have the value of the preset
-    for this data (``preset_for``) are marked with ``*``."""
-    flat, preset = settings.flat(), preset_for(settings.data.dataset).flat()
+    for this data (``preset_for``) in ``requested`` (the settings before ``auto`` values were
+    settled; default ``settings``) are marked with ``*``."""
+    flat, preset = (requested or settings).flat(), preset_for(settings.data.dataset).flat()
     chosen = {k for k in DATA_DEPENDENT if flat[k] == preset[k]}
 
     def mark(key: str) -> str:
@@ -437,7 +519,9 @@ def describe_setup(settings: Settings, scales: Sequence[int] | None) -> str:
 
     data, rpn, train = settings.data, settings.model.rpn, settings.train
     transforms = [name for name, on in (("horizontal flip", train.flip),
-                  ("photometric distortion", train.photometric), ("IoU crop", train.iou_crop))
+                  ("photometric distortion", train.photometric), ("IoU crop", train.iou_crop),
+                  (f"random windows of at most {train_crop_size(settings)} px"
+                   f"{mark('train_crop')}", train_crop_size(settings)))
                   if on] or ["none"]  # fmt: skip
     batching = ("whole images, padded to a multiple of 32, grouped by aspect ratio"
                 if train.batch_mode == "pad" else "centre-cropped squares")  # fmt: skip
@@ -460,7 +544,8 @@ def describe_setup(settings: Settings, scales: Sequence[int] | None) -> str:
         f"RPN / RoI samples{mark('rpn_batch_size')} {rpn.batch_size_per_image} / "
         f"{settings.model.heads.batch_size_per_image} per image, box loss{mark('smooth_l1_beta')} "
         + (f"smooth-L1 (beta {beta:.4g})" if beta else "L1")
-        + f", RoI Align offset {settings.model.heads.roi_align_offset:g}",
+        + f", RoI Align offset {settings.model.heads.roi_align_offset:g}, FPN and head "
+        f"norm{mark('norm')} {'GroupNorm' if settings.model.norm == 'gn' else 'none'}",
         f"  schedule: lr{mark('lr')} {train.lr:g}, warm-up{mark('warmup_iters')} "
         f"{train.warmup_iters} it, gradient clip{mark('grad_clip')} "
         f"{train.grad_clip if train.grad_clip else 'off'}, {train.max_iters} iterations, "
@@ -606,6 +691,7 @@ def train(settings: Settings) -> dict | None:
         os.replace(checkpoint, out / "checkpoint.prev.pt")
         print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
     reset_seed(settings.train.seed)
+    requested = settings
     settings, train_data, val, classes, scales = training_datasets(settings, world, rank)
     if rank == 0:
         print(f"Dataset: {len(train_data)} train / {len(val)} val images, "
@@ -613,7 +699,7 @@ def train(settings: Settings) -> dict | None:
         warn_classes_without_boxes(train_data, classes)
     fit = fit_training_anchors(settings, train_data, classes, report=rank == 0)
     if rank == 0:
-        print(describe_setup(settings, scales))
+        print(describe_setup(settings, scales, requested))
     model = _training_model(settings, classes, fit)
     start = time.time()
     history = _run_training(settings, model, train_data, scales, world, rank, device)

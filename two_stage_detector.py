@@ -55,6 +55,7 @@ from common import (
     full_precision,
     gather_rows,
     get_fpn_location_coords,
+    group_norm,
     reassign_proposals_to_fpn_levels,
     training_diagnostics,
     unpad,
@@ -97,14 +98,20 @@ def hello_two_stage_detector() -> None:
     print("Hello from two_stage_detector.py!")
 
 
-def _conv_stem(in_channels: int, stem_channels: Sequence[int]) -> nn.Sequential:
-    """A 3x3 conv + ReLU per entry of ``stem_channels``; weights N(0, 0.01), biases 0."""
+def _conv_stem(in_channels: int, stem_channels: Sequence[int], norm: str = "none") -> nn.Sequential:
+    """A 3x3 conv + ReLU per entry of ``stem_channels``; weights N(0, 0.01), biases 0.
+
+    ``norm="gn"`` puts a ``GroupNorm`` (``group_norm``) between each conv and its ReLU. With
+    N(0, 0.01) weights each plain conv scales its input, and the gradient it passes back,
+    by about ``0.01 * sqrt(9 * C)``: a few such layers barely move a backbone that starts
+    from random weights. After a normalisation both scales are set by the data instead.
+    """
     layers: list[nn.Module] = []
     for out_channels in stem_channels:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         nn.init.normal_(conv.weight, std=0.01)
         nn.init.zeros_(conv.bias)
-        layers += [conv, nn.ReLU(inplace=True)]
+        layers += [conv, *group_norm(out_channels, norm), nn.ReLU(inplace=True)]
         in_channels = out_channels
     return nn.Sequential(*layers)
 
@@ -130,12 +137,19 @@ class RPNPredictionNetwork(nn.Module):
         in_channels: FPN channels.
         stem_channels: output channels of each conv3x3 + ReLU of the stem.
         num_anchors: anchors per location ``A``.
+        norm: ``"none"`` or ``"gn"``: a GroupNorm after each conv of the stem.
     """
 
-    def __init__(self, in_channels: int, stem_channels: Sequence[int], num_anchors: int = 3):
+    def __init__(
+        self,
+        in_channels: int,
+        stem_channels: Sequence[int],
+        num_anchors: int = 3,
+        norm: str = _MODEL.norm,
+    ):
         super().__init__()
         self.num_anchors = num_anchors
-        self.stem_rpn = _conv_stem(in_channels, stem_channels)
+        self.stem_rpn = _conv_stem(in_channels, stem_channels, norm)
         self.pred_obj = nn.Conv2d(stem_channels[-1], num_anchors, kernel_size=3, padding=1)
         self.pred_box = nn.Conv2d(stem_channels[-1], 4 * num_anchors, kernel_size=3, padding=1)
         for conv in (self.pred_obj, self.pred_box):
@@ -478,6 +492,7 @@ class RPN(nn.Module):
         anchor_offset: float = _RPN.anchor_offset,
         anchor_sizes: dict[str, Sequence[float]] | None = None,
         smooth_l1_beta: float = _MODEL.smooth_l1_beta,
+        norm: str = _MODEL.norm,
     ):
         super().__init__()
         self.anchor_sizes = checks.check_anchor_sizes(anchor_sizes)
@@ -487,8 +502,9 @@ class RPN(nn.Module):
             else len(anchor_scales(anchor_stride_scale))
         )
         self.pred_net = RPNPredictionNetwork(
-            fpn_channels, stem_channels, num_anchors=sizes_per_level * len(anchor_aspect_ratios)
+            fpn_channels, stem_channels, sizes_per_level * len(anchor_aspect_ratios), norm
         )
+        self.norm = norm
         self.fpn_channels = fpn_channels
         self.stem_channels = list(stem_channels)
         self.batch_size_per_image = batch_size_per_image
@@ -527,6 +543,7 @@ class RPN(nn.Module):
             "allow_low_quality_matches": self.allow_low_quality_matches,
             "min_proposal_size": self.min_proposal_size,
             "anchor_offset": self.anchor_offset,
+            "norm": self.norm,
             "anchor_sizes": self.anchor_sizes,
             "smooth_l1_beta": self.smooth_l1_beta,
         }
@@ -846,10 +863,12 @@ class FasterRCNN(nn.Module):
         detections_per_image: int = _HEADS.detections_per_image,
         smooth_l1_beta: float = _MODEL.smooth_l1_beta,
         roi_align_offset: float = _HEADS.roi_align_offset,
+        norm: str = _MODEL.norm,
     ):
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
+        self.norm = norm
         self.stem_channels = list(stem_channels)
         self.num_classes = num_classes
         self.roi_size = tuple(roi_size)
@@ -861,14 +880,14 @@ class FasterRCNN(nn.Module):
         self.box_weights = (10.0, 10.0, 5.0, 5.0)
 
         self.cls_pred = nn.Sequential(
-            _conv_stem(backbone.out_channels, stem_channels),
+            _conv_stem(backbone.out_channels, stem_channels, norm),
             nn.Flatten(),
             nn.Linear(stem_channels[-1] * self.roi_size[0] * self.roi_size[1], num_classes + 1),
         )
         nn.init.normal_(self.cls_pred[-1].weight, std=0.01)
         nn.init.zeros_(self.cls_pred[-1].bias)
         if box_regression:
-            # Shares the stem with the classifier: ``cls_pred[:2]`` gives flattened features.
+            # Shares the stem with the classifier: ``cls_pred[:-1]`` gives flattened features.
             self.box_pred = nn.Linear(self.cls_pred[-1].in_features, 4 * num_classes)
             nn.init.normal_(self.box_pred.weight, std=0.001)
             nn.init.zeros_(self.box_pred.bias)
@@ -893,6 +912,7 @@ class FasterRCNN(nn.Module):
             "detections_per_image": self.detections_per_image,
             "smooth_l1_beta": self.smooth_l1_beta,
             "roi_align_offset": self.roi_align_offset,
+            "norm": self.norm,
         }
 
     @classmethod

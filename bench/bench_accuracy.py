@@ -12,7 +12,9 @@ own transform pads again; targets from our padded GT rows; detections back as ``
 classes, scores)``); its transform neither resizes nor normalises.
 
 Datasets: the generated shapes data (train / val, the demo's 480 / 96 images at 128 px) and,
-when present, BCCD (``../shared/datasets/bccd``, train / val).
+when present, BCCD (``../shared/datasets/bccd``, train / val) and the aquarium photos
+(``../shared/datasets/aquarium``, a Roboflow COCO export: train / valid; ``--datasets
+aquarium --iters 600``).
 
 Usage::
 
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import BCCD, available, environment, write_json
+from harness import AQUARIUM, BCCD, available, environment, write_json
 from matched import build_pair, torchvision_targets
 from torch import nn
 
@@ -44,6 +46,13 @@ from eecs598.settings import preset_for
 SETTINGS = {
     "shapes": {"dataset": "shapes", "image_size": 128, "batch_size": 16, "fpn_channels": 64},
     "bccd": {"dataset": str(BCCD), "image_size": "auto", "batch_size": 8, "fpn_channels": 64},
+    "aquarium": {
+        "dataset": str(AQUARIUM / "train" / "_annotations.coco.json"),
+        "image_size": "auto",
+        "batch_size": 8,
+        "fpn_channels": 64,
+        "val_dataset": str(AQUARIUM / "valid" / "_annotations.coco.json"),
+    },
 }
 
 
@@ -79,9 +88,10 @@ def pipeline(name: str, root: Path, seed: int, sizes_per_level: int | None = Non
     """``train``'s settings, datasets, anchors and batches for ``name`` (the demo's shapes, or
     BCCD)."""
     cfg = SETTINGS[name]
+    extra = {key: cfg[key] for key in ("val_dataset",) if key in cfg}
     settings = preset_for(cfg["dataset"]).replace(
         image_size=cfg["image_size"], batch_size=cfg["batch_size"], workers=0, seed=seed,
-        data_dir=str(root), num_train=480, num_val=96,
+        data_dir=str(root), num_train=480, num_val=96, **extra,
     )  # fmt: skip
     settings, train, val, classes, scales = recipe.training_datasets(settings)
     fit = recipe.fit_training_anchors(settings, train, classes, report=False)
@@ -140,7 +150,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                         help="shapes: initial weights, data order and augmentation")  # fmt: skip
-    parser.add_argument("--bccd-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--bccd-seeds", nargs="+", type=int, default=[0],
+                        help="BCCD and aquarium seeds")  # fmt: skip
     parser.add_argument("--sizes-per-level", type=int, default=None,
                         help="anchor sizes per level of the fit (default: its choice)")  # fmt: skip
     parser.add_argument("--models", nargs="+", default=["ours", "torchvision"])

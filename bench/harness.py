@@ -23,14 +23,17 @@ import a4_helper  # noqa: E402
 
 #: The real images in VOC layout (``../shared/datasets/bccd``); absent on some machines.
 BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+#: Natural photos, a Roboflow COCO export (``train/`` and ``valid/``); absent on some machines.
+AQUARIUM = ROOT.parent / "shared" / "datasets" / "aquarium"
 
 
 def available(datasets: list[str]) -> list[str]:
-    """``datasets`` without ``"bccd"`` where its folder is missing (saying so)."""
-    if "bccd" in datasets and not BCCD.is_dir():
-        print(f"{BCCD} not found: BCCD skipped")
-        return [name for name in datasets if name != "bccd"]
-    return list(datasets)
+    """``datasets`` without ``"bccd"`` / ``"aquarium"`` where the folder is missing (saying so)."""
+    missing = {name for name, root in (("bccd", BCCD), ("aquarium", AQUARIUM))
+               if name in datasets and not root.is_dir()}  # fmt: skip
+    for name in sorted(missing):
+        print(f"{BCCD if name == 'bccd' else AQUARIUM} not found: {name} skipped")
+    return [name for name in datasets if name not in missing]
 
 
 def sync(device: torch.device | str) -> None:

@@ -53,6 +53,7 @@ score below them on all boxes, the defaults are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -68,8 +69,10 @@ __all__ = [
     "anchor_shapes",
     "best_possible_recall",
     "fit_anchors",
+    "grid_best_iou",
     "shape_iou",
     "training_box_sizes",
+    "training_boxes",
 ]
 
 #: Grid of candidate sizes of a level: ``stride * 2 ** (k / GRID_STEPS_PER_OCTAVE)``.
@@ -154,6 +157,57 @@ def _best_iou(box_wh: np.ndarray, anchor_wh: np.ndarray) -> np.ndarray:
     return iou.max(1) if iou.shape[1] else np.zeros(len(iou))
 
 
+def grid_best_iou(
+    boxes: np.ndarray,
+    sizes: Mapping[str, Sequence[float]],
+    aspect_ratios: Sequence[float],
+    strides: Mapping[str, int],
+    offset: float = 0.0,
+    image_wh: np.ndarray | None = None,
+) -> np.ndarray:
+    """Best IoU of each box over the anchors *where the RPN places them*: on level ``l``
+    every anchor shape sits at the centres ``(i + offset) * stride_l``.
+
+    For a fixed anchor shape the overlap along each axis only shrinks as the centres move
+    apart, so the best anchor of each shape is the one at the grid centre nearest to the
+    box's centre; only that one is scored. Unlike :func:`best_possible_recall`, this counts
+    what the grid costs: a box about one stride across, off the grid by half a stride, keeps
+    less than a third of its IoU with an anchor of its own shape.
+
+    Args:
+        boxes: ``(N, 4)`` ``(x1, y1, x2, y2)`` in pixels of the images the model sees
+            (:func:`training_boxes`).
+        sizes: ``{level: [S, ...]}`` anchor sizes in pixels.
+        aspect_ratios: anchor ``h / w`` ratios.
+        strides: ``{level: stride}`` for every level in ``sizes``.
+        offset: the anchor centre within its cell, in strides (``RPNSettings.anchor_offset``).
+        image_wh: ``(N, 2)`` width and height of the image each box is in; a level then has
+            ``ceil(side / stride)`` locations per axis (the last ones do not reach the far
+            edge). Without it the grid is unbounded.
+
+    Returns:
+        ``(N,)`` float64 best IoU (0 without anchors).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    centre, box_wh = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    best = np.zeros(len(boxes))
+    for level, level_sizes in sizes.items():
+        stride = float(strides[level])
+        cell = np.maximum(np.round(centre / stride - offset), 0)  # nearest location, (N, 2)
+        if image_wh is not None:
+            cell = np.minimum(cell, np.ceil(np.asarray(image_wh, np.float64) / stride) - 1)
+        gap = np.abs(centre - (cell + offset) * stride)[:, None, :]  # (N, 1, 2)
+        anchor_wh = anchor_shapes({level: level_sizes}, aspect_ratios)[None]  # (1, A, 2)
+        # Overlap per axis of two centred intervals of lengths a and b, centres ``gap`` apart.
+        reach = (box_wh[:, None, :] + anchor_wh) / 2 - gap
+        overlap = np.clip(reach, 0, np.minimum(box_wh[:, None, :], anchor_wh))
+        inter = overlap.prod(2)  # (N, A)
+        union = box_wh.prod(1)[:, None] + anchor_wh.prod(2) - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        best = np.maximum(best, iou.max(1, initial=0.0))
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # The result
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +260,17 @@ class AnchorFit:
     unmatched_ratio_range: tuple[float, float] | None = None
     recall_per_class_before: dict[str, float] = field(default_factory=dict)
     recall_per_class_after: dict[str, float] = field(default_factory=dict)
+    grid_recall: float | None = None
+
+    def on_grid(
+        self, boxes: np.ndarray, image_wh: np.ndarray | None = None, offset: float = 0.0
+    ) -> AnchorFit:
+        """This fit with ``grid_recall`` measured: the share of ``boxes`` (``(N, 4)``, as the
+        model sees them, :func:`training_boxes`) that an anchor *on the stride grid* reaches
+        with ``IoU >= threshold`` (:func:`grid_best_iou`)."""
+        best = grid_best_iou(boxes, self.sizes, self.aspect_ratios, self.strides, offset, image_wh)
+        recall = float((best >= self.threshold).mean()) if len(best) else 0.0
+        return dataclasses.replace(self, grid_recall=recall)
 
     def config(self) -> dict[str, object]:
         """Plain-JSON settings for a checkpoint's config: ``anchor_sizes`` (``{level: [px]}``)
@@ -231,6 +296,12 @@ class AnchorFit:
                 f"{self.mean_iou_before:.2f} -> {self.mean_iou_after:.2f})"
             )
             lines.append(self._unmatched_line())
+        if self.grid_recall is not None and self.num_boxes:
+            lines.append(
+                f"  on the stride grid (anchors where the RPN places them): "
+                f"{_percent(self.grid_recall)} of the boxes have an anchor at IoU >= "
+                f"{self.threshold:g}"
+            )
         if self.recall_per_class_after:
             per_class = ", ".join(
                 f"{name} {_percent(self.recall_per_class_before[name])} -> {_percent(after)}"
@@ -602,7 +673,16 @@ def _make_fit(box_wh, sizes, ratios, before, after, classes, class_names, common
 def training_box_sizes(
     records: Sequence[ImageAnnotation], image_size: int, crop: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(w, h)`` and class of every non-difficult box as the model sees it in training.
+    """``(w, h)`` and class of every non-difficult box as the model sees it in training
+    (:func:`training_boxes`, as widths and heights)."""
+    boxes, classes, _ = training_boxes(records, image_size, crop)
+    return boxes[:, 2:] - boxes[:, :2], classes
+
+
+def training_boxes(
+    records: Sequence[ImageAnnotation], image_size: int, crop: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(x1, y1, x2, y2)`` and class of every non-difficult box as the model sees it.
 
     Each record's boxes go through the reader's geometry (:class:`~eecs598.voc.ResizeCrop`:
     short side to ``image_size``, then with ``crop`` the square centre crop); boxes left with
@@ -615,14 +695,16 @@ def training_box_sizes(
         crop: apply the training centre crop.
 
     Returns:
-        ``(N, 2)`` float64 ``(w, h)`` and ``(N,)`` int64 classes.
+        ``(N, 4)`` float64 boxes in the resized image's pixels, ``(N,)`` int64 classes, and
+        ``(N, 2)`` the width and height of each box's image as the model sees it.
     """
-    sizes, classes = [np.zeros((0, 2))], [np.zeros(0, dtype=np.int64)]
+    kept, classes, sides = [np.zeros((0, 4))], [np.zeros(0, dtype=np.int64)], [np.zeros((0, 2))]
     for record in records:
         geometry = ResizeCrop.for_image(record.width, record.height, image_size, crop)
         keep = ~np.asarray(record.difficult, dtype=bool)
         boxes, valid = geometry.apply_boxes(np.asarray(record.boxes, np.float32)[keep])
-        boxes = boxes[valid].astype(np.float64)
-        sizes.append(boxes[:, 2:] - boxes[:, :2])
+        kept.append(boxes[valid].astype(np.float64))
         classes.append(np.asarray(record.classes, dtype=np.int64)[keep][valid])
-    return np.concatenate(sizes), np.concatenate(classes)
+        side = np.array([[geometry.out_w, geometry.out_h]], dtype=np.float64)
+        sides.append(np.repeat(side, int(valid.sum()), axis=0))
+    return np.concatenate(kept), np.concatenate(classes), np.concatenate(sides)

@@ -40,6 +40,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2 import query_size
 
 from .images import IMAGENET_MEAN, short_side_size
 
@@ -48,6 +49,7 @@ __all__ = [
     "AugmentedDetection",
     "ItemKey",
     "PadCollate",
+    "RandomCropAtMost",
     "apply_transform",
     "aspect_ratios_of",
     "build_train_transform",
@@ -79,13 +81,46 @@ class ItemKey(NamedTuple):
     short_side: int | None
 
 
+class RandomCropAtMost(v2.Transform):
+    """A random window of at most ``size x size`` pixels, placed uniformly; a side already
+    shorter than ``size`` is kept whole (never padded, so nothing is computed on padding).
+
+    Boxes move with the pixels and are clipped to the window by ``v2.functional.crop``; a
+    :class:`~torchvision.transforms.v2.SanitizeBoundingBoxes` step must follow to drop those
+    left outside it.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"crop size must be positive, got {size}")
+        self.size = int(size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = query_size(flat_inputs)
+        crop_h, crop_w = min(self.size, height), min(self.size, width)
+        top = int(torch.randint(0, height - crop_h + 1, size=()))
+        left = int(torch.randint(0, width - crop_w + 1, size=()))
+        return dict(top=top, left=left, height=crop_h, width=crop_w)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, **params)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
 def build_train_transform(
-    flip: bool = True, photometric: bool = False, iou_crop: bool = False
+    flip: bool = True, photometric: bool = False, iou_crop: bool = False, crop_size: int = 0
 ) -> v2.Transform | None:
     """The training augmentation as a ``v2.Compose``; ``None`` when every step is off.
 
     Steps, in this order:
 
+    0. ``crop_size > 0``: :class:`RandomCropAtMost`, a random window of at most
+       ``crop_size x crop_size`` px of the (resized) image, then the sanitising step below.
+       Training then costs what ``crop_size`` images cost while the objects keep the size
+       the image size gives them.
     1. ``iou_crop``: ``v2.RandomIoUCrop()``, the SSD crop: a random crop (0.3-1x of each side,
        aspect 0.5-2) that overlaps some box by at least a random IoU from
        ``{0, 0.1, 0.3, 0.5, 0.7, 0.9}``, or the whole image. Boxes whose centre falls outside
@@ -101,6 +136,9 @@ def build_train_transform(
     costs more than the flip itself (about 0.5 ms an item).
     """
     steps: list[v2.Transform] = []
+    if crop_size:
+        steps.append(RandomCropAtMost(crop_size))
+        steps.append(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_target_labels))
     if iou_crop:
         steps.append(v2.RandomIoUCrop())
         steps.append(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_target_labels))

@@ -54,10 +54,13 @@ __all__ = [
     "setting_fields",
     "SettingsGroup",
     "FPN_LEVELS",
+    "NORMS",
 ]
 
 # The FPN levels a backbone can give, finest first (stride 4 to 32).
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
+# Normalisations of the FPN and head stems (``ModelSettings.norm``).
+NORMS = ("none", "gn")
 
 
 # ---------------------------------------------------------------------------------- values
@@ -70,6 +73,17 @@ def image_size_value(text: str) -> int | str:
     if not text.isdigit() or int(text) < 32:
         raise argparse.ArgumentTypeError(
             f"--image-size must be a number of pixels or 'auto', got {text!r} (at least 32)"
+        )
+    return int(text)
+
+
+def train_crop_value(text: str) -> int | str:
+    """``--train-crop``: a window side in pixels (0: off, else at least 32) or ``auto``."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or 0 < int(text) < 32:
+        raise argparse.ArgumentTypeError(
+            f"--train-crop must be 0, a number of pixels (at least 32) or 'auto', got {text!r}"
         )
     return int(text)
 
@@ -327,6 +341,14 @@ class ModelSettings(SettingsGroup):
         "below beta (torchvision's 1/9)",
         parse=smooth_l1_beta_value,
     )
+    norm: str = setting(
+        "none",
+        "normalisation after each conv of the FPN and of both heads' stems: none (the "
+        "notebook's) or gn (GroupNorm, as detectron2 trains detectors from random "
+        "initialisation: the heads then pass the backbone a gradient whatever their weights' "
+        "scale)",
+        choices=NORMS,
+    )
 
 
 # ---------------------------------------------------------------------------------- data, run
@@ -369,8 +391,9 @@ class DataSettings(SettingsGroup):
     image_size: int | str = setting(
         224,
         "short image side, or 'auto' (VOC-layout folders and COCO files): the smallest of "
-        "224/256/288/320 at which every class's median box is at least 20 px on its short side "
-        "(224 for voc2007 and shapes)",
+        "224-640 at which every class's median box is at least 20 px on its short side and "
+        "anchors on the stride grid reach 80% of the boxes, never above the images' median "
+        "short side (224 for voc2007 and shapes)",
         parse=image_size_value,
     )
     num_train: int = setting(480, "shapes: training images generated")
@@ -404,6 +427,12 @@ class TrainSettings(SettingsGroup):
     flip: bool = setting(True, "random horizontal flips")
     photometric: bool = setting(False, "random brightness/contrast/saturation/hue")
     iou_crop: bool = setting(False, "SSD-style random IoU crops")
+    train_crop: int | str = setting(
+        0, "train on a random window of at most N x N px of each resized image, so that a step "
+        "costs what N px images cost while objects keep the size --image-size gives them (0: "
+        "whole images; auto: 320 when --image-size is larger, else 0)",
+        parse=train_crop_value,
+    )  # fmt: skip
     cache: str = setting(
         "memory",
         "decode and resize the training images once (CachedDetection); 'disk' also keeps them "
@@ -488,13 +517,18 @@ _GROUP_TYPES = {
 NOTEBOOK = Settings().replace(pre_nms_topk=500, post_nms_topk=200, dataset="voc2007")
 
 # Data nobody tuned for. Differs from the notebook where its choices fail on new data:
-# whole images (no crop) padded into aspect-grouped batches with multi-scale short sides;
-# anchors fitted to the training boxes; box regression with torchvision's smooth-L1 box loss
-# (beta 1/9); torchvision's larger RPN / RoI samples; and a schedule that trains from random
-# initialisation without diverging (lr 0.02, a longer warm-up, gradient clipping at 10).
+# whole images (no crop) padded into aspect-grouped batches with multi-scale short sides; an
+# image size at which anchors on the stride grid reach the boxes, trained in 320 px windows
+# when larger; anchors fitted to the training boxes; box regression with torchvision's
+# smooth-L1 box loss (beta 1/9); torchvision's larger RPN / RoI samples; GroupNorm in the FPN
+# and heads (how detectron2 trains detectors from random initialisation: without it, the
+# heads' N(0, 0.01) stems pass the backbone almost no gradient); and a schedule that trains
+# from random initialisation without diverging (lr 0.02, a longer warm-up, clipping at 10).
 OWN_DATA = NOTEBOOK.replace(
     dataset="shapes",
     image_size="auto",
+    train_crop="auto",
+    norm="gn",
     batch_mode="pad",
     multiscale=True,
     anchor_scale="auto",
@@ -543,7 +577,8 @@ def preset_for(dataset: str) -> Settings:
 LEGACY_CONFIG = {
     "smooth_l1_beta": 0.0,
     "roi_align_offset": 0.5,
-    "rpn": {"anchor_offset": 0.5, "smooth_l1_beta": 0.0},
+    "norm": "none",
+    "rpn": {"anchor_offset": 0.5, "smooth_l1_beta": 0.0, "norm": "none"},
 }
 
 

@@ -194,3 +194,31 @@ def test_backbone_receptive_fields_are_centred_on_cell_corners():
         assert all(k % 2 == 1 for k in conv.kernel_size), conv
         assert conv.padding == tuple(k // 2 for k in conv.kernel_size), conv
         assert conv.dilation == (1, 1), conv
+
+
+@pytest.mark.parametrize("channels, groups", [(64, 32), (128, 32), (8, 8), (48, 16)])
+def test_group_norm_uses_up_to_32_groups_that_divide_the_channels(channels, groups):
+    assert common.group_norm(channels, "none") == []
+    (layer,) = common.group_norm(channels, "gn")
+    assert isinstance(layer, torch.nn.GroupNorm)
+    assert (layer.num_groups, layer.num_channels) == (groups, channels)
+    with pytest.raises(ValueError, match="norm must be one of none, gn, got 'bn'"):
+        common.group_norm(channels, "bn")
+
+
+def test_fpn_with_group_norm_normalises_every_conv_and_says_so_in_its_config():
+    torch.manual_seed(0)
+    plain = common.DetectorBackboneWithFPN(16, pretrained=False)
+    normed = common.DetectorBackboneWithFPN(16, pretrained=False, norm="gn")
+    assert plain.config == {"out_channels": 16} and normed.config == {
+        "out_channels": 16, "norm": "gn"
+    }  # fmt: skip
+    for name, module in normed.fpn_params.items():
+        conv, norm = module
+        assert isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.GroupNorm), name
+    normed.train()
+    feats = normed(torch.randn(2, 3, 64, 96))
+    for level, feat in feats.items():  # each output is normalised per group: mean 0, var 1
+        groups = feat.reshape(2, 16, -1)
+        assert groups.mean(-1).abs().max() < 1e-4, level
+        assert torch.allclose(groups.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-2)

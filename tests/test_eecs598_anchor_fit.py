@@ -17,6 +17,7 @@ from eecs598.anchor_fit import (
     anchor_shapes,
     best_possible_recall,
     fit_anchors,
+    grid_best_iou,
     shape_iou,
     training_box_sizes,
 )
@@ -263,3 +264,40 @@ def test_training_box_sizes_resize_and_crop():
 def test_training_box_sizes_of_no_records():
     wh, classes = training_box_sizes([], 224)
     assert wh.shape == (0, 2) and classes.shape == (0,)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_grid_best_iou_matches_every_anchor_of_the_grid(offset):
+    """The nearest-centre shortcut equals the best torchvision ``box_iou`` over every anchor
+    the RPN places (``generate_fpn_anchors`` on every location of each level)."""
+    from common import get_fpn_location_coords
+    from two_stage_detector import generate_fpn_anchors
+
+    rng = np.random.default_rng(0)
+    height, width = 96, 128
+    wh = np.exp(rng.uniform(np.log(3), np.log(90), (300, 2)))
+    x1 = rng.uniform(0, width - wh[:, 0])
+    y1 = rng.uniform(0, height - wh[:, 1])
+    boxes = np.stack([x1, y1, x1 + wh[:, 0], y1 + wh[:, 1]], axis=1)
+    sizes = {"p3": [12.0, 24.0], "p4": [40.0, 56.0], "p5": [80.0, 112.0]}
+    ratios = (0.5, 1.0, 2.0)
+    shapes = {lv: (1, 8, height // s, width // s) for lv, s in STRIDES.items()}
+    centres = get_fpn_location_coords(shapes, STRIDES, dtype=torch.float64, offset=offset)
+    anchors = torch.cat([
+        generate_fpn_anchors({lv: centres[lv]}, STRIDES, [x / STRIDES[lv] for x in sizes[lv]],
+                             ratios)[lv]
+        for lv in STRIDES
+    ])  # fmt: skip
+    expected = box_iou(torch.from_numpy(boxes), anchors.double()).max(1).values.numpy()
+
+    sides = np.tile([width, height], (len(boxes), 1))
+    got = grid_best_iou(boxes, sizes, ratios, STRIDES, offset=offset, image_wh=sides)
+
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+    # The grid costs boxes about a stride or two across that an anchor shape fits well:
+    # their best IoU falls well below the shape IoU the fit scores.
+    shape_best = shape_iou(wh, anchor_shapes(sizes, ratios)).max(1)
+    assert (got <= shape_best + 1e-9).all()
+    fitted_small = (shape_best >= 0.6) & (wh.prod(1) ** 0.5 < 20)
+    assert fitted_small.sum() >= 10
+    assert got[fitted_small].mean() < shape_best[fitted_small].mean() - 0.1

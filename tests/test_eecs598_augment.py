@@ -16,6 +16,7 @@ from eecs598.augment import (
     AugmentedDetection,
     ItemKey,
     PadCollate,
+    RandomCropAtMost,
     aspect_ratios_of,
     build_train_transform,
     multiscale_sizes,
@@ -157,6 +158,39 @@ def test_iou_crop_drops_cut_boxes_and_keeps_classes_aligned():
             assert torch.allclose(box, expected), (seed, cls)
             assert (box[2:] - box[:2] >= 1).all()  # no (near) zero-area box survives
     assert dropped_any and cropped_any
+
+
+def test_random_crop_at_most_windows_boxes_and_short_sides():
+    """Windows of at most 20 x 20 px: a side already shorter (16 px) is kept whole; boxes are
+    the originals shifted and clipped to the window (torchvision's crop as reference), boxes
+    outside it are dropped with their class; every offset is reachable."""
+    rows = [[1, 1, 6, 5, 0], [20, 2, 30, 12, 1], [40, 3, 47, 15, 2], [10, 4, 24, 14, 3]]
+    data = ToyDetection([(16, 48)], [rows])
+    steps = build_train_transform(flip=False, crop_size=20).transforms
+    assert [type(step) for step in steps] == [RandomCropAtMost, v2.SanitizeBoundingBoxes]
+    dataset = AugmentedDetection(data, build_train_transform(flip=False, crop_size=20))
+    _, original, _ = data.load_uint8(0)
+    originals = {int(r[4]): torch.tensor(r[:4]) for r in rows}
+    lefts = set()
+    for seed in range(300):
+        torch.manual_seed(seed)
+        _, image, gt = dataset[0]
+        assert image.shape == (3, 16, 20)
+        left, top = int(image[0, 0, 0]), int(image[1, 0, 0])
+        assert top == 0 and torch.equal(image, original[:, :, left : left + 20])
+        lefts.add(left)
+        assert_padding_rows(gt)
+        kept = {int(r[4]): r[:4] for r in valid_rows(gt)}
+        for cls, box in originals.items():
+            shifted = box - torch.tensor([left, 0, left, 0], dtype=torch.float32)
+            clipped = shifted.clone()
+            clipped[0::2] = clipped[0::2].clamp(0, 20)
+            if clipped[2] - clipped[0] >= 1:
+                assert torch.allclose(kept.pop(cls), clipped), (seed, cls)
+        assert not kept  # nothing kept that lies outside the window
+    assert lefts == set(range(48 - 20 + 1))
+    with pytest.raises(ValueError, match="crop size must be positive"):
+        RandomCropAtMost(0)
 
 
 def test_tiny_and_empty_images_survive_every_step():

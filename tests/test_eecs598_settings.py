@@ -61,6 +61,7 @@ def test_presets_differ_from_the_defaults_only_where_they_say():
     assert set(DATA_DEPENDENT) == {
         "image_size", "batch_mode", "multiscale", "anchor_scale", "box_regression",
         "smooth_l1_beta", "rpn_batch_size", "roi_batch_size", "lr", "warmup_iters", "grad_clip",
+        "train_crop", "norm",
     }  # fmt: skip
     assert set(OWN_DATA.differences(DEMO)) == {
         "out", "image_size", "fpn_channels", "max_iters", "warmup_iters", "rpn_batch_size",
@@ -92,10 +93,13 @@ def test_old_checkpoint_configs_are_completed_with_what_they_trained_with():
     old = {"num_classes": 3, "rpn": {"pre_nms_topk": 10}, "backbone": {"out_channels": 8}}
     completed = complete_config(old)
     assert completed["smooth_l1_beta"] == 0.0 and completed["roi_align_offset"] == 0.5
-    assert completed["rpn"] == {"anchor_offset": 0.5, "smooth_l1_beta": 0.0, "pre_nms_topk": 10}
+    assert completed["norm"] == "none"
+    assert completed["rpn"] == {
+        "anchor_offset": 0.5, "smooth_l1_beta": 0.0, "norm": "none", "pre_nms_topk": 10
+    }  # fmt: skip
     assert old == {"num_classes": 3, "rpn": {"pre_nms_topk": 10}, "backbone": {"out_channels": 8}}
-    new = {"smooth_l1_beta": 0.1, "roi_align_offset": 0.0,
-           "rpn": {"anchor_offset": 0.0, "smooth_l1_beta": 0.1}}  # fmt: skip
+    new = {"smooth_l1_beta": 0.1, "roi_align_offset": 0.0, "norm": "gn",
+           "rpn": {"anchor_offset": 0.0, "smooth_l1_beta": 0.1, "norm": "gn"}}  # fmt: skip
     assert complete_config(new) == new  # a value that is there wins
     assert FasterRCNN.complete_config(old) == completed
-    assert set(LEGACY_CONFIG) == {"smooth_l1_beta", "roi_align_offset", "rpn"}
+    assert set(LEGACY_CONFIG) == {"smooth_l1_beta", "roi_align_offset", "norm", "rpn"}

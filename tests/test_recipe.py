@@ -13,6 +13,8 @@ from support import Interrupted
 import detector_cli
 import recipe
 from eecs598.checkpoint import load_checkpoint
+from eecs598.coco import COCODetection
+from eecs598.settings import OWN_DATA
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
 from eecs598.training import train_detector
 from two_stage_detector import RPN, FasterRCNN
@@ -139,7 +141,7 @@ def test_auto_mixed_with_numbers_and_bad_level_sets_are_errors(folder, tmp_path,
 def _record(width: int, height: int, boxes: list[list[float]], classes: list[int]):
     return SimpleNamespace(
         width=width, height=height, boxes=np.array(boxes, np.float32).reshape(-1, 4),
-        classes=np.array(classes, np.int64),
+        classes=np.array(classes, np.int64), difficult=np.zeros(len(classes), bool),
     )  # fmt: skip
 
 
@@ -150,12 +152,35 @@ def test_image_size_auto_looks_at_each_class_median_box():
     cells = big + [_record(640, 480, [[0, 0, 38, 38], [10, 10, 48, 48]], [1, 1])]
     assert recipe.choose_image_size(cells, ["a", "b"]) == 256
     tiny = [_record(640, 480, [[0, 0, 5, 5]], [0])]
-    assert recipe.choose_image_size(tiny, ["a"]) == 320  # the largest candidate
+    assert recipe.choose_image_size(tiny, ["a"]) == 448  # the largest below the images' 480
     small_images = [_record(200, 150, [[0, 0, 5, 5]], [0])]
     assert recipe.choose_image_size(small_images, ["a"]) == 224  # never above 224
     assert recipe.choose_image_size([], ["a"]) == 224
     no_boxes = [_record(640, 480, [], [])]
     assert recipe.choose_image_size(no_boxes, ["a", "b"]) == 224
+
+
+def test_image_size_auto_grows_until_the_stride_grid_reaches_the_boxes():
+    """One class of 200 px and 40 px squares in 896 px images: its median box passes the box
+    rule at 224, but there the 40 px ones (10 px) fall between the anchors of the stride grid;
+    the size grows to the first candidate whose grid recall reaches AUTO_GRID_RECALL."""
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(6):
+        sides = [200] * 6 + [40] * 4
+        corners = rng.uniform(0, 896 - 200, (10, 2))
+        boxes = [[x, y, x + side, y + side] for (x, y), side in zip(corners, sides, strict=True)]
+        records.append(_record(896, 896, boxes, [0] * 10))
+    strides = {"p3": 8, "p4": 16, "p5": 32}
+
+    size = recipe.choose_image_size(records, ["a"])
+
+    recall = {s: recipe._grid_recall(records, s, strides, 0.0) for s in recipe.AUTO_IMAGE_SIZES}
+    assert recall[224] < recipe.AUTO_GRID_RECALL <= recall[size]
+    assert size > 224 and all(recall[s] < recipe.AUTO_GRID_RECALL
+                              for s in recipe.AUTO_IMAGE_SIZES if s < size)  # fmt: skip
+    # On the stride-4 grid (p2) the small boxes are reached at a smaller size.
+    assert recipe.choose_image_size(records, ["a"], {"p2": 4, **strides}) < size
 
 
 def _pipeline(folder, workers: int):
@@ -219,3 +244,35 @@ def test_augmented_padded_pipeline_resumes_exactly_with_persistent_workers(folde
     resumed = train_detector(_model(), _pipeline(folder, 2), resume=True,
                              checkpoint_path=tmp_path / "b.pt", **kwargs)  # fmt: skip
     np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
+
+
+def test_crowded_images_keep_every_box_for_training(tmp_path):
+    """A COCO image with 45 objects: the reader keeps its default 40 rows (the largest, with a
+    warning); the recipe's training reader gets a row for each of the 45, without warning."""
+    import json
+    import warnings
+
+    from PIL import Image
+
+    Image.new("RGB", (200, 100), (90, 90, 90)).save(tmp_path / "a.png")
+    boxes = [[4 * i, 10, 3, 5 + i % 7] for i in range(45)]
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 100}],
+        "categories": [{"id": 1, "name": "fish"}],
+        "annotations": [
+            {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box, "iscrowd": 0}
+            for i, box in enumerate(boxes)
+        ],
+    }
+    (tmp_path / "i.json").write_text(json.dumps(data))
+    settings = OWN_DATA.replace(dataset=str(tmp_path / "i.json"), image_size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, _, classes = recipe.make_datasets(settings, train_transform=False)
+        _, _, gt = train[0]
+    assert classes == ["fish"] and train.max_boxes == 45
+    assert gt.shape == (45, 5) and (gt[:, 4] == 0).all()
+    assert sorted(gt[:, 0].tolist()) == [4.0 * i for i in range(45)]
+    plain = COCODetection(tmp_path / "i.json", image_size=100)
+    with pytest.warns(UserWarning, match="45 objects but max_boxes=40"):
+        assert (plain[0][2][:, 4] >= 0).sum() == 40

@@ -782,7 +782,7 @@ def test_config_without_later_settings_is_completed_with_what_old_models_used():
     assert model.config["roi_align_offset"] == 0.0
     old = copy.deepcopy(model.config)
     del old["rpn"]["smooth_l1_beta"], old["smooth_l1_beta"], old["rpn"]["anchor_offset"]
-    del old["roi_align_offset"]
+    del old["roi_align_offset"], old["norm"], old["rpn"]["norm"]
     completed = FasterRCNN.complete_config(old)
     assert completed["smooth_l1_beta"] == completed["rpn"]["smooth_l1_beta"] == 0.0
     assert completed["rpn"]["anchor_offset"] == 0.5 and "smooth_l1_beta" not in old
@@ -790,6 +790,7 @@ def test_config_without_later_settings_is_completed_with_what_old_models_used():
     rebuilt = FasterRCNN.from_config(old)
     assert rebuilt.smooth_l1_beta == rebuilt.rpn.smooth_l1_beta == 0.0
     assert rebuilt.roi_align_offset == 0.5
+    assert rebuilt.norm == rebuilt.rpn.norm == "none"  # no GroupNorm before it existed
     assert FasterRCNN.from_config(model.config).config == model.config
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="smooth_l1_beta must be a finite number >= 0"):
@@ -941,3 +942,37 @@ def test_compile_detector_compiles_the_fixed_shape_parts_in_place(monkeypatch):
     parts = [model.backbone, model.rpn.pred_net, model.cls_pred[0]]
     assert [part for part, _ in compiled] == parts
     assert all(options == {"backend": "eager"} for _, options in compiled)
+
+
+def test_group_norm_heads_pass_the_backbone_a_gradient_whatever_their_weight_scale():
+    """The heads' N(0, 0.01) stems shrink what they pass back to the FPN features; with
+    ``norm="gn"`` the gradient reaching the features does not depend on the stem weights'
+    scale and is far larger at initialisation. Both models rebuild from their config."""
+    feats = {"p3": torch.randn(2, 16, 8, 8), "p4": torch.randn(2, 16, 4, 4)}
+
+    def feature_gradient(norm: str, scale: float = 1.0) -> float:
+        torch.manual_seed(0)
+        head = RPNPredictionNetwork(16, [16, 16], num_anchors=3, norm=norm)
+        with torch.no_grad():
+            for layer in head.stem_rpn:
+                if isinstance(layer, torch.nn.Conv2d):
+                    layer.weight.mul_(scale)
+        inputs = {k: v.clone().requires_grad_() for k, v in feats.items()}
+        obj, _ = head(inputs)
+        torch.cat([o.flatten() for o in obj.values()]).pow(2).sum().backward()
+        return sum(float(v.grad.norm()) for v in inputs.values())
+
+    assert feature_gradient("gn") > 30 * feature_gradient("none")
+    # (GroupNorm's eps is all that tells the scales apart)
+    assert feature_gradient("gn", scale=100.0) == pytest.approx(feature_gradient("gn"), rel=1e-2)
+    assert feature_gradient("none", scale=100.0) > 1e3 * feature_gradient("none")
+
+    model = FasterRCNN(
+        DetectorBackboneWithFPN(8, pretrained=False, norm="gn"), RPN(8, [8], norm="gn"), [8],
+        3, 8, norm="gn",
+    )  # fmt: skip
+    assert isinstance(model.cls_pred[0][1], torch.nn.GroupNorm)
+    assert model.config["norm"] == model.config["rpn"]["norm"] == "gn"
+    rebuilt = FasterRCNN.from_config(model.config)
+    assert rebuilt.config == model.config
+    assert rebuilt.load_state_dict(model.state_dict()) is not None
