@@ -68,6 +68,7 @@ from eecs598.mean_ap import plot_ap
 from eecs598.settings import (
     DATA_DEPENDENT,
     NOTEBOOK,
+    BackboneSettings,
     ModelSettings,
     Settings,
     preset_for,
@@ -327,6 +328,11 @@ def _datasets_rank_zero_first(
     return datasets
 
 
+def level_strides(levels: Sequence[str]) -> dict[str, int]:
+    """``{level: stride}`` of FPN level names: ``p<l>`` has stride ``2 ** l``."""
+    return {level: 2 ** int(level[1:]) for level in levels}
+
+
 def choose_image_size(
     records: Sequence[Any], class_names: Sequence[str],
     strides: Mapping[str, int] | None = None, anchor_offset: float = 0.0,
@@ -350,7 +356,7 @@ def choose_image_size(
     cap = max(AUTO_IMAGE_SIZES[0], int(np.median([min(r.width, r.height) for r in records])))
     needed = _short_side_for_boxes(records, class_names)
     allowed = [size for size in AUTO_IMAGE_SIZES if size <= cap] or [AUTO_IMAGE_SIZES[0]]
-    strides = strides or {level: 2 ** int(level[1:]) for level in ("p3", "p4", "p5")}
+    strides = strides or level_strides(BackboneSettings().fpn_levels)  # p3-p5
     for size in allowed:
         if size >= needed and _grid_recall(records, size, strides, anchor_offset) >= (
             AUTO_GRID_RECALL
@@ -401,7 +407,7 @@ def training_datasets(
         settings = settings.replace(image_size=224)
     elif data.image_size == "auto":
         probe, _, names = _datasets_rank_zero_first(settings, world, rank, image_size=224)
-        strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
+        strides = level_strides(settings.model.backbone.fpn_levels)
         offset = settings.model.rpn.anchor_offset
         settings = settings.replace(image_size=choose_image_size(probe.records, names, strides,
                                                                  offset))  # fmt: skip
@@ -431,7 +437,7 @@ def fit_training_anchors(
     size (``eecs598.anchor_fit``); None when numbers were given. Prints the fit report."""
     if settings.model.rpn.anchor_stride_scale != "auto":
         return None
-    strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
+    strides = level_strides(settings.model.backbone.fpn_levels)
     boxes, box_classes, image_wh = training_boxes(
         train.records, settings.data.image_size, crop=settings.train.batch_mode == "crop"
     )

@@ -96,7 +96,7 @@ def pipeline(name: str, root: Path, seed: int, sizes_per_level: int | None = Non
     settings, train, val, classes, scales = recipe.training_datasets(settings)
     fit = recipe.fit_training_anchors(settings, train, classes, report=False)
     if sizes_per_level is not None:  # the fit restricted to this many sizes per level
-        strides = {level: 2 ** int(level[1:]) for level in settings.model.backbone.fpn_levels}
+        strides = recipe.level_strides(settings.model.backbone.fpn_levels)
         box_wh, _ = training_box_sizes(train.records, settings.data.image_size)
         fit = fit_anchors(box_wh, strides, sizes_per_level=sizes_per_level)
     train = a4_helper.CachedDetection(train, normalize=False)
