@@ -30,6 +30,7 @@ A checkpoint carries the model configuration, the class names and the image size
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -76,6 +77,7 @@ from eecs598.settings import (
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
 from eecs598.training import LossHistory, train_detector
 from eecs598.utils import detection_grid, detection_visualizer, reset_seed
+from eecs598.validation import BEST_CHECKPOINT, RESULTS_CSV, PeriodicValidation
 from eecs598.voc import VOCLayoutDetection, read_voc_xml, voc_objects
 from eecs598.voc2007 import VOC2007DetectionTiny
 from two_stage_detector import RPN, FasterRCNN, compile_detector
@@ -94,6 +96,8 @@ __all__ = [
     "warn_classes_without_boxes",
     "train_loader",
     "eval_loader",
+    "val_loader",
+    "eval_period",
     "describe_setup",
     "init_distributed",
     "evaluate_and_report",
@@ -128,6 +132,10 @@ AUTO_GRID_RECALL = 0.8
 # `train_crop="auto"`: images trained at a larger short side are trained in random windows of
 # this many pixels a side, so a step costs what it costs at this size.
 AUTO_TRAIN_CROP = 320
+# `eval_period="auto"`: evaluations on the val split in a run (and one after the last
+# iteration); images per validation batch.
+AUTO_EVALUATIONS = 10
+VAL_BATCH_SIZE = 8
 
 
 # ---------------------------------------------------------------------------------- model
@@ -281,7 +289,7 @@ def make_datasets(
                                skip_corrupt=data.skip_corrupt, **crop)  # fmt: skip
     val = VOCLayoutDetection(root, data.val_split, classes, image_size=test_size,
                              skip_corrupt=data.skip_corrupt)  # fmt: skip
-    return room_for_every_box(train), val, list(classes)
+    return room_for_every_box(train), room_for_every_box(val), list(classes)
 
 
 def _coco_datasets(
@@ -300,7 +308,7 @@ def _coco_datasets(
     val_images = data.val_images if data.val_dataset else data.images
     val = COCODetection(data.val_dataset or data.dataset, val_images, train.class_names,
                         test_size, skip_corrupt=data.skip_corrupt)  # fmt: skip
-    return room_for_every_box(train), val, list(train.class_names)
+    return room_for_every_box(train), room_for_every_box(val), list(train.class_names)
 
 
 def room_for_every_box(dataset: Any) -> Any:
@@ -308,7 +316,9 @@ def room_for_every_box(dataset: Any) -> Any:
 
     Readers keep the ``max_boxes`` (40) largest objects of an image; crowded photos (a
     shoal of fish) have more, and the left-out ones, the smallest, would train as
-    background. Returns ``dataset`` with ``max_boxes`` raised where needed."""
+    background (and, for a val reader, go missing from the drawn ground truth; the mAP
+    reads every box from the annotations either way). Returns ``dataset`` with
+    ``max_boxes`` raised where needed."""
     counts = [int((~record.difficult).sum()) for record in getattr(dataset, "records", [])]
     dataset.max_boxes = max([dataset.max_boxes, *counts])
     return dataset
@@ -507,6 +517,27 @@ def eval_loader(dataset: Any, workers: int) -> torch.utils.data.DataLoader:
     )
 
 
+def val_loader(dataset: Any, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """Validation batches while training: ``batch_size`` images of similar aspect ratio
+    (sorted by it, so little is padded), padded by ``PadCollate``, in a fixed order."""
+    ratios = aspect_ratios_of(dataset)
+    order = sorted(range(len(dataset)), key=ratios.__getitem__)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=PadCollate(size_divisible=32),
+        num_workers=workers, pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
+
+
+def eval_period(settings: Settings) -> int:
+    """The settled ``eval_period``: ``"auto"`` gives ``AUTO_EVALUATIONS`` evaluations a run
+    (every ``ceil(max_iters / AUTO_EVALUATIONS)`` iterations), else the number given."""
+    period = settings.train.eval_period
+    if period != "auto":
+        return int(period)
+    return math.ceil(settings.train.max_iters / AUTO_EVALUATIONS)
+
+
 # ---------------------------------------------------------------------------------- setup
 
 
@@ -556,7 +587,18 @@ def describe_setup(
         f"{train.warmup_iters} it, gradient clip{mark('grad_clip')} "
         f"{train.grad_clip if train.grad_clip else 'off'}, {train.max_iters} iterations, "
         f"batch {train.batch_size}",
+        f"  validation{mark('eval_period')}: " + _describe_validation(settings),
     ])  # fmt: skip
+
+
+def _describe_validation(settings: Settings) -> str:
+    """When the val split is scored while training, and what is kept."""
+    period, patience = eval_period(settings), settings.train.patience
+    if not period:
+        return "after training only"
+    stop = f", stop after {patience} without a better one" if patience else ""
+    return (f"mAP@0.5 every {period} iterations and at the end (results.csv, results.png, "
+            f"best.pt: the best){stop}")  # fmt: skip
 
 
 def _values(scale: Any) -> list:
@@ -692,10 +734,8 @@ def train(settings: Settings) -> dict | None:
     """
     world, rank, device = init_distributed(settings.eval.device, settings.train.batch_size)
     out = _output_dir(settings.out)
-    checkpoint = out / "checkpoint.pt"
-    if rank == 0 and checkpoint.is_file() and not settings.train.resume:  # keep the old one
-        os.replace(checkpoint, out / "checkpoint.prev.pt")
-        print(f"Moved the existing {checkpoint} to checkpoint.prev.pt (use --resume to continue).")
+    if rank == 0 and not settings.train.resume:
+        _keep_previous_run(out)
     reset_seed(settings.train.seed)
     requested = settings
     settings, train_data, val, classes, scales = training_datasets(settings, world, rank)
@@ -707,27 +747,63 @@ def train(settings: Settings) -> dict | None:
     if rank == 0:
         print(describe_setup(settings, scales, requested))
     model = _training_model(settings, classes, fit)
+    validation = _validation(settings, val, classes, device)
     start = time.time()
-    history = _run_training(settings, model, train_data, scales, world, rank, device)
+    history = _run_training(settings, model, train_data, scales, world, rank, device, validation)
     train_seconds = time.time() - start
     if world > 1:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return None
     metrics = evaluate_and_report(model, val, classes, out, settings, device)
-    metrics.update(train_seconds=round(train_seconds, 1), iterations=settings.train.max_iters,
+    metrics.update(train_seconds=round(train_seconds, 1), iterations=len(history),
                    final_loss=history[-1] if history else None)  # fmt: skip
+    kept = ["checkpoint.pt (the last)"]
+    if validation.rows:
+        best = validation.best
+        metrics["best"] = {"iteration": int(best["iteration"]), "mAP": best["val_map50"]}
+        kept += [f"{BEST_CHECKPOINT} (iteration {int(best['iteration'])}, val mAP@0.5 "
+                 f"{100 * best['val_map50']:.2f}%)", f"{RESULTS_CSV}, results.png"]  # fmt: skip
     write_json(out / "metrics.json", metrics)
-    print(f"Outputs in {out}/: checkpoint.pt, loss.png, ap_per_class.png, detections.png, ...")
+    print(f"Outputs in {out}/: {', '.join(kept)}, loss.png, metrics.json, ap_per_class.png, "
+          "detections.png, errors.png, ...")  # fmt: skip
     return metrics
+
+
+# What a new run in a folder moves aside (to NAME.prev.EXT) rather than overwrite.
+PREVIOUS_RUN_FILES = ("checkpoint.pt", BEST_CHECKPOINT, RESULTS_CSV)
+
+
+def _keep_previous_run(out: Path) -> None:
+    """A new run (not ``--resume``) in a folder that holds one: its checkpoints and results
+    table are moved to ``*.prev.*`` (replacing older ones), so nothing trained is lost."""
+    moved = []
+    for name in PREVIOUS_RUN_FILES:
+        path = out / name
+        if path.is_file():
+            os.replace(path, path.with_name(f"{path.stem}.prev{path.suffix}"))
+            moved.append(name)
+    if moved:
+        print(f"Moved the existing {', '.join(moved)} in {out} to *.prev.* (use --resume to "
+              "continue that run instead).")  # fmt: skip
+
+
+def _validation(settings: Settings, val: Any, classes: Sequence[str], device: str) -> Any:
+    """The ``eval_period`` hook: scores ``val`` in ``VAL_BATCH_SIZE`` batches (see
+    ``eecs598.validation.PeriodicValidation``)."""
+    return PeriodicValidation(
+        val_loader(val, VAL_BATCH_SIZE, settings.data.workers), list(classes),
+        Path(settings.out), eval_period(settings), settings.train.patience,
+        settings.eval.score_thresh, settings.eval.nms_thresh, device,
+    )  # fmt: skip
 
 
 def _run_training(
     settings: Settings, model: FasterRCNN, train_data: Any, scales: Sequence[int] | None,
-    world: int, rank: int, device: str,
+    world: int, rank: int, device: str, validation: PeriodicValidation | None = None,
 ) -> LossHistory:  # fmt: skip
     """Cache the images, prepare the model (SyncBatchNorm, compilation) and the loader, and
-    run ``train_detector`` with checkpoints in ``settings.out``."""
+    run ``train_detector`` with checkpoints in ``settings.out`` and ``validation``."""
     run, out = settings.train, Path(settings.out)
     if run.cache != "off":
         cache_dir = Path(run.cache_dir or out / "cache") if run.cache == "disk" else None
@@ -743,6 +819,7 @@ def _run_training(
         warmup_iters=run.warmup_iters, amp=run.amp, grad_clip=run.grad_clip,
         checkpoint_path=out / "checkpoint.pt", checkpoint_period=run.checkpoint_period,
         resume=run.resume, show_plot=False, plot_path=out / "loss.png", progress=run.progress,
+        validation=validation,
     )  # fmt: skip
 
 

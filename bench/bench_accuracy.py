@@ -112,14 +112,16 @@ def run(name: str, args, root: Path, seed: int) -> dict:
         chosen.heads.roi_align_offset if args.roi_align_offset is None else args.roi_align_offset
     )
     settings = {"image_size": options.data.image_size, "iters": args.iters, "anchors": fit.sizes,
-                "smooth_l1_beta": beta, "roi_align_offset": offset}  # fmt: skip
+                "smooth_l1_beta": beta, "roi_align_offset": offset, "norm": chosen.norm,
+                "train_crop": recipe.train_crop_size(options)}  # fmt: skip
     results = {"settings": {**cfg, **settings, "train_images": len(loader.dataset)}}
     ours, theirs = build_pair(
         num_classes=len(classes), fpn_channels=cfg["fpn_channels"],
         image_size=options.data.image_size, rpn_batch=chosen.rpn.batch_size_per_image,
-        roi_batch=chosen.heads.batch_size_per_image, pre_nms_topk=400, post_nms_topk=100, seed=seed,
-        anchor_sizes=fit.sizes, aspect_ratios=tuple(fit.aspect_ratios),
-        smooth_l1_beta=beta, roi_align_offset=offset,
+        roi_batch=chosen.heads.batch_size_per_image, pre_nms_topk=chosen.rpn.pre_nms_topk,
+        post_nms_topk=chosen.rpn.post_nms_topk, seed=seed, anchor_sizes=fit.sizes,
+        aspect_ratios=tuple(fit.aspect_ratios), smooth_l1_beta=beta, roi_align_offset=offset,
+        norm=chosen.norm,
     )  # fmt: skip
     models = {"ours": ours, "torchvision": TorchvisionAdapter(theirs)}
     for label, model in ((k, v) for k, v in models.items() if k in args.models):

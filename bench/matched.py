@@ -6,6 +6,8 @@ post-processing), not different networks:
 
 - backbone + FPN: one ``common.DetectorBackboneWithFPN`` (random init), shared by deep copy;
 - RPN head: our 3x3-conv stem plus 3x3 objectness and delta convs, wrapped for torchvision;
+- ``norm="gn"`` (``train``'s default on new data): GroupNorm after each FPN conv and each
+  head-stem conv, in the shared modules, so in both;
 - anchors: ``anchor_stride_scale * stride`` per level (p3, p4, p5), ratios (0.5, 1, 2),
   centred on the top-left pixel of each feature cell in both (our RPN's default
   ``anchor_offset = 0``; ``AnchorGenerator``'s only placement);
@@ -102,10 +104,11 @@ def build_pair(
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
     smooth_l1_beta: float = 1 / 9,
     roi_align_offset: float = 0.5,
+    norm: str = "none",
 ) -> tuple[FasterRCNN, TorchvisionFasterRCNN]:
     """Return ``(ours, theirs)`` with the same configuration and the same weights."""
     torch.manual_seed(seed)
-    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=False)
+    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=False, norm=norm)
     stem = [fpn_channels, fpn_channels]
     rpn = RPN(
         fpn_channels,
@@ -117,10 +120,11 @@ def build_pair(
         anchor_sizes=anchor_sizes,
         anchor_aspect_ratios=aspect_ratios,
         smooth_l1_beta=smooth_l1_beta,
+        norm=norm,
     )
     ours = FasterRCNN(
         backbone, rpn, stem, num_classes, batch_size_per_image=roi_batch, box_regression=True,
-        smooth_l1_beta=smooth_l1_beta, roi_align_offset=roi_align_offset,
+        smooth_l1_beta=smooth_l1_beta, roi_align_offset=roi_align_offset, norm=norm,
     )  # fmt: skip
 
     strides = backbone.fpn_strides

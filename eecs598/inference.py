@@ -1,5 +1,7 @@
 """Running a detector over a loader: showing its detections, or scoring them (VOC mAP and
-COCO-style AP) and writing them in the mAP tool's and COCO's formats."""
+COCO-style AP) and writing them in the mAP tool's and COCO's formats (``inference_with_detector``,
+one image per batch, the notebook's); or only scoring them, quietly, on padded batches
+(``score_detector``, validation while training)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .mean_ap import (
     write_tool_files,
 )
 
-__all__ = ["annotation_lookup", "inference_with_detector"]
+__all__ = ["annotation_lookup", "inference_with_detector", "score_detector"]
 
 GroundTruth = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -139,7 +141,7 @@ def inference_with_detector(
     was_training = detector.training
     detector.eval()
     lookup = annotation_lookup(getattr(test_loader, "dataset", None))
-    scoring = None if output_dir is None else _Scoring.create(output_dir, idx_to_class, lookup)
+    scoring = None if output_dir is None else _Scoring(idx_to_class, lookup, Path(output_dir))
     options = {"test_score_thresh": score_thresh, "test_nms_thresh": nms_thresh}
     batches = tqdm(test_loader, disable=not progress or output_dir is None, desc="inference")
     start_time = time.time()
@@ -160,43 +162,73 @@ def inference_with_detector(
     return None if scoring is None else scoring.result()
 
 
+def score_detector(
+    detector: nn.Module, loader: Iterable, idx_to_class: Mapping[int, str], score_thresh: float,
+    nms_thresh: float, device: str | torch.device = "cpu",
+) -> MeanAPResult:  # fmt: skip
+    """VOC mAP@0.5 and, with pycocotools, COCO AP of ``detector`` on ``loader``, quietly.
+
+    The same scoring as :func:`inference_with_detector` (ground truth from the dataset's
+    annotations where it has them, COCO boxes in the image files' pixels), without files or
+    printing, and on batches of any size: ``(paths, images (B, 3, Hp, Wp), gt_boxes (B, M, 5))``
+    plus ``image_sizes (B, 2)`` when padded (``eecs598.augment.PadCollate``), each image
+    scored on its true ``(h, w)`` part. The detector's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    lookup = annotation_lookup(getattr(loader, "dataset", None))
+    scoring = _Scoring(idx_to_class, lookup)
+    options = {"test_score_thresh": score_thresh, "test_nms_thresh": nms_thresh}
+    was_training = detector.training
+    detector.eval()
+    try:
+        with torch.no_grad():
+            for paths, images, gt_boxes, *rest in loader:
+                sizes = rest[0] if rest else None
+                extra = {} if sizes is None else {"image_sizes": sizes.to(device)}
+                output = detector(images.to(device), **options, **extra)
+                output = [output] if len(paths) == 1 else output
+                hw = sizes.tolist() if sizes is not None else [images.shape[-2:]] * len(paths)
+                for i, (boxes, classes, scores) in enumerate(output):
+                    prediction = (boxes.float().cpu(), classes.long().cpu(), scores.float().cpu())
+                    gt = _ground_truth(lookup, paths[i], gt_boxes[i])
+                    image = images[i, :, : hw[i][0], : hw[i][1]]
+                    scoring.add(paths[i], image, gt, prediction)
+    finally:
+        detector.train(was_training)
+    return scoring.result(verbose=False)
+
+
 @dataclasses.dataclass
 class _Scoring:
-    """Scores a run image by image and writes its files under ``output_dir``.
+    """Scores a run image by image and, given an ``output_dir``, writes its files there.
 
-    Each image's GT and detections, in the evaluated image's pixels, go to the mAP tool's text
-    files and to the VOC mAP accumulator. For COCO the same boxes are mapped back to the pixels
-    of the image file, ``(boxes + offset) / scale`` from the dataset's annotation (without the
-    lookup the evaluated image counts as the original), and kept with the files' real names and
-    sizes, so COCO's size ranges are those of the image files.
+    Each image's GT and detections, in the evaluated image's pixels, go to the VOC mAP
+    accumulator (and the mAP tool's text files). For COCO the same boxes are mapped back to the
+    pixels of the image file, ``(boxes + offset) / scale`` from the dataset's annotation
+    (without the lookup the evaluated image counts as the original), and kept with the files'
+    real names and sizes, so COCO's size ranges are those of the image files.
     """
 
-    output_dir: Path
     idx_to_class: Mapping[int, str]
     lookup: Callable[[str], dict[str, Any]] | None
-    accumulator: MeanAPAccumulator
+    output_dir: Path | None = None
+    accumulator: MeanAPAccumulator = dataclasses.field(init=False)
     originals: list[ImageDetections] = dataclasses.field(default_factory=list)
     coco_info: dict[str, CocoImageInfo] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def create(
-        cls,
-        output_dir: str | os.PathLike,
-        idx_to_class: Mapping[int, str],
-        lookup: Callable[[str], dict[str, Any]] | None,
-    ) -> _Scoring:
-        """An empty scoring; creates ``ground-truth/`` and ``detection-results/``."""
-        accumulator = MeanAPAccumulator(dict(idx_to_class))
-        output_dir = Path(output_dir)
-        for sub in ("ground-truth", "detection-results"):
-            (output_dir / sub).mkdir(parents=True, exist_ok=True)
-        return cls(output_dir, idx_to_class, lookup, accumulator)
+    def __post_init__(self) -> None:
+        """An empty accumulator; ``ground-truth/`` and ``detection-results/`` created."""
+        self.accumulator = MeanAPAccumulator(dict(self.idx_to_class))
+        for sub in ("ground-truth", "detection-results") if self.output_dir else ():
+            (self.output_dir / sub).mkdir(parents=True, exist_ok=True)
 
     def add(self, path: str, image: torch.Tensor, gt: GroundTruth, prediction: GroundTruth) -> None:
-        """Write and accumulate one ``(3, H, W)`` image's GT and ``(boxes, classes, scores)``."""
+        """Accumulate (and write) one ``(3, H, W)`` image's GT and ``(boxes, classes,
+        scores)``."""
         image_id = Path(path).stem
         record = image_detections(image_id, *gt, *prediction)
-        write_tool_files(self.output_dir, record, self.idx_to_class)
+        if self.output_dir is not None:
+            write_tool_files(self.output_dir, record, self.idx_to_class)
         self.accumulator.add(record)
         info, scale, offset = _original_pixels(self.lookup, path, image)
         self.coco_info[image_id] = info
@@ -205,17 +237,20 @@ class _Scoring:
             (prediction[0] + offset) / scale, prediction[1], prediction[2],
         ))  # fmt: skip
 
-    def result(self) -> MeanAPResult:
-        """VOC mAP at IoU 0.5 (table printed); the COCO files written and, with pycocotools,
-        scored (summary printed, kept in ``coco``)."""
+    def result(self, verbose: bool = True) -> MeanAPResult:
+        """VOC mAP at IoU 0.5 (table printed when ``verbose``); the COCO files written (given
+        an ``output_dir``) and, with pycocotools, scored (summary printed when ``verbose``,
+        kept in ``coco``)."""
         result = self.accumulator.compute(iou_threshold=0.5)
-        print(result.summary())
+        say = print if verbose else lambda *_: None
+        say(result.summary())
         coco_gt, coco_dets = to_coco(self.originals, dict(self.idx_to_class), self.coco_info)
-        write_coco_files(self.output_dir, coco_gt, coco_dets)
+        if self.output_dir is not None:
+            write_coco_files(self.output_dir, coco_gt, coco_dets)
         try:
             result = dataclasses.replace(result, coco=coco_evaluate(coco_gt, coco_dets))
         except ModuleNotFoundError as err:
-            print(f"COCO-style metrics skipped: {err}")
+            say(f"COCO-style metrics skipped: {err}")
             return result
-        print(result.coco.summary)
+        say(result.coco.summary)
         return result

@@ -88,6 +88,17 @@ def train_crop_value(text: str) -> int | str:
     return int(text)
 
 
+def eval_period_value(text: str) -> int | str:
+    """``--eval-period``: iterations between evaluations (0: none while training) or ``auto``."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"--eval-period must be a number of iterations (0: off) or 'auto', got {text!r}"
+        )
+    return int(text)
+
+
 def smooth_l1_beta_value(text: str) -> float:
     """``--smooth-l1-beta``: a number >= 0, or a fraction such as ``1/9``."""
     try:
@@ -445,12 +456,22 @@ class TrainSettings(SettingsGroup):
         False, "torch.compile the backbone and heads (compile_detector); pays off on long GPU runs"
     )
     log_period: int = setting(50, "print the losses every N iterations")
+    eval_period: int | str = setting(
+        0, "evaluate mAP@0.5 on the val split every N iterations and at the end, keeping "
+        "OUT/results.csv, OUT/best.pt and OUT/results.png (auto: ten times a run; 0: only "
+        "once, after training)",
+        parse=eval_period_value,
+    )  # fmt: skip
+    patience: int = setting(
+        0, "with --eval-period: stop after N evaluations in a row without a higher val "
+        "mAP@0.5 (0: never)",
+    )  # fmt: skip
     checkpoint_period: int = setting(
         500, "write OUT/checkpoint.pt every N iterations (and at the end)"
     )
     resume: bool = setting(
-        False, "continue from OUT/checkpoint.pt (without it, an existing one is first moved to "
-        "OUT/checkpoint.prev.pt)",
+        False, "continue from OUT/checkpoint.pt (without it, an existing checkpoint.pt, best.pt "
+        "and results.csv are first moved to OUT/*.prev.*)",
     )  # fmt: skip
     sync_bn: bool = setting(
         False, "under torchrun on GPUs: batch-norm statistics over all processes' batches"
@@ -539,6 +560,7 @@ OWN_DATA = NOTEBOOK.replace(
     lr=0.02,
     warmup_iters=200,
     grad_clip=10.0,
+    eval_period="auto",
 )
 
 # `make demo`: OWN_DATA on the generated shapes, small enough for minutes on a CPU: 128 px

@@ -5,7 +5,9 @@
 position is saved in checkpoints), :class:`_TrainState` (optimizer, schedule, scaler, stream
 and loss history, with their checkpoint state), :class:`LossLog` (loss values read from the
 device in batches, checked and printed), :func:`train_step` and :func:`flush_denormal`. The
-checkpoint format is documented in :mod:`eecs598.checkpoint`.
+checkpoint format is documented in :mod:`eecs598.checkpoint`. A ``validation`` hook (such as
+:class:`eecs598.validation.PeriodicValidation`) is called every ``validation.period``
+iterations with the run's :class:`Progress` and may stop training early.
 
 Distributed training: when ``torch.distributed`` is initialised with more than one process
 (e.g. under ``torchrun``), the detector is wrapped in ``DistributedDataParallel`` (gradients
@@ -38,7 +40,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -61,6 +63,8 @@ __all__ = [
     "LRFactor",
     "LossHistory",
     "LossLog",
+    "Progress",
+    "ValidationHook",
     "distributed_world",
     "flush_denormal",
     "flush_denormal_enabled",
@@ -514,6 +518,36 @@ def train_step(
     return values, [*terms, *stats]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What a validation hook sees after ``iteration`` completed iterations.
+
+    ``history`` holds every loss read so far (all of them: the log is read before a hook is
+    called); ``lr`` is the learning rate the next step will use; ``seconds`` the wall time since the
+    loop started (hooks included); ``checkpoint()`` builds the checkpoint of this moment (the
+    one ``checkpoint_path`` would get), e.g. to keep the best model.
+    """
+
+    iteration: int
+    max_iters: int
+    detector: nn.Module
+    history: LossHistory
+    lr: float
+    seconds: float
+    checkpoint: Callable[[], dict[str, Any]]
+
+
+class ValidationHook(Protocol):
+    """Called on rank 0 every ``period`` iterations and after the last; ``begin(start_iter)``
+    once before the loop (``start_iter > 0`` when resuming). Returns True to stop training."""
+
+    period: int
+
+    def begin(self, start_iter: int) -> None: ...
+
+    def __call__(self, progress: Progress) -> bool: ...
+
+
 def _due(done: int, period: int, max_iters: int) -> bool:
     """Whether a periodic event is due after ``done`` completed iterations (always at the end)."""
     return done % max(1, period) == 0 or done == max_iters
@@ -532,7 +566,7 @@ def train_detector(
     warmup_factor: float = 0.001, amp: bool = False, grad_clip: float | None = None,
     checkpoint_path: str | Path | None = None, checkpoint_period: int = 500,
     resume: bool = False, show_plot: bool = True, plot_path: str | Path | None = None,
-    progress: bool = True, sync_period: int = 20,
+    progress: bool = True, sync_period: int = 20, validation: ValidationHook | None = None,
 ) -> LossHistory:  # fmt: skip
     """Train ``detector`` on ``device`` with SGD for ``max_iters`` iterations.
 
@@ -553,7 +587,10 @@ def train_detector(
     (:mod:`eecs598.checkpoint`) go atomically to ``checkpoint_path`` every ``checkpoint_period``
     iterations and after the last. ``resume=True`` continues from it if it exists (weights,
     optimizer, schedule, history, RNG states, loader position; temp files of a killed write are
-    deleted first), so on CPU the losses equal an uninterrupted run's.
+    deleted first), so on CPU the losses equal an uninterrupted run's. ``validation``: a
+    :class:`ValidationHook` called every ``validation.period`` iterations and after the last
+    (on rank 0; its stop decision is shared with every rank); when it returns True, the
+    checkpoint is written and training ends there.
 
     Returns:
         :class:`LossHistory`: total loss per iteration (restored ones included when resuming),
@@ -576,10 +613,12 @@ def train_detector(
         if checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path")
         state.resume(checkpoint_path, detector)  # called here: its warnings name our caller
-    run = _Run.create(detector, device, grad_clip, checkpoint_path, checkpoint_period)
+    run = _Run.create(detector, device, grad_clip, checkpoint_path, checkpoint_period, validation)
     log = _loss_log(state, log_period, sync_period, progress and run.main, run.main)
+    if validation is not None and run.main:
+        validation.begin(state.start_iter)
     start_time = time.time()
-    _train_loop(run, state, log)
+    _train_loop(run, state, log, start_time)
     if run.main:
         _report_end(state, start_time, progress, show_plot, plot_path)
     return state.history
@@ -621,18 +660,20 @@ class _Run:
     host_check: Callable[..., Any] | None
     checkpoint_path: Path | None
     checkpoint_period: int
+    validation: ValidationHook | None = None
 
     @classmethod
     def create(
         cls, detector: nn.Module, device: torch.device, grad_clip: float | None,
         checkpoint_path: Path | None, checkpoint_period: int,
+        validation: ValidationHook | None = None,
     ) -> _Run:  # fmt: skip
         world, rank = distributed_world()
         model = _parallel(detector, device) if world > 1 else detector
         host_check = getattr(detector, "check_inputs", None) if device.type != "cpu" else None
         return cls(
             detector, model, device, grad_clip, world, rank == 0, host_check,
-            checkpoint_path, checkpoint_period,
+            checkpoint_path, checkpoint_period, validation,
         )  # fmt: skip
 
 
@@ -651,10 +692,11 @@ def _loss_log(
     return LossLog(state.history, max_iters, log_period, sync_period, bar, verbose=verbose)
 
 
-def _train_loop(run: _Run, state: _TrainState, log: LossLog) -> None:
+def _train_loop(run: _Run, state: _TrainState, log: LossLog, start_time: float) -> None:
     """Iterations ``state.start_iter`` to ``max_iters - 1``: the next batch, :func:`train_step`,
     its ``(1 + T,)`` loss values queued on the device, the schedule stepped; then
-    :func:`_after_step`. CPU subnormals are flushed meanwhile; the bar is closed at the end."""
+    :func:`_after_step`, which may end training early. CPU subnormals are flushed meanwhile;
+    the bar is closed at the end."""
     with flush_denormal(run.device.type == "cpu"), contextlib.closing(log.bar):
         for iteration in range(state.start_iter, state.train_args["max_iters"]):
             batch = state.stream.next()
@@ -666,22 +708,46 @@ def _train_loop(run: _Run, state: _TrainState, log: LossLog) -> None:
             log.add(iteration, values, names, state.optimizer.param_groups[0]["lr"])
             state.scheduler.step()
             log.bar.update(1)
-            _after_step(run, state, log, iteration + 1)
+            if _after_step(run, state, log, iteration + 1, start_time):
+                break
 
 
-def _after_step(run: _Run, state: _TrainState, log: LossLog, done: int) -> None:
-    """After ``done`` iterations: read the queued losses when a log line, ``sync_period`` or a
-    checkpoint is due (a non-finite loss raises before anything is written); at a checkpoint,
+def _after_step(run: _Run, state: _TrainState, log: LossLog, done: int, start_time: float) -> bool:
+    """After ``done`` iterations: read the queued losses when a log line, ``sync_period``, a
+    validation or a checkpoint is due (a non-finite loss raises before anything is written);
+    run the validation hook when due; at a checkpoint (also when the hook stops training),
     check the weights are finite on every rank (DDP keeps them equal, so all stop together),
-    then rank 0 writes it."""
+    then rank 0 writes it. Returns whether to stop."""
     max_iters = state.train_args["max_iters"]
+    hook = run.validation
+    validation_due = hook is not None and hook.period > 0 and _due(done, hook.period, max_iters)
     checkpoint_due = bool(run.checkpoint_path) and _due(done, run.checkpoint_period, max_iters)
-    if checkpoint_due or log.due(done - 1):
+    if checkpoint_due or validation_due or log.due(done - 1):
         log.read()
+    stop = validation_due and _validate(run, state, done, start_time)
+    checkpoint_due = bool(run.checkpoint_path) and (checkpoint_due or stop)
     if checkpoint_due:
         check_finite_weights(run.detector, done)
     if checkpoint_due and run.main:
         save_checkpoint(run.checkpoint_path, state.checkpoint(run.detector, done))
+    return stop
+
+
+def _validate(run: _Run, state: _TrainState, done: int, start_time: float) -> bool:
+    """Call the validation hook on rank 0 (the others wait for its answer); whether to stop."""
+    stop = False
+    if run.main and run.validation is not None:
+        stop = bool(run.validation(Progress(
+            iteration=done, max_iters=state.train_args["max_iters"], detector=run.detector,
+            history=state.history, lr=state.optimizer.param_groups[0]["lr"],
+            seconds=time.time() - start_time,
+            checkpoint=lambda: state.checkpoint(run.detector, done),
+        )))  # fmt: skip
+    if run.world > 1:
+        flag = torch.tensor([float(stop)], device=run.device)
+        torch.distributed.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    return stop
 
 
 def _report_end(
@@ -690,10 +756,10 @@ def _report_end(
 ) -> None:  # fmt: skip
     """On rank 0 after the loop: the iterations trained and their time (with ``progress``, if
     any were), then the loss plot (shown with ``show_plot``, saved to ``plot_path``)."""
-    max_iters = state.train_args["max_iters"]
-    if progress and max_iters > state.start_iter:
+    trained = len(state.history) - state.start_iter  # fewer than asked when stopped early
+    if progress and trained > 0:
         elapsed = time.time() - start_time
-        print(f"Trained {max_iters - state.start_iter} iterations in {elapsed:.1f} s.")
+        print(f"Trained {trained} iterations in {elapsed:.1f} s.")
     if show_plot or plot_path is not None:
         plot_losses(state.history, plot_path, show_plot)
 

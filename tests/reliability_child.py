@@ -14,6 +14,7 @@ import io
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,13 +119,20 @@ def train_small(
 
 
 def hang_in_second_save(marker: Path) -> None:
-    """Make the second ``torch.save`` write half its bytes, flush, signal ``marker``, sleep."""
-    real_save = torch.save
-    calls = [0]
+    """Make the second ``torch.save`` of a training checkpoint write half its bytes, flush,
+    signal ``marker``, sleep. (best.pt is saved normally; which file a save goes to is read
+    from the name of the temp file ``atomic_write`` opened last.)"""
+    real_save, real_mkstemp = torch.save, tempfile.mkstemp
+    calls, target = [0], [""]
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        target[0] = kwargs.get("prefix", "")
+        return real_mkstemp(*args, **kwargs)
 
     def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        calls[0] += 1
-        if calls[0] < 2:
+        best = target[0].startswith(".best.pt.")
+        calls[0] += not best
+        if calls[0] < 2 or best:
             return real_save(obj, f, *args, **kwargs)
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
@@ -137,6 +145,7 @@ def hang_in_second_save(marker: Path) -> None:
         raise SystemExit("expected to be killed while writing")
 
     torch.save = save
+    tempfile.mkstemp = mkstemp
 
 
 def main(argv: list[str]) -> int:

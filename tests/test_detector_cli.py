@@ -10,7 +10,7 @@ import torch
 
 import detector_cli
 import recipe
-from eecs598.checkpoint import load_model_weights
+from eecs598.checkpoint import load_checkpoint, load_model_weights
 from eecs598.settings import DEMO, NOTEBOOK, OWN_DATA
 
 TINY = [
@@ -29,11 +29,18 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_writes_every_output(demo_run, capsys):
-    for name in ("loss.png", "ap_per_class.png", "detections.png", "checkpoint.pt"):
+    for name in ("loss.png", "ap_per_class.png", "detections.png", "checkpoint.pt", "best.pt",
+                 "results.csv", "results.png"):  # fmt: skip
         assert (demo_run / name).stat().st_size > 0, name
     metrics = json.loads((demo_run / "metrics.json").read_text())
     assert 0.0 <= metrics["mAP"] <= 1.0
     assert metrics["iterations"] == 4 and metrics["num_val_images"] == 4
+    # Validated while training: eval_period "auto" is ten times a run, here every iteration.
+    rows = (demo_run / "results.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["iteration", "1", "2", "3", "4"]
+    best = max(rows[1:], key=lambda row: float(row.split(",")[-4]))
+    assert metrics["best"]["iteration"] == int(best.split(",")[0])
+    assert load_checkpoint(demo_run / "best.pt")["iteration"] == metrics["best"]["iteration"]
     assert set(metrics["ap"]) <= {"red_circle", "green_square", "blue_triangle",
                                   "yellow_diamond", "purple_cross"}  # fmt: skip
     files = sorted(p.name for p in (demo_run / "mAP" / "ground-truth").iterdir())

@@ -61,7 +61,7 @@ def test_presets_differ_from_the_defaults_only_where_they_say():
     assert set(DATA_DEPENDENT) == {
         "image_size", "batch_mode", "multiscale", "anchor_scale", "box_regression",
         "smooth_l1_beta", "rpn_batch_size", "roi_batch_size", "lr", "warmup_iters", "grad_clip",
-        "train_crop", "norm",
+        "train_crop", "norm", "eval_period",
     }  # fmt: skip
     assert set(OWN_DATA.differences(DEMO)) == {
         "out", "image_size", "fpn_channels", "max_iters", "warmup_iters", "rpn_batch_size",

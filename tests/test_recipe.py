@@ -248,7 +248,8 @@ def test_augmented_padded_pipeline_resumes_exactly_with_persistent_workers(folde
 
 def test_crowded_images_keep_every_box_for_training(tmp_path):
     """A COCO image with 45 objects: the reader keeps its default 40 rows (the largest, with a
-    warning); the recipe's training reader gets a row for each of the 45, without warning."""
+    warning); the recipe's training and val readers get a row for each of the 45, without
+    warning."""
     import json
     import warnings
 
@@ -268,9 +269,11 @@ def test_crowded_images_keep_every_box_for_training(tmp_path):
     settings = OWN_DATA.replace(dataset=str(tmp_path / "i.json"), image_size=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train, _, classes = recipe.make_datasets(settings, train_transform=False)
+        train, val, classes = recipe.make_datasets(settings, train_transform=False)
         _, _, gt = train[0]
-    assert classes == ["fish"] and train.max_boxes == 45
+        _, _, val_gt = val[0]
+    assert classes == ["fish"] and train.max_boxes == 45 and val.max_boxes == 45
+    assert (val_gt[:, 4] == 0).sum() == 45
     assert gt.shape == (45, 5) and (gt[:, 4] == 0).all()
     assert sorted(gt[:, 0].tolist()) == [4.0 * i for i in range(45)]
     plain = COCODetection(tmp_path / "i.json", image_size=100)

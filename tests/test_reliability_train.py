@@ -375,6 +375,9 @@ def test_cli_resume_after_sigkill_and_config_mismatch(tmp_path, capsys):
     assert resumed["iteration"] == 4 and resumed["loss_history"][:2] == killed["loss_history"]
     assert json.loads((out / "metrics.json").read_text())["iterations"] == 4
     assert list(out.glob(".*.tmp")) == []
+    # results.csv: the killed run's rows up to its checkpoint, then the resumed run's.
+    rows = (out / "results.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["iteration", "1", "2", "3", "4"]
 
     # Resuming with another model configuration: one line per differing setting, no traceback.
     assert detector_cli.main([*args, "--fpn-channels", "32", "--resume"]) == 1
@@ -386,6 +389,8 @@ def test_cli_resume_after_sigkill_and_config_mismatch(tmp_path, capsys):
     # A new run in the same folder without --resume keeps the old checkpoint.
     assert detector_cli.main([*args[:-1], "1"]) == 0
     assert load_checkpoint(out / "checkpoint.prev.pt")["iteration"] == 4
+    assert (out / "results.prev.csv").read_text().splitlines() == rows
+    assert (out / "best.prev.pt").is_file()
     assert load_checkpoint(checkpoint)["iteration"] == 1
     assert np.isfinite(load_checkpoint(checkpoint)["loss_history"]).all()
 
