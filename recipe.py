@@ -519,13 +519,16 @@ def eval_loader(dataset: Any, workers: int) -> torch.utils.data.DataLoader:
 
 def val_loader(dataset: Any, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     """Validation batches while training: ``batch_size`` images of similar aspect ratio
-    (sorted by it, so little is padded), padded by ``PadCollate``, in a fixed order."""
+    (sorted by it, so little is padded), padded by ``PadCollate``, in a fixed order. The loader
+    draws its worker seeds from its own generator, not the global one, so validating does not
+    change the training batches that follow."""
     ratios = aspect_ratios_of(dataset)
     order = sorted(range(len(dataset)), key=ratios.__getitem__)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=PadCollate(size_divisible=32),
         num_workers=workers, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
 
 

@@ -17,11 +17,13 @@ from support import TinyDetector
 from torch import nn
 
 import recipe
+from common import DetectorBackboneWithFPN
 from eecs598.checkpoint import load_checkpoint
 from eecs598.coco import COCODetection
 from eecs598.inference import inference_with_detector, score_detector
 from eecs598.training import LossHistory, Progress, train_detector
 from eecs598.validation import PeriodicValidation
+from two_stage_detector import RPN, FasterRCNN
 
 # Class names in the readers' order (sorted), each with its colour and the channel it is bright in.
 COLOURS = {"green": ((20, 230, 20), 1), "red": ((230, 20, 20), 0)}
@@ -185,3 +187,28 @@ def test_train_detector_calls_the_hook_and_stops_early(tmp_path):
     assert [(i, n) for i, n, _ in hook.seen] == [(3, 3), (6, 6)]
     assert hook.seen[-1][2]["iteration"] == 6 and len(history) == 6
     assert load_checkpoint(tmp_path / "c.pt")["iteration"] == 6  # written where it stopped
+
+
+def small_detector() -> FasterRCNN:
+    backbone = DetectorBackboneWithFPN(out_channels=16, pretrained=False)
+    rpn = RPN(16, [16], batch_size_per_image=16, pre_nms_topk=50, post_nms_topk=20)
+    return FasterRCNN(backbone, rpn, [16], num_classes=2, batch_size_per_image=16)
+
+
+def test_validating_does_not_change_training(rectangles, tmp_path):
+    """The same losses, bit for bit, with and without a validation every 2 iterations: the
+    val loader draws its seeds from its own generator and the detector's inference uses no
+    randomness, so the global RNG that shuffles and samples is left alone."""
+    gt = torch.tensor([[4.0, 4, 30, 30, 0], [34, 20, 60, 50, 1]])
+    items = [(f"{i}", torch.randn(3, 64, 64), gt) for i in range(6)]
+    runs = []
+    for period in (0, 2):
+        torch.manual_seed(0)
+        train = torch.utils.data.DataLoader(items, batch_size=2, shuffle=True)
+        hook = PeriodicValidation(recipe.val_loader(rectangles, 4, 0), list(COLOURS),
+                                  tmp_path / str(period), period)  # fmt: skip
+        runs.append(train_detector(small_detector(), train, max_iters=4, warmup_iters=0,
+                                   log_period=0, show_plot=False, progress=False,
+                                   validation=hook))  # fmt: skip
+    assert len((tmp_path / "2" / "results.csv").read_text().splitlines()) == 1 + 2
+    assert list(runs[0]) == list(runs[1])
