@@ -192,11 +192,13 @@ HELP = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; errors that name a bad input print one line and return 1."""
+    """Run one command; errors that name a bad input print one line and return 1. Without a
+    command: the help, and 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:  # `demo` is the default job
-        args = parser.parse_args(["demo", *(argv or [])])
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
