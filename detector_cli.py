@@ -129,6 +129,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if name in fields:  # given on the command line (the others are not in ``args``)
             convert = fields[name].metadata["convert"]
             given[name] = convert(value) if convert else value
+    if "epochs" in given and "max_iters" in given:
+        raise ValueError(
+            f"--epochs {given['epochs']} and --max-iters {given['max_iters']} both say how long "
+            "to train: give one of them"
+        )
     if args.command == "demo":
         settings = DEMO.replace(**given)
         data_dir = settings.data.data_dir or str(Path(settings.out) / "data")

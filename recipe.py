@@ -90,6 +90,7 @@ __all__ = [
     "make_datasets",
     "room_for_every_box",
     "train_crop_size",
+    "epoch_iters",
     "choose_image_size",
     "training_datasets",
     "fit_training_anchors",
@@ -406,11 +407,11 @@ def training_datasets(
     """Settle ``image_size="auto"`` from the training boxes (``choose_image_size``; 224 for the
     generated shapes, whose images are made at that size, and voc2007), then build the
     datasets. The training reader reads at the largest multi-scale size, uncropped in ``pad``
-    mode.
+    mode. With ``epochs`` set, ``max_iters`` becomes ``epochs * epoch_iters``.
 
     Returns:
-        ``(settings with the image size settled, train, val, class names, multi-scale sizes
-        or None)``.
+        ``(settings with the image size (and the iteration count) settled, train, val, class
+        names, multi-scale sizes or None)``.
     """
     data = settings.data
     if data.image_size == "auto" and data.dataset in ("shapes", "voc2007"):
@@ -428,7 +429,17 @@ def training_datasets(
         settings, world, rank, image_size=size, train_image_size=max(scales) if scales else None,
         train_transform=settings.train.batch_mode == "crop",
     )  # fmt: skip
+    if settings.train.epochs is not None:
+        settings = settings.replace(max_iters=settings.train.epochs * epoch_iters(settings, train))
     return settings, train, val, classes, scales
+
+
+def epoch_iters(settings: Settings, train: Any) -> int:
+    """Iterations in one epoch: one pass over the training images at the batch size (the
+    last, partial batch of a pass is dropped); at least 1."""
+    if settings.train.epochs is not None and settings.train.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {settings.train.epochs}")
+    return max(1, len(train) // settings.train.batch_size)
 
 
 def train_crop_size(settings: Settings) -> int:
@@ -545,9 +556,11 @@ def eval_period(settings: Settings) -> int:
 
 
 def describe_setup(
-    settings: Settings, scales: Sequence[int] | None, requested: Settings | None = None
-) -> str:
-    """What ``train`` chose, in a few lines: sizes, batches, transforms, anchors, schedule.
+    settings: Settings, scales: Sequence[int] | None, requested: Settings | None = None,
+    iterations_per_epoch: int | None = None,
+) -> str:  # fmt: skip
+    """What ``train`` chose, in a few lines: sizes, batches, transforms, anchors, schedule (in
+    iterations, and in epochs given ``iterations_per_epoch``), validation.
     Settings whose default depends on the data and that still have the value of the preset
     for this data (``preset_for``) in ``requested`` (the settings before ``auto`` values were
     settled; default ``settings``) are marked with ``*``."""
@@ -588,10 +601,18 @@ def describe_setup(
         f"norm{mark('norm')} {'GroupNorm' if settings.model.norm == 'gn' else 'none'}",
         f"  schedule: lr{mark('lr')} {train.lr:g}, warm-up{mark('warmup_iters')} "
         f"{train.warmup_iters} it, gradient clip{mark('grad_clip')} "
-        f"{train.grad_clip if train.grad_clip else 'off'}, {train.max_iters} iterations, "
-        f"batch {train.batch_size}",
+        f"{train.grad_clip if train.grad_clip else 'off'}, {train.max_iters} iterations"
+        f"{_epochs_text(train.max_iters, iterations_per_epoch)}, batch {train.batch_size}",
         f"  validation{mark('eval_period')}: " + _describe_validation(settings),
     ])  # fmt: skip
+
+
+def _epochs_text(max_iters: int, iterations_per_epoch: int | None) -> str:
+    """`` (10.7 epochs of 56 iterations)``, or nothing when the epoch is not known."""
+    if not iterations_per_epoch:
+        return ""
+    epochs = max_iters / iterations_per_epoch
+    return f" ({epochs:.3g} epochs of {iterations_per_epoch} iterations)"
 
 
 def _describe_validation(settings: Settings) -> str:
@@ -748,7 +769,7 @@ def train(settings: Settings) -> dict | None:
         warn_classes_without_boxes(train_data, classes)
     fit = fit_training_anchors(settings, train_data, classes, report=rank == 0)
     if rank == 0:
-        print(describe_setup(settings, scales, requested))
+        print(describe_setup(settings, scales, requested, epoch_iters(settings, train_data)))
     model = _training_model(settings, classes, fit)
     validation = _validation(settings, val, classes, device)
     start = time.time()

@@ -417,6 +417,12 @@ class TrainSettings(SettingsGroup):
     """The optimisation, how training images become batches, and how the run executes."""
 
     max_iters: int = setting(9000, "SGD iterations")
+    epochs: int | None = setting(
+        None, "train for N epochs instead of --max-iters: an epoch is one pass over the "
+        "training images, (training images // --batch-size) iterations; when set, it decides "
+        "the iteration count",
+        parse=int,
+    )  # fmt: skip
     batch_size: int = setting(16, "images per iteration (over all processes under torchrun)")
     lr: float = setting(0.01, "learning rate; x0.1 at 60% and 90% of --max-iters")
     weight_decay: float = setting(1e-4, "SGD weight decay")

@@ -169,6 +169,14 @@ def test_clear_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_epochs_or_max_iters_not_both(tmp_path, capsys):
+    args = ["train", "--dataset", "shapes", "--out", str(tmp_path), "--epochs", "2"]
+    assert detector_cli.main([*args, "--max-iters", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "--epochs 2 and --max-iters 10 both say how long to train: give one" in err
+    assert list(tmp_path.iterdir()) == []  # stopped before writing anything
+
+
 def test_help_for_every_subcommand(capsys):
     for command in ("demo", "train", "evaluate", "predict"):
         with pytest.raises(SystemExit) as exit_info:

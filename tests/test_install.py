@@ -3,8 +3,8 @@
 
 Installed with ``--no-deps --no-build-isolation`` (torch and setuptools come from the test's
 environment, nothing is downloaded), from a copy of the repository's files so that the build
-leaves nothing (``build/``, ``*.egg-info``) in the working tree, into a ``--prefix`` folder that a child Python adds as a
-site directory.
+leaves nothing (``build/``, ``*.egg-info``) in the working tree, into a ``--prefix`` folder
+that a child Python adds as a site directory.
 """
 
 from __future__ import annotations

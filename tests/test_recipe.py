@@ -192,6 +192,21 @@ def _pipeline(folder, workers: int):
     return recipe.train_loader(settings, train, scales)
 
 
+def test_epochs_settle_the_iteration_count(folder):
+    """--epochs N trains N passes over the training images: N * (images // batch)
+    iterations; the setup printout gives both counts."""
+    settings = _settings("--dataset", str(folder), "--image-size", "64", "--batch-size", "4",
+                         "--epochs", "3")  # fmt: skip
+    settled, train, _, _, scales = recipe.training_datasets(settings)
+    per_epoch = len(train) // 4
+    assert per_epoch >= 1 and settled.train.max_iters == 3 * per_epoch
+    assert len(recipe.train_loader(settled, train, scales)) == per_epoch
+    setup = recipe.describe_setup(settled, scales, settings, per_epoch)
+    assert f"{3 * per_epoch} iterations (3 epochs of {per_epoch} iterations)" in setup
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        recipe.training_datasets(settings.replace(epochs=0))
+
+
 def test_train_loader_presizes_every_scale_within_the_memory_budget(folder, monkeypatch, capsys):
     """With the cache on, ``train`` resizes the images to every multi-scale size once when it
     fits the budget, else per batch; the batches are the same either way."""
