@@ -33,6 +33,7 @@ from eecs598.settings import (
     DataSettings,
     EvalSettings,
     ModelSettings,
+    PredictSettings,
     Settings,
     TrainSettings,
     preset_for,
@@ -45,13 +46,14 @@ GROUPS = {
     "train": (TrainSettings, "training: batches, augmentation, schedule and the run"),
     "model": (ModelSettings, "model: backbone, RPN and second stage"),
     "eval": (EvalSettings, "evaluation: how detections are made and kept"),
+    "predict": (PredictSettings, "prediction: what is kept and written"),
 }
 # What each command takes: its settings groups and its own output folder.
 COMMANDS = {
     "demo": (("data", "train", "model", "eval"), DEMO.out),
     "train": (("data", "train", "model", "eval"), OWN_DATA.out),
     "evaluate": (("data", "eval"), recipe.EVALUATE_OUT),
-    "predict": (("eval",), recipe.PREDICT_OUT),
+    "predict": (("eval", "predict"), recipe.PREDICT_OUT),
 }
 DATA_KINDS = "a VOC-layout folder, a COCO .json or shapes"
 

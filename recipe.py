@@ -105,6 +105,8 @@ __all__ = [
     "train",
     "evaluate",
     "predict",
+    "image_files",
+    "predictions_as_coco",
 ]
 
 # What `train` records in the checkpoint's meta about how it fed the model.
@@ -681,13 +683,15 @@ def _output_dir(out: str) -> Path:
 
 
 def _detect(
-    model: FasterRCNN, image: torch.Tensor, settings: Settings, device: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Boxes, labels and scores for one preprocessed (3, H, W) image, at the evaluation
-    settings' score and NMS thresholds."""
+    model: FasterRCNN, image: torch.Tensor, settings: Settings, device: str,
+    score_thresh: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Boxes, labels and scores for one preprocessed (3, H, W) image, at ``score_thresh``
+    (default: the evaluation settings') and the evaluation NMS threshold."""
     with torch.no_grad():
         return model(
-            image[None].to(device), test_score_thresh=settings.eval.score_thresh,
+            image[None].to(device),
+            test_score_thresh=settings.eval.score_thresh if score_thresh is None else score_thresh,
             test_nms_thresh=settings.eval.nms_thresh,
         )  # fmt: skip
 
@@ -878,15 +882,22 @@ def evaluate(checkpoint: str | os.PathLike, data: Settings | str | None = None) 
     return evaluate_and_report(model, val, classes, out, settings, settings.eval.device)
 
 
-def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files named in ``inputs``, and those in the folders named there (sorted)."""
-    files: list[Path] = []
+def image_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """The image files named in ``inputs``, and those in the folders named there and in their
+    subfolders (sorted; hidden files and folders skipped), each as ``(path, name)``: ``name``
+    is the path relative to the folder it was found in (a file's own name when named)."""
+    files: list[tuple[Path, Path]] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )  # fmt: skip
+            files += [(p, p.relative_to(path)) for p in found]
         elif path.is_file():
-            files.append(path)
+            files.append((path, Path(path.name)))
         else:
             raise FileNotFoundError(f"No image or folder at {path}")
     if not files:
@@ -901,8 +912,10 @@ def predict(
     images: Sequence[str | os.PathLike],
     settings: Settings | None = None,
 ) -> list[dict]:
-    """Detections for each image file (or every image in each folder) of ``images``: an
-    annotated copy each and all of them in detections.json, in ``settings.out``.
+    """Detections scored at least ``conf`` for each image file of ``images`` and every image
+    in the folders there (subfolders included): in ``settings.out``, an annotated copy each
+    (``<name>_pred.png``, in the image's subfolder), all of them in detections.json and, with
+    ``coco``, in detections.coco.json.
 
     Returns:
         One ``{"image": path, "detections": [{"class", "score", "box"}]}`` per image, boxes
@@ -910,29 +923,63 @@ def predict(
     """
     settings = settings or preset_for("shapes").replace(out=PREDICT_OUT)
     plt = _pyplot()
-    device = settings.eval.device
+    device, conf = settings.eval.device, settings.predict.conf
     model, saved = load_detector(checkpoint, device)
     classes = list(saved["meta"]["class_names"])
     size = _test_image_size(settings, saved["meta"])
     out = _output_dir(settings.out)
-    records = []
-    for path in image_files(images):
+    records, sizes = [], []
+    for path, name in image_files(images):
         try:
             image = read_rgb_image(path)
         except CorruptImageError as err:
             raise ValueError(f"Cannot read image {path}: {err.__cause__}") from err
         tensor, (sx, sy) = preprocess_image(image, size)
-        boxes, labels, scores = _detect(model, tensor, settings, device)
+        boxes, labels, scores = _detect(model, tensor, settings, device, conf)
         boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])  # back to original pixels
         pred = torch.cat([boxes, labels.cpu()[:, None].float(), scores.cpu()[:, None]], dim=1)
         fig = detection_visualizer(to_tensor(image), classes, pred=pred, show=False)
-        fig.savefig(out / f"{path.stem}_pred.png", dpi=100)
+        drawn = out / name.parent / f"{name.stem}_pred.png"
+        drawn.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(drawn, dpi=100)
         plt.close(fig)
         records.append({"image": str(path), "detections": [
             {"class": classes[int(c)], "score": round(float(s), 4),
              "box": [round(float(v), 2) for v in b]}
             for b, c, s in zip(boxes, labels, scores, strict=True)
         ]})  # fmt: skip
+        sizes.append((str(name), image.width, image.height))
+    written = ["detections.json"]
     write_json(out / "detections.json", records)
-    print(f"{len(records)} images: annotated copies and detections.json in {out}/")
+    if settings.predict.coco:
+        write_json(out / "detections.coco.json", predictions_as_coco(records, classes, sizes))
+        written.append("detections.coco.json")
+    count = sum(len(r["detections"]) for r in records)
+    print(f"{len(records)} images, {count} detections at score >= {conf:g}: {', '.join(written)} "
+          f"and an annotated copy of each image (<name>_pred.png) in {out}/")  # fmt: skip
     return records
+
+
+def predictions_as_coco(
+    records: Sequence[Mapping[str, Any]], classes: Sequence[str],
+    sizes: Sequence[tuple[str, int, int]],
+) -> dict[str, Any]:  # fmt: skip
+    """``predict``'s records in COCO's instances format: ``images`` (ids 1.. in order,
+    ``file_name`` relative to the folder given, ``width``, ``height``), ``categories`` (ids
+    1.. in the checkpoint's class order) and ``annotations`` with ``bbox [x, y, w, h]``,
+    ``area``, ``iscrowd`` 0 and the detection's ``score`` (pycocotools' ``loadRes`` takes
+    the annotations list as results)."""
+    category = {name: k for k, name in enumerate(classes, start=1)}
+    images, annotations = [], []
+    for number, (record, (name, width, height)) in enumerate(zip(records, sizes, strict=True), 1):
+        images.append({"id": number, "file_name": name, "width": width, "height": height})
+        for det in record["detections"]:
+            x1, y1, x2, y2 = det["box"]
+            w, h = round(x2 - x1, 2), round(y2 - y1, 2)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": number,
+                "category_id": category[det["class"]], "bbox": [x1, y1, w, h],
+                "area": round(w * h, 2), "iscrowd": 0, "score": det["score"],
+            })  # fmt: skip
+    categories = [{"id": k, "name": name} for name, k in category.items()]
+    return {"images": images, "annotations": annotations, "categories": categories}

@@ -2,9 +2,9 @@
 
 The settings form a tree grouped like the model's own ``config``: ``Settings.model`` holds the
 backbone's, the RPN's and the second-stage heads' settings, and beside it sit the data, the
-training run and the evaluation. Each field is a plain typed value with its default, its help
-text and its command-line flag (``detector_cli.py`` builds its parser from these fields, so a
-new setting costs one field here plus the code that uses it).
+training run, the evaluation and what ``predict`` keeps. Each field is a plain typed value
+with its default, its help text and its command-line flag (``detector_cli.py`` builds its
+parser from these fields, so a new setting costs one field here plus the code that uses it).
 
 Named presets are the combinations the package uses:
 
@@ -43,6 +43,7 @@ __all__ = [
     "DataSettings",
     "TrainSettings",
     "EvalSettings",
+    "PredictSettings",
     "Settings",
     "NOTEBOOK",
     "OWN_DATA",
@@ -499,12 +500,28 @@ class EvalSettings(SettingsGroup):
     device: str = setting(help="cpu, cuda or cuda:N", factory=default_device)
 
 
+@dataclass(frozen=True)
+class PredictSettings(SettingsGroup):
+    """What ``predict`` keeps and writes (evaluation keeps every detection from
+    ``score_thresh`` up, as mAP needs)."""
+
+    conf: float = setting(
+        0.25, "predict: keep and draw the detections scored at least this (evaluation keeps "
+        "all from --score-thresh, for the mAP)",
+    )  # fmt: skip
+    coco: bool = setting(
+        False, "predict: also write detections.coco.json (COCO instances format, a score on "
+        "each annotation: FiftyOne and CVAT import it)",
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- the tree
 
 
 @dataclass(frozen=True)
 class Settings(SettingsGroup):
-    """Everything one run needs: ``model``, ``data``, ``train``, ``eval`` and the output folder.
+    """Everything one run needs: ``model``, ``data``, ``train``, ``eval``, ``predict`` and the
+    output folder.
 
     Frozen: ``replace`` returns a changed copy, so a preset is never modified by a run.
     """
@@ -513,6 +530,7 @@ class Settings(SettingsGroup):
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    predict: PredictSettings = field(default_factory=PredictSettings)
     out: str = setting("runs/train", "output folder")
 
 
@@ -534,6 +552,7 @@ _GROUP_TYPES = {
     "data": DataSettings,
     "train": TrainSettings,
     "eval": EvalSettings,
+    "predict": PredictSettings,
 }
 
 

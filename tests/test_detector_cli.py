@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,16 +143,61 @@ def test_evaluate_needs_no_repeated_flags(demo_run, tmp_path, capsys):
     assert max(float(v) for line in lines for v in line.split()[1:5]) > 64  # 160 px images
 
 
-def test_predict_writes_images_and_json(demo_run, tmp_path):
+def test_predict_writes_images_and_json(demo_run, tmp_path, capsys):
     images = demo_run / "data" / "shapes" / "JPEGImages"
+    out = tmp_path / "all"
     code = detector_cli.main(["predict", str(demo_run / "checkpoint.pt"), str(images),
-                              "--out", str(tmp_path), "--score-thresh", "0.0"])  # fmt: skip
+                              "--out", str(out), "--conf", "0.0"])  # fmt: skip
     assert code == 0
-    records = json.loads((tmp_path / "detections.json").read_text())
+    records = json.loads((out / "detections.json").read_text())
     assert len(records) == 20
-    assert len(list(tmp_path.glob("*_pred.png"))) == 20
+    assert len(list(out.glob("*_pred.png"))) == 20
     for det in records[0]["detections"]:
         assert det["class"] in recipe.SHAPES_CLASSES and len(det["box"]) == 4
+    assert f"20 images, {sum(len(r['detections']) for r in records)} detections" in (
+        capsys.readouterr().out
+    )
+
+
+def test_predict_searches_folders_keeps_confident_detections_and_writes_coco(demo_run, tmp_path):
+    """Subfolders are searched (the annotated copies keep their subfolder, so equal names do
+    not collide); --conf keeps exactly the detections scored at least that; --coco writes
+    COCO's instances format that pycocotools reads."""
+    from pycocotools.coco import COCO
+
+    source = sorted((demo_run / "data" / "shapes" / "JPEGImages").glob("*.jpg"))[:3]
+    tree = tmp_path / "photos"
+    for sub, files in (("a", source[:2]), ("b/c", source[1:3]), (".hidden", source[:1])):
+        (tree / sub).mkdir(parents=True)
+        for f in files:
+            (tree / sub / f.name).write_bytes(f.read_bytes())
+    checkpoint = str(demo_run / "checkpoint.pt")
+    assert detector_cli.main(["predict", checkpoint, str(tree), "--out", str(tmp_path / "all"),
+                              "--conf", "0"]) == 0  # fmt: skip
+    everything = json.loads((tmp_path / "all" / "detections.json").read_text())
+    assert [Path(r["image"]).relative_to(tree).as_posix() for r in everything] == [
+        f"a/{source[0].name}", f"a/{source[1].name}", f"b/c/{source[1].name}",
+        f"b/c/{source[2].name}",
+    ]  # fmt: skip
+    assert len(list((tmp_path / "all").rglob("*_pred.png"))) == 4
+    scores = sorted(d["score"] for r in everything for d in r["detections"])
+    conf = (scores[len(scores) // 2] + scores[len(scores) // 2 + 1]) / 2  # between two scores
+    assert detector_cli.main(["predict", checkpoint, str(tree), "--out", str(tmp_path / "conf"),
+                              "--conf", str(conf), "--coco"]) == 0  # fmt: skip
+    kept = json.loads((tmp_path / "conf" / "detections.json").read_text())
+    assert [r["detections"] for r in kept] == [
+        [d for d in r["detections"] if d["score"] >= conf] for r in everything
+    ]
+    coco = COCO(str(tmp_path / "conf" / "detections.coco.json"))
+    assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == [
+        Path(r["image"]).relative_to(tree).as_posix() for r in kept
+    ]
+    assert len(coco.anns) == sum(len(r["detections"]) for r in kept) > 0
+    first = next(d for r in kept for d in r["detections"])
+    ann = coco.anns[1]
+    assert coco.cats[ann["category_id"]]["name"] == first["class"]
+    assert ann["score"] == first["score"] and ann["bbox"][:2] == first["box"][:2]
+    assert coco.loadRes(list(coco.dataset["annotations"])).getImgIds() == sorted(coco.imgs)
 
 
 def test_mismatched_checkpoint_names_the_settings(demo_run):
