@@ -547,11 +547,23 @@ def val_loader(dataset: Any, batch_size: int, workers: int) -> torch.utils.data.
 
 def eval_period(settings: Settings) -> int:
     """The settled ``eval_period``: ``"auto"`` gives ``AUTO_EVALUATIONS`` evaluations a run
-    (every ``ceil(max_iters / AUTO_EVALUATIONS)`` iterations), else the number given."""
-    period = settings.train.eval_period
+    (every ``ceil(max_iters / AUTO_EVALUATIONS)`` iterations), else the number given.
+
+    Raises:
+        ValueError: a negative period or patience, or a patience without validation."""
+    period, patience = settings.train.eval_period, settings.train.patience
+    if (period != "auto" and int(period) < 0) or patience < 0:
+        raise ValueError(f"eval_period and patience must be >= 0, got {period} and {patience}")
     if period != "auto":
-        return int(period)
-    return math.ceil(settings.train.max_iters / AUTO_EVALUATIONS)
+        period = int(period)
+    else:
+        period = math.ceil(settings.train.max_iters / AUTO_EVALUATIONS)
+    if patience and not period:
+        raise ValueError(
+            f"--patience {patience} stops on the val mAP, but --eval-period is 0 (no validation "
+            "while training): give --eval-period N or leave it at auto"
+        )
+    return period
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -760,6 +772,7 @@ def train(settings: Settings) -> dict | None:
         The metrics (``evaluate``'s, plus ``train_seconds``, ``iterations`` and
         ``final_loss``); None on the other ranks of a distributed run.
     """
+    eval_period(settings)  # a bad period or patience stops here, before anything is written
     world, rank, device = init_distributed(settings.eval.device, settings.train.batch_size)
     out = _output_dir(settings.out)
     if rank == 0 and not settings.train.resume:
@@ -922,8 +935,10 @@ def predict(
         ``(x1, y1, x2, y2)`` in the original image's pixels.
     """
     settings = settings or preset_for("shapes").replace(out=PREDICT_OUT)
-    plt = _pyplot()
     device, conf = settings.eval.device, settings.predict.conf
+    if not 0.0 <= conf <= 1.0:
+        raise ValueError(f"conf must be in [0, 1], got {conf}")
+    plt = _pyplot()
     model, saved = load_detector(checkpoint, device)
     classes = list(saved["meta"]["class_names"])
     size = _test_image_size(settings, saved["meta"])

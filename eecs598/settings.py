@@ -100,6 +100,32 @@ def eval_period_value(text: str) -> int | str:
     return int(text)
 
 
+def count_value(flag: str) -> Callable[[str], int]:
+    """A parser for ``flag``: a whole number >= 0, else an error naming the flag and value."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number >= 0, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def unit_interval_value(flag: str) -> Callable[[str], float]:
+    """A parser for ``flag``: a number in [0, 1], else an error naming the flag and value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number in [0, 1], got {text!r}")
+        return value
+
+    return parse
+
+
 def smooth_l1_beta_value(text: str) -> float:
     """``--smooth-l1-beta``: a number >= 0, or a fraction such as ``1/9``."""
     try:
@@ -472,6 +498,7 @@ class TrainSettings(SettingsGroup):
     patience: int = setting(
         0, "with --eval-period: stop after N evaluations in a row without a higher val "
         "mAP@0.5 (0: never)",
+        parse=count_value("--patience"),
     )  # fmt: skip
     checkpoint_period: int = setting(
         500, "write OUT/checkpoint.pt every N iterations (and at the end)"
@@ -508,6 +535,7 @@ class PredictSettings(SettingsGroup):
     conf: float = setting(
         0.25, "predict: keep and draw the detections scored at least this (evaluation keeps "
         "all from --score-thresh, for the mAP)",
+        parse=unit_interval_value("--conf"),
     )  # fmt: skip
     coco: bool = setting(
         False, "predict: also write detections.coco.json (COCO instances format, a score on "

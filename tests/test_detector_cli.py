@@ -223,6 +223,32 @@ def test_epochs_or_max_iters_not_both(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # stopped before writing anything
 
 
+PREDICT = ["predict", "c.pt", "x.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*PREDICT, "--conf", "1.5"], "--conf must be a number in [0, 1], got '1.5'"),
+        ([*PREDICT, "--conf", "nan"], "--conf must be a number in [0, 1], got 'nan'"),
+        (["train", "--eval-period", "-1"], "--eval-period must be a number of iterations"),
+        (["train", "--patience", "-2"], "--patience must be a whole number >= 0, got '-2'"),
+    ],
+)
+def test_flag_values_out_of_range_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        detector_cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_patience_needs_validation(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "shapes", "--out", str(out), "--eval-period", "0"]
+    assert detector_cli.main([*argv, "--patience", "3"]) == 1
+    assert "--patience 3 stops on the val mAP, but --eval-period is 0" in capsys.readouterr().err
+    assert not out.exists()  # stopped before writing anything
+
+
 def test_help_for_every_subcommand(capsys):
     for command in ("demo", "train", "evaluate", "predict"):
         with pytest.raises(SystemExit) as exit_info:
