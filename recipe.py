@@ -78,7 +78,14 @@ from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
 from eecs598.training import LossHistory, train_detector
 from eecs598.utils import detection_grid, detection_visualizer, reset_seed
 from eecs598.validation import BEST_CHECKPOINT, RESULTS_CSV, PeriodicValidation
-from eecs598.voc import VOCLayoutDetection, read_voc_xml, voc_objects
+from eecs598.voc import (
+    VOCLayoutDetection,
+    held_out_split,
+    read_voc_xml,
+    voc_folders,
+    voc_image_ids,
+    voc_objects,
+)
 from eecs598.voc2007 import VOC2007DetectionTiny
 from two_stage_detector import RPN, FasterRCNN, compile_detector
 
@@ -89,6 +96,7 @@ __all__ = [
     "discover_classes",
     "make_datasets",
     "room_for_every_box",
+    "hold_out",
     "train_crop_size",
     "epoch_iters",
     "choose_image_size",
@@ -135,6 +143,10 @@ AUTO_GRID_RECALL = 0.8
 # `train_crop="auto"`: images trained at a larger short side are trained in random windows of
 # this many pixels a side, so a step costs what it costs at this size.
 AUTO_TRAIN_CROP = 320
+# Data without a val split: the share of its images held out for validation, and the seed
+# that picks them (fixed, so that `train` and `evaluate` hold out the same images).
+HELD_OUT_FRACTION = 0.1
+HELD_OUT_SEED = 0
 # `eval_period="auto"`: evaluations on the val split in a run (and one after the last
 # iteration); images per validation batch.
 AUTO_EVALUATIONS = 10
@@ -242,13 +254,14 @@ def _plain(value: Any) -> Any:
 def discover_classes(root: Path) -> list[str]:
     """Sorted object class names found in a VOC-layout folder's annotations."""
     names = set()
-    for xml_path in sorted((root / "Annotations").glob("*.xml")):
+    annotations, _ = voc_folders(root)
+    for xml_path in sorted(annotations.glob("*.xml")):
         for obj in voc_objects(read_voc_xml(xml_path)):  # ValueError naming a malformed file
             name = str(obj.get("name", "")).strip()  # as the reader reads it
             if name:
                 names.add(name)
     if not names:
-        raise FileNotFoundError(f"No annotated objects under {root / 'Annotations'}")
+        raise FileNotFoundError(f"No annotated objects under {annotations}")
     return sorted(names)
 
 
@@ -288,11 +301,62 @@ def make_datasets(
         root = Path(data.dataset)
         if not classes:
             classes = data.classes.split(",") if data.classes else discover_classes(root)
-    train = VOCLayoutDetection(root, data.train_split, classes, image_size=train_size,
-                               skip_corrupt=data.skip_corrupt, **crop)  # fmt: skip
-    val = VOCLayoutDetection(root, data.val_split, classes, image_size=test_size,
-                             skip_corrupt=data.skip_corrupt)  # fmt: skip
+    train, val = _voc_folder_datasets(settings, root, classes, train_size, test_size, crop)
     return room_for_every_box(train), room_for_every_box(val), list(classes)
+
+
+def _voc_folder_datasets(
+    settings: Settings, root: Path, classes: Sequence[str], size: int, test_size: int,
+    crop: dict[str, bool],
+) -> tuple[Any, Any]:  # fmt: skip
+    """Train and val ``VOCLayoutDetection`` of a VOC-layout folder (``Annotations`` and
+    ``JPEGImages``, or XML files beside the images). Train: the ``train_split`` list, else
+    every annotated image. Val: ``val_dataset`` (its ``val_split`` list, else all of it), else
+    the ``val_split`` list, else a held-out part of the training images (``hold_out``)."""
+    data = settings.data
+
+    def reader(folder: Path, split: str, image_size: int, **options: Any) -> VOCLayoutDetection:
+        listed = (folder / "ImageSets").is_dir()  # then a missing list is an error
+        return VOCLayoutDetection(
+            folder, split, classes, image_size=image_size, skip_corrupt=data.skip_corrupt,
+            image_ids=None if listed else voc_image_ids(folder), **options,
+        )  # fmt: skip
+
+    train = reader(root, data.train_split, size, **crop)
+    if data.val_dataset:
+        return train, reader(Path(data.val_dataset), data.val_split, test_size)
+    if (root / "ImageSets").is_dir():
+        return train, reader(root, data.val_split, test_size)
+    return hold_out(train, reader(root, data.val_split, test_size), str(root))
+
+
+def hold_out(train: Any, val: Any, source: str, warn: str = "") -> tuple[Any, Any]:
+    """Data without a val split: the same images read for training (``train``) and for
+    evaluation (``val``) are split into a deterministic held-out part, ``HELD_OUT_FRACTION``
+    of them (``eecs598.voc.held_out_split``: seeded, one image for each class where
+    possible), and the rest. The val part is marked ``held_out_from = source``; ``train``
+    prints the split and writes it to ``OUT/split.json``. With ``warn`` (why there is no
+    split) it also warns. A single image cannot be split: it is validated on itself, with a
+    warning saying so."""
+    if len(train.records) < 2:
+        warnings.warn(
+            f"{source} has {len(train.records)} image(s) and no val split: validating on the "
+            "training images themselves, which says how well the model fits them, not how "
+            "well it detects on new images.",
+            stacklevel=3,
+        )
+        return train, val
+    train_ids, val_ids = held_out_split(train.records, HELD_OUT_FRACTION, HELD_OUT_SEED)
+    if warn:
+        warnings.warn(
+            f"{warn}: validating on {len(val_ids)} held-out images of {source} (a seeded "
+            f"{HELD_OUT_FRACTION:.0%}), training on the other {len(train_ids)}; give the "
+            "export's valid split as --val-dataset to validate on it instead.",
+            stacklevel=3,
+        )
+    val = val.subset(val_ids, f"{val.split} (held out)")
+    val.held_out_from = source
+    return train.subset(train_ids, train.split), val
 
 
 def _coco_datasets(
@@ -301,8 +365,8 @@ def _coco_datasets(
 ) -> tuple[Any, Any, list[str]]:  # fmt: skip
     """Train and val ``COCODetection`` for a COCO instances JSON: train on ``dataset`` with
     ``images``; validate on ``val_dataset`` with ``val_images`` (default: its folder), or,
-    without it, on ``dataset`` too. Classes: ``classes``, the ``classes`` setting, else the
-    JSON's."""
+    without it, on a held-out part of ``dataset`` (``hold_out``, with a warning: never on the
+    training images). Classes: ``classes``, the ``classes`` setting, else the JSON's."""
     data = settings.data
     names = classes or (data.classes.split(",") if data.classes else None)
     crop = True if train_transform is None else train_transform
@@ -311,6 +375,8 @@ def _coco_datasets(
     val_images = data.val_images if data.val_dataset else data.images
     val = COCODetection(data.val_dataset or data.dataset, val_images, train.class_names,
                         test_size, skip_corrupt=data.skip_corrupt)  # fmt: skip
+    if not data.val_dataset:
+        train, val = hold_out(train, val, str(data.dataset), warn="No --val-dataset")
     return room_for_every_box(train), room_for_every_box(val), list(train.class_names)
 
 
@@ -784,6 +850,7 @@ def train(settings: Settings) -> dict | None:
         print(f"Dataset: {len(train_data)} train / {len(val)} val images, "
               f"classes: {', '.join(classes)}")  # fmt: skip
         warn_classes_without_boxes(train_data, classes)
+        _record_held_out_split(train_data, val, out)
     fit = fit_training_anchors(settings, train_data, classes, report=rank == 0)
     if rank == 0:
         print(describe_setup(settings, scales, requested, epoch_iters(settings, train_data)))
@@ -809,6 +876,21 @@ def train(settings: Settings) -> dict | None:
     print(f"Outputs in {out}/: {', '.join(kept)}, loss.png, metrics.json, ap_per_class.png, "
           "detections.png, errors.png, ...")  # fmt: skip
     return metrics
+
+
+def _record_held_out_split(train: Any, val: Any, out: Path) -> None:
+    """When ``val`` was held out of the training data (``hold_out``): say so, naming a few
+    of its images, and write both id lists to ``OUT/split.json``."""
+    source = getattr(val, "held_out_from", None)
+    if source is None:
+        return
+    write_json(out / "split.json", {
+        "source": source, "fraction": HELD_OUT_FRACTION, "seed": HELD_OUT_SEED,
+        "train": list(train.image_ids), "val": list(val.image_ids),
+    })  # fmt: skip
+    shown = ", ".join(val.image_ids[:5]) + (", ..." if len(val) > 5 else "")
+    print(f"No val split in {source}: validating on {len(val)} held-out images ({shown}); "
+          f"the split is in {out / 'split.json'}.")  # fmt: skip
 
 
 # What a new run in a folder moves aside (to NAME.prev.EXT) rather than overwrite.

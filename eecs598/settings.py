@@ -406,8 +406,11 @@ class DataSettings(SettingsGroup):
         "JSON's folder)", parse=str,
     )  # fmt: skip
     val_dataset: str | None = setting(
-        None, "COCO --dataset: instances .json to validate on (default: --dataset)", parse=str
-    )
+        None, "what to validate on: a COCO instances .json or a VOC-layout folder (default: "
+        "the data's val split; without one, a held-out 10% of the training images, saved in "
+        "OUT/split.json)",
+        parse=str,
+    )  # fmt: skip
     val_images: str | None = setting(
         None, "image folder of --val-dataset (default: that JSON's folder)", parse=str
     )

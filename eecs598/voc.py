@@ -47,8 +47,10 @@ are kept and a warning naming the file is issued once per file and process.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import random
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -79,8 +81,11 @@ __all__ = [
     "ResizeCrop",
     "VOCLayoutDetection",
     "find_image",
+    "held_out_split",
     "parse_voc_annotation",
     "read_voc_xml",
+    "voc_folders",
+    "voc_image_ids",
 ]
 
 #: Classes of the BCCD blood-cell dataset (``../shared/datasets/bccd``).
@@ -179,10 +184,39 @@ def _warn_dropped(xml_path: Path, written, classes, class_names, width, height, 
     )
 
 
+def voc_folders(root: str | os.PathLike) -> tuple[Path, Path]:
+    """``(annotation folder, image folder)`` of a VOC-layout dataset: ``root/Annotations`` and
+    ``root/JPEGImages``, or ``root`` itself for both when its XML files sit beside the images
+    (Roboflow's "Pascal VOC" export).
+
+    Raises:
+        FileNotFoundError: neither layout is there; the message says what was looked for.
+    """
+    root = Path(root)
+    if (root / "Annotations").is_dir():
+        return root / "Annotations", root / "JPEGImages"
+    if root.is_dir() and any(root.glob("*.xml")):
+        return root, root
+    raise FileNotFoundError(
+        f"{root} is not a VOC-layout folder: no Annotations/ folder and no .xml files in it "
+        "(expected Annotations/<id>.xml with JPEGImages/<id>.jpg, or <id>.xml beside <id>.jpg)."
+    )
+
+
+def voc_image_ids(root: str | os.PathLike) -> list[str]:
+    """Every annotated image of a VOC-layout folder (:func:`voc_folders`): the XML file stems,
+    sorted; used when the folder has no ``ImageSets`` split files."""
+    annotations, _ = voc_folders(root)
+    return sorted(p.stem for p in annotations.glob("*.xml"))
+
+
 def parse_voc_annotation(
-    root: str | os.PathLike, image_id: str, class_names: Sequence[str], split: str = "?"
-) -> ImageAnnotation:
-    """Parse ``root/Annotations/<image_id>.xml`` and find its image under ``root/JPEGImages``.
+    root: str | os.PathLike, image_id: str, class_names: Sequence[str], split: str = "?",
+    folders: tuple[Path, Path] | None = None,
+) -> ImageAnnotation:  # fmt: skip
+    """Parse ``<image_id>.xml`` and find its image: in ``root/Annotations`` and
+    ``root/JPEGImages``, or the ``(annotation, image)`` ``folders`` given
+    (:func:`voc_folders`).
 
     Boxes are taken as written, clipped to the image, and those with zero or negative area
     after clipping (NaN coordinates too) are dropped with one warning naming the file and each
@@ -194,7 +228,8 @@ def parse_voc_annotation(
             message names the file (and the object or class).
     """
     root = Path(root)
-    xml_path = root / "Annotations" / f"{image_id}.xml"
+    annotation_dir, image_dir = folders or (root / "Annotations", root / "JPEGImages")
+    xml_path = annotation_dir / f"{image_id}.xml"
     if not xml_path.is_file():
         raise FileNotFoundError(
             f"Annotation file {xml_path} (listed in split '{split}') not found."
@@ -202,7 +237,7 @@ def parse_voc_annotation(
     annotation = read_voc_xml(xml_path)
     filename = annotation.get("filename")
     filename = filename if isinstance(filename, str) else None
-    image_path = find_image(root / "JPEGImages", image_id, filename, xml_path)
+    image_path = find_image(image_dir, image_id, filename, xml_path)
     width, height = _xml_size(annotation, image_path)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
     objects = voc_objects(annotation)
@@ -418,6 +453,25 @@ class AnnotatedImages(torch.utils.data.Dataset):
         self._path_to_index = {r.image_path: i for i, r in enumerate(kept)}
         return missing
 
+    def subset(self, image_ids: Sequence[str], split: str) -> AnnotatedImages:
+        """A copy holding only the items of ``image_ids`` (in this reader's order), named
+        ``split``: e.g. a held-out part (:func:`held_out_split`). Nothing is parsed again.
+
+        Raises:
+            KeyError: an id that is not an item of this reader.
+        """
+        wanted = set(image_ids)
+        unknown = sorted(wanted - set(self.image_ids))
+        if unknown:
+            raise KeyError(f"not images of {self.split!r}: {', '.join(unknown[:5])}")
+        part = copy.copy(self)
+        part.records = [r for r in self.records if r.image_id in wanted]
+        part.image_ids = [r.image_id for r in part.records]
+        part._path_to_index = {r.image_path: i for i, r in enumerate(part.records)}
+        part._warned = set()
+        part.split = split
+        return part
+
     def geometry(self, width: int, height: int) -> ResizeCrop:
         """The resize (and, for training items, centre crop) of a ``width x height`` image."""
         return ResizeCrop.for_image(width, height, self.image_size, self.train_transform)
@@ -525,6 +579,38 @@ class AnnotatedImages(torch.utils.data.Dataset):
         )
 
 
+def held_out_split(
+    records: Sequence[ImageAnnotation], fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """``(train ids, val ids)``: a deterministic held-out ``fraction`` of the images.
+
+    The images are shuffled by ``random.Random(seed)`` (the same split for the same images,
+    whatever the training seed). First, for each class from the rarest, one image showing it
+    is held out unless the val part already shows it or the class is in a single image (it
+    must stay in training); then the shuffled rest fills the val part up to ``round(fraction
+    * N)`` images (at least 1, and at least one image stays for training). Both lists keep
+    the records' order.
+    """
+    order = [r.image_id for r in records]
+    if len(order) < 2:
+        raise ValueError(f"cannot hold out a val part from {len(order)} image(s)")
+    shuffled = order[:]
+    random.Random(seed).shuffle(shuffled)
+    shows = {r.image_id: {int(c) for c in r.classes[~r.difficult]} for r in records}
+    images_of: dict[int, list[str]] = {}
+    for image_id in shuffled:
+        for c in shows[image_id]:
+            images_of.setdefault(c, []).append(image_id)
+    val: list[str] = []
+    for c in sorted(images_of, key=lambda k: (len(images_of[k]), k)):
+        if len(images_of[c]) > 1 and not any(c in shows[i] for i in val):
+            val.append(images_of[c][0])
+    size = min(max(1, round(fraction * len(order))), len(order) - 1)
+    val += [i for i in shuffled if i not in val][: max(0, size - len(val))]
+    held = set(val[: len(order) - 1])
+    return [i for i in order if i not in held], [i for i in order if i in held]
+
+
 class VOCLayoutDetection(AnnotatedImages):
     """Detection dataset stored in PASCAL VOC layout.
 
@@ -533,6 +619,10 @@ class VOCLayoutDetection(AnnotatedImages):
         Annotations/<id>.xml
         JPEGImages/<id>.jpg        (any PIL-readable image; .jpeg/.png/.bmp also found)
         ImageSets/Main/<split>.txt (one image id per line)
+
+    or, as Roboflow's "Pascal VOC" export has it, ``<id>.xml`` beside ``<id>.jpg`` in ``root``
+    (:func:`voc_folders`). ``image_ids`` given instead of a split file (e.g.
+    :func:`voc_image_ids`, every annotated image) are read without one.
 
     All annotations of the split are parsed once, at construction, into one
     :class:`ImageAnnotation` per image (:attr:`records`); images are decoded in
@@ -569,6 +659,8 @@ class VOCLayoutDetection(AnnotatedImages):
         how_to_get: Extra sentence for the "not found" error explaining how to obtain the data.
         transform: box-aware augmentation of :meth:`__getitem__`'s items (see
             :class:`AnnotatedImages`); ``None`` for none.
+        image_ids: the images to read instead of the split file's (``split`` then only names
+            them).
 
     Attributes:
         class_names: Tuple of class names.
@@ -593,17 +685,22 @@ class VOCLayoutDetection(AnnotatedImages):
         skip_corrupt: bool = False,
         how_to_get: str = "",
         transform: Any = None,
+        image_ids: Sequence[str] | None = None,
     ) -> None:
         train = split.startswith("train") if train_transform is None else bool(train_transform)
         root = Path(root)
-        super().__init__(
-            root, root / "JPEGImages", class_names, image_size, max_boxes, train, split, transform
-        )
         hint = f" {how_to_get}" if how_to_get else ""
-        split_file, ids = read_split_ids(self.root, split, hint)
-        parse = functools.partial(
-            parse_voc_annotation, self.root, class_names=self.class_names, split=split
+        if image_ids is None:
+            split_file, ids = read_split_ids(root, split, hint)
+            folders = (root / "Annotations", root / "JPEGImages")
+        else:
+            folders = voc_folders(root)
+            split_file, ids = folders[0], list(image_ids)
+        super().__init__(
+            root, folders[1], class_names, image_size, max_boxes, train, split, transform
         )
+        parse = functools.partial(parse_voc_annotation, self.root, class_names=self.class_names,
+                                  split=split, folders=folders)  # fmt: skip
         missing = self._set_records(ids, parse, skip_empty, skip_corrupt)
         if missing:
             raise _missing_files_error(missing, len(ids), split_file)

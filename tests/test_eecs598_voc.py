@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from a4_helper import (
     make_shapes_dataset,
 )
 from eecs598.inference import annotation_lookup
+from eecs598.voc import ImageAnnotation, held_out_split, voc_folders, voc_image_ids
 
 CLASSES = ("cat", "dog", "car")
 
@@ -243,3 +245,69 @@ def test_bccd_loads_with_the_same_reader():
 
 def test_voc_classes_are_the_twenty_alphabetical():
     assert len(VOC_CLASSES) == 20 and list(VOC_CLASSES) == sorted(VOC_CLASSES)
+
+
+# ---- exports without ImageSets, and the held-out split ----------------------------------------
+
+
+def _records(classes_per_image: dict[str, list[int]]) -> list[ImageAnnotation]:
+    return [
+        ImageAnnotation(
+            image_id,
+            f"{image_id}.jpg",
+            10,
+            10,
+            np.zeros((len(cs), 4), np.float32),
+            np.array(cs, np.int64),
+            np.zeros(len(cs), bool),
+        )  # fmt: skip
+        for image_id, cs in classes_per_image.items()
+    ]
+
+
+def test_held_out_split_is_seeded_covers_classes_and_keeps_singletons():
+    # 40 images of class 0, class 1 in 3 of them, class 2 in 2, class 3 in one only.
+    shown = {f"{i:02d}": [0] for i in range(40)}
+    shown |= {"05": [0, 1], "17": [1], "33": [1], "08": [2], "21": [2, 0], "30": [3]}
+    records = _records(shown)
+    train, val = held_out_split(records, 0.1, seed=0)
+    assert (train, val) == held_out_split(records, 0.1, seed=0)  # deterministic
+    assert held_out_split(records, 0.1, seed=1) != (train, val)
+    assert len(val) == 4 and sorted(train + val) == sorted(shown)  # round(0.1 * 40), disjoint
+    assert train == sorted(train) and val == sorted(val)  # the records' order
+    val_classes = {c for i in val for c in shown[i]}
+    assert {0, 1, 2} <= val_classes and "30" in train  # a class of one image stays in training
+    # Tiny data: one image each way; a single image cannot be split.
+    assert sorted(map(len, held_out_split(_records({"a": [0], "b": [0]})))) == [1, 1]
+    with pytest.raises(ValueError, match="cannot hold out a val part from 1 image"):
+        held_out_split(_records({"a": [0]}))
+
+
+def _side_by_side(root: Path, count: int) -> Path:
+    """Roboflow's "Pascal VOC" export: <id>.jpg beside <id>.xml, no ImageSets."""
+    root.mkdir(parents=True)
+    for i in range(count):
+        image = noise_image(40, 30, seed=i)
+        image.save(root / f"img{i}.jpg")
+        name = ("cat", "dog")[i % 2]
+        write_xml(root / f"img{i}.xml", f"img{i}.jpg", image.size, [(name, (2, 3, 20, 25), 0)])
+    return root
+
+
+def test_side_by_side_folder_and_subset(tmp_path):
+    root = _side_by_side(tmp_path / "train", 5)
+    assert voc_folders(root) == (root, root)
+    assert voc_image_ids(root) == [f"img{i}" for i in range(5)]
+    data = VOCLayoutDetection(root, "train", ("cat", "dog"), image_size=32,
+                              image_ids=voc_image_ids(root))  # fmt: skip
+    assert len(data) == 5 and data.records[1].classes.tolist() == [1]
+    assert data.annotation(0)["file_name"] == "img0.jpg"
+    part = data.subset(["img3", "img1"], "val (held out)")
+    assert part.image_ids == ["img1", "img3"] and part.split == "val (held out)"
+    assert part[0][0] == data[1][0] and torch.equal(part[1][2], data[3][2])
+    assert part.annotation_for_path(data.records[3].image_path)["image_id"] == "img3"
+    assert len(data) == 5  # the original is unchanged
+    with pytest.raises(KeyError, match="not images of 'train': img9"):
+        data.subset(["img9"], "x")
+    with pytest.raises(FileNotFoundError, match="is not a VOC-layout folder"):
+        voc_folders(tmp_path)

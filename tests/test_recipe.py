@@ -281,7 +281,8 @@ def test_crowded_images_keep_every_box_for_training(tmp_path):
         ],
     }
     (tmp_path / "i.json").write_text(json.dumps(data))
-    settings = OWN_DATA.replace(dataset=str(tmp_path / "i.json"), image_size=100)
+    json_file = str(tmp_path / "i.json")
+    settings = OWN_DATA.replace(dataset=json_file, val_dataset=json_file, image_size=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train, val, classes = recipe.make_datasets(settings, train_transform=False)
@@ -294,3 +295,71 @@ def test_crowded_images_keep_every_box_for_training(tmp_path):
     plain = COCODetection(tmp_path / "i.json", image_size=100)
     with pytest.warns(UserWarning, match="45 objects but max_boxes=40"):
         assert (plain[0][2][:, 4] >= 0).sum() == 40
+
+
+# ---- data as exports come: no ImageSets, XML beside the images, no val split ------------------
+
+
+def _export(root, count: int, side_by_side: bool):
+    """``count`` small images of 'cat' (even) and 'dog' (odd): Roboflow's VOC export (XML
+    beside the images) or Annotations/ + JPEGImages/ without ImageSets."""
+    from PIL import Image
+    from support import write_xml
+
+    images = root if side_by_side else root / "JPEGImages"
+    annotations = root if side_by_side else root / "Annotations"
+    images.mkdir(parents=True, exist_ok=True)
+    annotations.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (64, 48), (40 * (i % 6), 90, 120)).save(images / f"p{i:02d}.jpg")
+        write_xml(annotations / f"p{i:02d}.xml", f"p{i:02d}.jpg", (64, 48),
+                  [(("cat", "dog")[i % 2], (4 + i, 6, 30 + i, 40), 0)])  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["side-by-side", "no-ImageSets"])
+def test_a_voc_export_without_splits_is_read_and_a_part_held_out(tmp_path, side_by_side):
+    root = _export(tmp_path / "export", 20, side_by_side)
+    settings = OWN_DATA.replace(dataset=str(root), image_size=48)
+    train, val, classes = recipe.make_datasets(settings)
+    assert classes == ["cat", "dog"] and val.held_out_from == str(root)
+    assert len(val) == 2 and len(train) == 18  # 10%, one image of each class
+    assert {int(r.classes[0]) for r in val.records} == {0, 1}
+    assert sorted(train.image_ids + val.image_ids) == [f"p{i:02d}" for i in range(20)]
+    again_train, again_val, _ = recipe.make_datasets(settings.replace(seed=5))
+    assert again_val.image_ids == val.image_ids  # the same split whatever the training seed
+    # A val folder given: all of it, nothing held out.
+    other = _export(tmp_path / "valid", 3, side_by_side)
+    train, val, _ = recipe.make_datasets(settings.replace(val_dataset=str(other)))
+    assert (len(train), len(val)) == (20, 3) and not hasattr(val, "held_out_from")
+
+
+def test_a_coco_export_without_val_dataset_holds_out_part_and_train_saves_the_split(
+    tmp_path, capsys
+):
+    import json
+
+    root = _export(tmp_path / "export", 20, side_by_side=True)
+    images = [{"id": i, "file_name": f"p{i:02d}.jpg", "width": 64, "height": 48}
+              for i in range(20)]  # fmt: skip
+    annotations = [{"id": i + 1, "image_id": i, "category_id": 1 + i % 2,
+                    "bbox": [4 + i, 6, 26, 34], "iscrowd": 0} for i in range(20)]  # fmt: skip
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    coco = root / "_annotations.coco.json"
+    coco.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": categories}))  # fmt: skip
+    with pytest.warns(UserWarning, match="No --val-dataset: validating on 2 held-out images"):
+        train, val, _ = recipe.make_datasets(OWN_DATA.replace(dataset=str(coco), image_size=48))
+    assert (len(train), len(val)) == (18, 2) and not set(train.image_ids) & set(val.image_ids)
+
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="No --val-dataset"):
+        code = detector_cli.main(["train", "--dataset", str(coco), "--out", str(out), *TINY,
+                                  "--max-iters", "1", "--image-size", "48"])  # fmt: skip
+    assert code == 0
+    split = json.loads((out / "split.json").read_text())
+    assert split["val"] == val.image_ids and split["train"] == train.image_ids
+    assert split["fraction"] == recipe.HELD_OUT_FRACTION
+    printed = capsys.readouterr().out
+    assert f"validating on 2 held-out images ({', '.join(val.image_ids)})" in printed
+    assert "Dataset: 18 train / 2 val images" in printed
