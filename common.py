@@ -85,8 +85,9 @@ def hello_common() -> None:
     print("Hello from common.py!")
 
 
-def _regnet_trunk(pretrained: bool) -> nn.Module:
-    """RegNet-X-400MF, with ImageNet weights when ``pretrained`` and they can be loaded.
+def _regnet_trunk(pretrained: bool) -> tuple[nn.Module, bool]:
+    """RegNet-X-400MF, with ImageNet weights when ``pretrained`` and they can be loaded, and
+    whether they were.
 
     The weights come through torchvision's weights API (``RegNet_X_400MF_Weights.DEFAULT``).
     When they cannot be loaded (no internet and no local cache), a single warning says so and the
@@ -96,7 +97,7 @@ def _regnet_trunk(pretrained: bool) -> nn.Module:
     if pretrained:
         weights = torchvision.models.RegNet_X_400MF_Weights.DEFAULT
         try:
-            return torchvision.models.regnet_x_400mf(weights=weights)
+            return torchvision.models.regnet_x_400mf(weights=weights), True
         except Exception as err:  # network errors, missing cache, corrupt download
             if not _PRETRAINED_WARNED:
                 warnings.warn(
@@ -111,7 +112,7 @@ def _regnet_trunk(pretrained: bool) -> nn.Module:
                     stacklevel=3,
                 )
                 _PRETRAINED_WARNED = True
-    return torchvision.models.regnet_x_400mf(weights=None)
+    return torchvision.models.regnet_x_400mf(weights=None), False
 
 
 def _trunk_name(level: str) -> str:
@@ -175,6 +176,8 @@ class DetectorBackboneWithFPN(nn.Module):
 
     Attributes:
         out_channels: as given.
+        imagenet_weights: whether the trunk got its ImageNet weights (False when not asked
+            for, or when they could not be loaded).
         fpn_levels: the configured levels, finest first, e.g. ``("p3", "p4", "p5")``.
         fpn_strides: ``{level: stride}`` of the configured levels, e.g.
             ``{"p3": 8, "p4": 16, "p5": 32}``.
@@ -193,8 +196,9 @@ class DetectorBackboneWithFPN(nn.Module):
         self.fpn_levels = _validate_fpn_levels(fpn_levels)
         trunk_names = {_trunk_name(level) for level in self.fpn_levels}
         return_nodes = {node: name for node, name in _TRUNK_NODES.items() if name in trunk_names}
+        trunk, self.imagenet_weights = _regnet_trunk(pretrained)
         self.backbone = feature_extraction.create_feature_extractor(
-            _regnet_trunk(pretrained), return_nodes=return_nodes
+            trunk, return_nodes=return_nodes
         )
         self.fpn_params = self._build_fpn(out_channels, self.fpn_levels, norm)
 

@@ -93,6 +93,10 @@ __all__ = [
     "SHAPES_CLASSES",
     "build_detector",
     "load_detector",
+    "read_weights_checkpoint",
+    "with_network_of",
+    "start_from_weights",
+    "describe_initialisation",
     "discover_classes",
     "make_datasets",
     "room_for_every_box",
@@ -227,6 +231,109 @@ def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[FasterR
     load_model_weights(model, checkpoint, path)
     model.meta = checkpoint["meta"]
     return model.to(device).eval(), checkpoint
+
+
+# The model settings that shape a network's weights: what ``weights`` takes from its
+# checkpoint (where the settings keep the preset's value), as flat names and config paths.
+NETWORK_SETTINGS = {
+    "fpn_channels": ("backbone", "out_channels"),
+    "fpn_levels": ("backbone", "fpn_levels"),
+    "norm": ("norm",),
+    "roi_size": ("roi_size",),
+    "box_regression": ("box_regression",),
+}
+
+
+def read_weights_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint that ``weights`` names, checked before anything is written: a
+    ``train`` checkpoint with a model configuration and class names.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a truncated or foreign file, or one without configuration or classes.
+    """
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    if not checkpoint.get("config") or not (checkpoint.get("meta") or {}).get("class_names"):
+        raise ValueError(
+            f"--weights {path}: no model configuration or class names in it; give a "
+            "checkpoint.pt or best.pt written by `detector_cli.py train`"
+        )
+    return checkpoint
+
+
+def with_network_of(settings: Settings, checkpoint: Mapping[str, Any]) -> Settings:
+    """``settings`` with each ``NETWORK_SETTINGS`` entry still at its preset value (for this
+    data) replaced by the checkpoint's, so that its weights fit; values you set win."""
+    config = FasterRCNN.complete_config(checkpoint["config"])
+    preset, flat = preset_for(settings.data.dataset).flat(), settings.flat()
+    taken = {}
+    for name, path in NETWORK_SETTINGS.items():
+        value: Any = config
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is not None and flat[name] == preset[name]:
+            taken[name] = tuple(value) if isinstance(value, list) else value
+    return settings.replace(**taken)
+
+
+def start_from_weights(
+    model: FasterRCNN, checkpoint: Mapping[str, Any], classes: Sequence[str], path: str
+) -> str:
+    """Copy a checkpoint's weights into ``model`` where they fit; returns a line for the
+    setup printout.
+
+    Weights of the same name and shape are copied. The class-specific rows (the classifier's
+    ``C + 1`` rows, background first, and the box regressor's ``4 C``) are copied by class
+    name: a class the checkpoint knows keeps its rows, a new one starts fresh. Any other
+    weight whose shape differs (e.g. the RPN predictors, for another number of anchors per
+    location) starts fresh; one warning names them and the new classes.
+    """
+    saved, state = checkpoint["model"], model.state_dict()
+    old = list(checkpoint["meta"]["class_names"])
+    rows = {f"cls_pred.{len(model.cls_pred) - 1}.{p}": (1, 1) for p in ("weight", "bias")}
+    if model.box_regression:
+        rows |= {f"box_pred.{p}": (0, 4) for p in ("weight", "bias")}
+    fresh, copied = [], 0
+    for name, tensor in state.items():
+        source = saved.get(name)
+        if name in rows and source is not None and source.shape[1:] == tensor.shape[1:]:
+            lead, per = rows[name]
+            target = tensor.clone()
+            target[:lead] = source[:lead]
+            for i, cls in enumerate(classes):
+                if cls in old:
+                    j = old.index(cls)
+                    target[lead + i * per : lead + (i + 1) * per] = source[
+                        lead + j * per : lead + (j + 1) * per
+                    ]
+            state[name], copied = target, copied + 1
+        elif source is not None and source.shape == tensor.shape:
+            state[name], copied = source, copied + 1
+        else:
+            fresh.append(name)
+    model.load_state_dict(state)
+    new = [c for c in classes if c not in old]
+    if fresh or new:
+        layers = sorted({name.rsplit(".", 1)[0] for name in fresh})
+        warnings.warn(
+            f"--weights {path}: "
+            + (f"layers whose shape differs start fresh: {', '.join(layers)}" if layers else "")
+            + ("; " if layers and new else "")
+            + (f"classes it was not trained on start fresh: {', '.join(new)}" if new else ""),
+            stacklevel=3,
+        )
+    kept = len(classes) - len(new)
+    return (f"the weights of {path} ({copied} of {len(state)} tensors; {kept} of "
+            f"{len(classes)} classes known to it)")  # fmt: skip
+
+
+def describe_initialisation(model: FasterRCNN, settings: Settings) -> str:
+    """Where a new model's weights come from, in words (without ``weights``)."""
+    if model.backbone.imagenet_weights:
+        return "ImageNet weights for the RegNet-X-400MF trunk; FPN and heads random"
+    if settings.model.backbone.pretrained:
+        return "random: the ImageNet weights could not be loaded (offline? see the warning)"
+    return "random (--no-pretrained)"
 
 
 def _training_model(settings: Settings, classes: list[str], fit: AnchorFit | None) -> FasterRCNN:
@@ -637,10 +744,11 @@ def eval_period(settings: Settings) -> int:
 
 def describe_setup(
     settings: Settings, scales: Sequence[int] | None, requested: Settings | None = None,
-    iterations_per_epoch: int | None = None,
+    iterations_per_epoch: int | None = None, initialisation: str | None = None,
 ) -> str:  # fmt: skip
     """What ``train`` chose, in a few lines: sizes, batches, transforms, anchors, schedule (in
-    iterations, and in epochs given ``iterations_per_epoch``), validation.
+    iterations, and in epochs given ``iterations_per_epoch``), validation, and where the
+    weights start (``initialisation``, when given).
     Settings whose default depends on the data and that still have the value of the preset
     for this data (``preset_for``) in ``requested`` (the settings before ``auto`` values were
     settled; default ``settings``) are marked with ``*``."""
@@ -684,6 +792,7 @@ def describe_setup(
         f"{train.grad_clip if train.grad_clip else 'off'}, {train.max_iters} iterations"
         f"{_epochs_text(train.max_iters, iterations_per_epoch)}, batch {train.batch_size}",
         f"  validation{mark('eval_period')}: " + _describe_validation(settings),
+        *([f"  initialisation: {initialisation}"] if initialisation else []),
     ])  # fmt: skip
 
 
@@ -832,13 +941,19 @@ def _confident_samples(
 def train(settings: Settings) -> dict | None:
     """Train as ``settings`` say, then (on rank 0) evaluate on the val split and write the
     report into ``settings.out``: checkpoint.pt, loss.png, ap_per_class.png, detections.png,
-    metrics.json. Runs under ``torchrun`` too (``batch_size`` is the global batch).
+    metrics.json (and, validating while training, best.pt, results.csv, results.png). With
+    ``weights``, the model starts from that checkpoint (``start_from_weights``). Runs under
+    ``torchrun`` too (``batch_size`` is the global batch).
 
     Returns:
         The metrics (``evaluate``'s, plus ``train_seconds``, ``iterations`` and
         ``final_loss``); None on the other ranks of a distributed run.
     """
-    eval_period(settings)  # a bad period or patience stops here, before anything is written
+    eval_period(settings)  # a bad period, patience or weights file stops before any writing
+    weights = settings.train.weights
+    init_checkpoint = read_weights_checkpoint(weights) if weights else None
+    if init_checkpoint is not None:  # its network; no ImageNet download to overwrite
+        settings = with_network_of(settings, init_checkpoint).replace(pretrained=False)
     world, rank, device = init_distributed(settings.eval.device, settings.train.batch_size)
     out = _output_dir(settings.out)
     if rank == 0 and not settings.train.resume:
@@ -852,9 +967,14 @@ def train(settings: Settings) -> dict | None:
         warn_classes_without_boxes(train_data, classes)
         _record_held_out_split(train_data, val, out)
     fit = fit_training_anchors(settings, train_data, classes, report=rank == 0)
-    if rank == 0:
-        print(describe_setup(settings, scales, requested, epoch_iters(settings, train_data)))
     model = _training_model(settings, classes, fit)
+    if init_checkpoint is not None:
+        initialisation = start_from_weights(model, init_checkpoint, classes, str(weights))
+    else:
+        initialisation = describe_initialisation(model, settings)
+    if rank == 0:
+        print(describe_setup(settings, scales, requested, epoch_iters(settings, train_data),
+                             initialisation))  # fmt: skip
     validation = _validation(settings, val, classes, device)
     start = time.time()
     history = _run_training(settings, model, train_data, scales, world, rank, device, validation)

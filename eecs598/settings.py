@@ -446,6 +446,12 @@ class DataSettings(SettingsGroup):
 class TrainSettings(SettingsGroup):
     """The optimisation, how training images become batches, and how the run executes."""
 
+    weights: str | None = setting(
+        None, "start from this checkpoint's weights (fine-tuning, on the same or other classes): "
+        "its network settings (FPN channels and levels, norm, RoI size, box regression) are "
+        "used where you keep the default; layers whose shape differs start fresh",
+        parse=str,
+    )  # fmt: skip
     max_iters: int = setting(9000, "SGD iterations")
     epochs: int | None = setting(
         None, "train for N epochs instead of --max-iters: an epoch is one pass over the "

@@ -76,6 +76,20 @@ def test_pretrained_failure_warns_once_and_continues(monkeypatch):
         warnings.simplefilter("error")
         DetectorBackboneWithFPN(out_channels=16, pretrained=True)  # no second warning
     assert model(torch.randn(1, 3, 64, 64))["p5"].shape == (1, 16, 2, 2)
+    assert model.imagenet_weights is False
+
+
+def test_imagenet_weights_say_whether_they_were_loaded(monkeypatch):
+    """With the weights available (here: a stand-in that accepts them), the backbone says so;
+    not asked for, it says it has none."""
+
+    def cached(*args, weights=None, **kwargs):
+        return original(*args, weights=None, **kwargs)  # as if the file were in the cache
+
+    original = torchvision.models.regnet_x_400mf
+    monkeypatch.setattr(torchvision.models, "regnet_x_400mf", cached)
+    assert DetectorBackboneWithFPN(out_channels=16, pretrained=True).imagenet_weights is True
+    assert DetectorBackboneWithFPN(out_channels=16, pretrained=False).imagenet_weights is False
 
 
 def test_location_coords_notebook_p5():

@@ -215,6 +215,33 @@ def test_clear_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_train_from_weights_takes_the_checkpoints_network_and_says_so(demo_run, tmp_path, capsys):
+    """The demo's checkpoint (16 FPN channels, 5 shape classes) fine-tuned on the shapes: the
+    network settings come from it, the setup names the file. The anchors are fitted to the
+    data again (three per location in the demo, another count here): the RPN's predictors
+    start fresh, named in the warning."""
+    at = TINY.index("--fpn-channels")
+    tiny = TINY[:at] + TINY[at + 2 :]  # the checkpoint's channels, not a flag
+    args = ["train", "--dataset", "shapes", "--data-dir", str(demo_run / "data"), "--out",
+            str(tmp_path), "--weights", str(demo_run / "checkpoint.pt"), *tiny,
+            "--max-iters", "1", "--eval-period", "0"]  # fmt: skip
+    with pytest.warns(
+        UserWarning, match="start fresh: rpn.pred_net.pred_box, rpn.pred_net.pred_obj"
+    ):
+        assert detector_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"initialisation: the weights of {demo_run / 'checkpoint.pt'}" in printed
+    assert "5 of 5 classes known to it" in printed and "model: FPN 16 channels" in printed
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["backbone"]["out_channels"] == 16
+
+
+def test_the_setup_says_how_the_weights_start(tmp_path, capsys):
+    args = ["train", "--dataset", "shapes", "--data-dir", str(tmp_path / "data"), "--out",
+            str(tmp_path / "run"), *TINY, "--max-iters", "1", "--eval-period", "0"]  # fmt: skip
+    assert detector_cli.main([*args, "--no-pretrained"]) == 0
+    assert "initialisation: random (--no-pretrained)" in capsys.readouterr().out
+
+
 def test_epochs_or_max_iters_not_both(tmp_path, capsys):
     args = ["train", "--dataset", "shapes", "--out", str(tmp_path), "--epochs", "2"]
     assert detector_cli.main([*args, "--max-iters", "10"]) == 1

@@ -363,3 +363,72 @@ def test_a_coco_export_without_val_dataset_holds_out_part_and_train_saves_the_sp
     printed = capsys.readouterr().out
     assert f"validating on 2 held-out images ({', '.join(val.image_ids)})" in printed
     assert "Dataset: 18 train / 2 val images" in printed
+
+
+# ---- starting from a trained checkpoint (--weights) -------------------------------------------
+
+
+def _checkpoint_of(model, classes) -> dict:
+    return {"model": model.state_dict(), "config": model.config,
+            "meta": {"class_names": list(classes)}}  # fmt: skip
+
+
+def test_start_from_weights_keeps_known_classes_rows_and_names_what_starts_fresh():
+    torch.manual_seed(0)
+    old = recipe.build_detector(3, fpn_channels=16, pretrained=False, box_regression=True)
+    checkpoint = _checkpoint_of(old, ["cat", "dog", "fox"])
+    # Other classes, and two anchor ratios per location instead of three.
+    new = recipe.build_detector(3, fpn_channels=16, pretrained=False, box_regression=True,
+                                anchor_aspect_ratios=(0.5, 2.0))  # fmt: skip
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    with pytest.warns(UserWarning) as caught:
+        line = recipe.start_from_weights(new, checkpoint, ["fox", "cat", "owl"], "a.pt")
+    text = str(caught[0].message)
+    assert (
+        "layers whose shape differs start fresh: rpn.pred_net.pred_box, rpn.pred_net.pred_obj"
+        in text
+    )
+    assert "classes it was not trained on start fresh: owl" in text
+    assert "2 of 3 classes known to it" in line
+    saved, now = checkpoint["model"], new.state_dict()
+    cls = f"cls_pred.{len(new.cls_pred) - 1}.weight"
+    assert torch.equal(now[cls][0], saved[cls][0])  # background
+    assert torch.equal(now[cls][1], saved[cls][3]) and torch.equal(now[cls][2], saved[cls][1])
+    assert torch.equal(now[cls][3], before[cls][3])  # owl: fresh
+    assert torch.equal(now["box_pred.weight"][0:4], saved["box_pred.weight"][8:12])  # fox
+    assert torch.equal(now["box_pred.weight"][8:12], before["box_pred.weight"][8:12])  # owl
+    assert torch.equal(now["rpn.pred_net.pred_obj.weight"], before["rpn.pred_net.pred_obj.weight"])
+    for name, value in now.items():  # everything else is the checkpoint's
+        if not name.startswith(("rpn.pred_net.pred_", "cls_pred.", "box_pred")):
+            assert torch.equal(value, saved[name]), name
+
+
+def test_weights_bring_their_network_settings_unless_set(tmp_path):
+    model = recipe.build_detector(2, fpn_channels=16, pretrained=False, norm="none")
+    checkpoint = _checkpoint_of(model, ["a", "b"])
+    settings = OWN_DATA.replace(dataset="some/folder")
+    taken = recipe.with_network_of(settings, checkpoint)
+    assert (taken.model.backbone.out_channels, taken.model.norm) == (16, "none")
+    assert taken.model.heads.box_regression is False  # the checkpoint's, over the preset's
+    mine = recipe.with_network_of(settings.replace(fpn_channels=32), checkpoint)
+    assert mine.model.backbone.out_channels == 32  # set by the user: kept
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign"])
+def test_bad_weights_file_is_named_and_nothing_is_written(tmp_path, kind, capsys):
+    path = tmp_path / "w.pt"
+    if kind == "truncated":
+        model = recipe.build_detector(2, fpn_channels=16, pretrained=False)
+        torch.save(_checkpoint_of(model, ["a", "b"]), path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "foreign":
+        torch.save({"model": {}, "something": 1}, path)
+    out = tmp_path / "run"
+    code = detector_cli.main(["train", "--dataset", "shapes", "--weights", str(path),
+                              "--out", str(out)])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and not out.exists()
+    expected = {"missing": "No checkpoint at", "truncated": "truncated, corrupt",
+                "foreign": "no model configuration or class names"}[kind]  # fmt: skip
+    assert expected in err
