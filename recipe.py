@@ -1152,7 +1152,9 @@ def predict(
         except CorruptImageError as err:
             raise ValueError(f"Cannot read image {path}: {err.__cause__}") from err
         tensor, (sx, sy) = preprocess_image(image, size)
-        boxes, labels, scores = _detect(model, tensor, settings, device, conf)
+        boxes, labels, scores = _detect(model, tensor, settings, device, conf - 1e-6)
+        keep = scores >= conf  # at or above (the model keeps scores above its threshold)
+        boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
         boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])  # back to original pixels
         pred = torch.cat([boxes, labels.cpu()[:, None].float(), scores.cpu()[:, None]], dim=1)
         fig = detection_visualizer(to_tensor(image), classes, pred=pred, show=False)

@@ -9,8 +9,7 @@ as ignore regions), each pointing at a part of the detector:
    ``Miss`` at the RPN and its anchors, ``Cls`` at the classifier, ``Dupe`` at NMS.
 2. **A confusion matrix** over the classes plus background (:func:`confusion_matrix`).
 3. **Precision-recall curves and F1 against the score threshold**, per class and over all
-   classes, with the threshold of best F1 (:func:`best_f1`): the value for ``predict
-   --score-thresh``.
+   classes, with the threshold of best F1 (:func:`best_f1`): the value for ``predict --conf``.
 4. **Per image** counts and a gallery of the worst images (:func:`per_image_counts`,
    :func:`plot_worst_images`).
 
@@ -661,7 +660,7 @@ def pr_curves(a: ErrorAnalysis) -> dict[str, tuple[np.ndarray, ...]]:
 
 def best_f1(a: ErrorAnalysis) -> tuple[BestF1, dict[str, BestF1]]:
     """``(overall, per class)``: the threshold of best F1 over all scored classes pooled (the
-    one value for ``predict --score-thresh``) and for each class."""
+    one value for ``predict --conf``) and for each class."""
     curves = pr_curves(a)
     overall = _best(curves.pop(""))
     return overall, {name: _best(curve) for name, curve in curves.items()}
@@ -867,21 +866,20 @@ def plot_worst_images(
 
 
 def _thresh_text(threshold: float) -> str:
-    """The largest multiple of 0.001 below a best-F1 threshold (never below 0): the detector
-    keeps scores strictly above ``--score-thresh``, so the detection the threshold was read
-    at stays."""
+    """The largest multiple of 0.001 below a best-F1 threshold (never below 0), so that the
+    detection the threshold was read at stays whatever the rounding."""
     return f"{max(np.ceil(threshold * 1000.0) - 1.0, 0.0) / 1000.0:.3f}"
 
 
 def f1_text(overall: BestF1, per_class: Mapping[str, BestF1]) -> str:
-    """The best-F1 thresholds as text, the overall one as a ``predict --score-thresh`` value."""
+    """The best-F1 thresholds as text, the overall one as a ``predict --conf`` value."""
     if overall.threshold is None:
         lines = ["Best F1: no threshold gives a true positive, so none to suggest."]
     else:
         lines = [
             f"Best F1 over all classes: {overall.f1:.3f} (precision {overall.precision:.3f}, "
             f"recall {overall.recall:.3f}) at score >= {overall.threshold:.4g}: "
-            f"use predict --score-thresh {_thresh_text(overall.threshold)}"
+            f"use predict --conf {_thresh_text(overall.threshold)}"
         ]
     for name, best in per_class.items():
         at = "no true positive" if best.threshold is None else (

@@ -461,7 +461,7 @@ def test_write_error_report_writes_every_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ALL_TYPES:
         assert re.search(rf"^{name} +\d+\.\d\d +\d+$", printed, flags=re.M), name
-    assert "at score >= 0.7: use predict --score-thresh 0.699" in printed
+    assert "at score >= 0.7: use predict --conf 0.699" in printed
     for name in (*FILES, "worst.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     report = json.loads((tmp_path / "errors.json").read_text())
@@ -529,7 +529,7 @@ def test_recipe_evaluation_writes_the_analysis(tmp_path, capsys):
     metrics = recipe.evaluate_and_report(Fixed(), val, ["a", "b"], tmp_path, settings, "cpu")
     printed = capsys.readouterr().out
     # Scores are float32 (0.9 is 0.89999998): the suggestion stays below it.
-    assert "Bkg" in printed and "use predict --score-thresh 0.899" in printed
+    assert "Bkg" in printed and "use predict --conf 0.899" in printed
     for name in (*FILES, "worst.png", "metrics.json"):
         assert (tmp_path / name).is_file(), name
     errors = json.loads((tmp_path / "metrics.json").read_text())["errors"]
