@@ -26,7 +26,9 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
   loaded from below, by ``python -m eecs598.mean_ap --errors`` inside its command line.
 - :mod:`eecs598.checkpoint`: the checkpoint format and its loading.
 - :mod:`eecs598.training`: ``train_detector`` and its parts.
-- :mod:`eecs598.inference`: ``inference_with_detector``.
+- :mod:`eecs598.inference`: ``inference_with_detector``; ``score_detector`` (quiet, batched).
+- :mod:`eecs598.validation`: validation while training (``PeriodicValidation``: results.csv,
+  best.pt, results.png, patience).
 - :mod:`eecs598.submit`: ``make_a4_submission`` zips the deliverables.
 
 Why this cut: each module answers one question a reader brings (how is an image read? how are
@@ -69,6 +71,7 @@ _SUBMODULES = frozenset(
         "submit",
         "training",
         "utils",
+        "validation",
         "voc",
         "voc2007",
     }
