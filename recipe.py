@@ -962,16 +962,13 @@ def train(settings: Settings) -> dict | None:
     requested = settings
     settings, train_data, val, classes, scales = training_datasets(settings, world, rank)
     if rank == 0:
-        print(f"Dataset: {len(train_data)} train / {len(val)} val images, "
-              f"classes: {', '.join(classes)}")  # fmt: skip
-        warn_classes_without_boxes(train_data, classes)
-        _record_held_out_split(train_data, val, out)
+        _describe_data(train_data, val, classes, out)
     fit = fit_training_anchors(settings, train_data, classes, report=rank == 0)
     model = _training_model(settings, classes, fit)
-    if init_checkpoint is not None:
-        initialisation = start_from_weights(model, init_checkpoint, classes, str(weights))
-    else:
-        initialisation = describe_initialisation(model, settings)
+    initialisation = (
+        describe_initialisation(model, settings) if init_checkpoint is None
+        else start_from_weights(model, init_checkpoint, classes, str(weights))
+    )  # fmt: skip
     if rank == 0:
         print(describe_setup(settings, scales, requested, epoch_iters(settings, train_data),
                              initialisation))  # fmt: skip
@@ -986,6 +983,18 @@ def train(settings: Settings) -> dict | None:
     metrics = evaluate_and_report(model, val, classes, out, settings, device)
     metrics.update(train_seconds=round(train_seconds, 1), iterations=len(history),
                    final_loss=history[-1] if history else None)  # fmt: skip
+    return _finish_report(metrics, validation, out)
+
+
+def _describe_data(train: Any, val: Any, classes: Sequence[str], out: Path) -> None:
+    """The printout's data lines: sizes and classes, classes without boxes, a held-out split."""
+    print(f"Dataset: {len(train)} train / {len(val)} val images, classes: {', '.join(classes)}")
+    warn_classes_without_boxes(train, classes)
+    _record_held_out_split(train, val, out)
+
+
+def _finish_report(metrics: dict, validation: PeriodicValidation, out: Path) -> dict:
+    """Add the best validation to ``metrics``, write metrics.json, say where everything is."""
     kept = ["checkpoint.pt (the last)"]
     if validation.rows:
         best = validation.best
