@@ -1089,7 +1089,9 @@ def evaluate(checkpoint: str | os.PathLike, data: Settings | str | None = None) 
         checkpoint: a checkpoint.pt written by ``train``.
         data: settings (``data`` and ``eval`` are used), or just the dataset (a VOC-layout
             folder, a COCO .json, voc2007 or shapes) with the preset's settings and the
-            output folder ``EVALUATE_OUT``; default: the shapes data.
+            output folder ``EVALUATE_OUT``; default: the shapes data. What is scored: the
+            ``val_dataset`` when given, else the dataset named (a COCO JSON whole, a folder's
+            ``val_split`` list, or every image of a folder without lists).
 
     Returns:
         The metrics (``mAP``, ``ap`` per class, COCO-style ``coco`` stats, ...).
@@ -1097,6 +1099,11 @@ def evaluate(checkpoint: str | os.PathLike, data: Settings | str | None = None) 
     if data is None or isinstance(data, str):
         data = preset_for(data or "shapes").replace(out=EVALUATE_OUT)
     settings = data
+    named = settings.data
+    if not named.val_dataset and named.dataset not in ("voc2007", "shapes"):
+        # The data named is the data scored: a whole COCO JSON, a folder's val list, or all
+        # of a folder without lists (nothing is held out, as for training).
+        settings = settings.replace(val_dataset=named.dataset, val_images=named.images)
     model, saved = load_detector(checkpoint, settings.eval.device)
     meta = saved["meta"]
     classes = list(meta["class_names"])

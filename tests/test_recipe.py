@@ -363,6 +363,10 @@ def test_a_coco_export_without_val_dataset_holds_out_part_and_train_saves_the_sp
     printed = capsys.readouterr().out
     assert f"validating on 2 held-out images ({', '.join(val.image_ids)})" in printed
     assert "Dataset: 18 train / 2 val images" in printed
+    # evaluate scores the data it is given, all of it: nothing is held out there.
+    scored = recipe.evaluate(out / "checkpoint.pt", OWN_DATA.replace(
+        dataset=str(coco), out=str(tmp_path / "eval"), workers=0))  # fmt: skip
+    assert scored["num_val_images"] == 20
 
 
 # ---- starting from a trained checkpoint (--weights) -------------------------------------------
