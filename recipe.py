@@ -993,10 +993,10 @@ def _describe_data(train: Any, val: Any, classes: Sequence[str], out: Path) -> N
     _record_held_out_split(train, val, out)
 
 
-def _finish_report(metrics: dict, validation: PeriodicValidation, out: Path) -> dict:
+def _finish_report(metrics: dict, validation: PeriodicValidation | None, out: Path) -> dict:
     """Add the best validation to ``metrics``, write metrics.json, say where everything is."""
     kept = ["checkpoint.pt (the last)"]
-    if validation.rows:
+    if validation is not None and validation.rows:
         best = validation.best
         metrics["best"] = {"iteration": int(best["iteration"]), "mAP": best["val_map50"]}
         kept += [f"{BEST_CHECKPOINT} (iteration {int(best['iteration'])}, val mAP@0.5 "
@@ -1040,9 +1040,13 @@ def _keep_previous_run(out: Path) -> None:
               "continue that run instead).")  # fmt: skip
 
 
-def _validation(settings: Settings, val: Any, classes: Sequence[str], device: str) -> Any:
+def _validation(
+    settings: Settings, val: Any, classes: Sequence[str], device: str
+) -> PeriodicValidation | None:
     """The ``eval_period`` hook: scores ``val`` in ``VAL_BATCH_SIZE`` batches (see
-    ``eecs598.validation.PeriodicValidation``)."""
+    ``eecs598.validation.PeriodicValidation``); None without validation while training."""
+    if not eval_period(settings):
+        return None
     return PeriodicValidation(
         val_loader(val, VAL_BATCH_SIZE, settings.data.workers), list(classes),
         Path(settings.out), eval_period(settings), settings.train.patience,

@@ -239,7 +239,11 @@ def test_the_setup_says_how_the_weights_start(tmp_path, capsys):
     args = ["train", "--dataset", "shapes", "--data-dir", str(tmp_path / "data"), "--out",
             str(tmp_path / "run"), *TINY, "--max-iters", "1", "--eval-period", "0"]  # fmt: skip
     assert detector_cli.main([*args, "--no-pretrained"]) == 0
-    assert "initialisation: random (--no-pretrained)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "initialisation: random (--no-pretrained)" in printed
+    assert "validation*: after training only" not in printed  # set by the flag, not the preset
+    assert "validation: after training only" in printed
+    assert not (tmp_path / "run" / "results.csv").exists()  # no validation, no table
 
 
 def test_epochs_or_max_iters_not_both(tmp_path, capsys):
