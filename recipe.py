@@ -155,6 +155,9 @@ HELD_OUT_SEED = 0
 # iteration); images per validation batch.
 AUTO_EVALUATIONS = 10
 VAL_BATCH_SIZE = 8
+# `eval_period="auto"`: the most the evaluations may cost, as a share of the training time
+# (the period grows when they would cost more: large val images, a fast training step).
+AUTO_EVAL_BUDGET = 0.1
 
 
 # ---------------------------------------------------------------------------------- model
@@ -1047,10 +1050,11 @@ def _validation(
     ``eecs598.validation.PeriodicValidation``); None without validation while training."""
     if not eval_period(settings):
         return None
+    budget = AUTO_EVAL_BUDGET if settings.train.eval_period == "auto" else 0.0
     return PeriodicValidation(
         val_loader(val, VAL_BATCH_SIZE, settings.data.workers), list(classes),
         Path(settings.out), eval_period(settings), settings.train.patience,
-        settings.eval.score_thresh, settings.eval.nms_thresh, device,
+        settings.eval.score_thresh, settings.eval.nms_thresh, device, budget,
     )  # fmt: skip
 
 

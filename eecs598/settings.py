@@ -500,8 +500,8 @@ class TrainSettings(SettingsGroup):
     log_period: int = setting(50, "print the losses every N iterations")
     eval_period: int | str = setting(
         0, "evaluate mAP@0.5 on the val split every N iterations and at the end, keeping "
-        "OUT/results.csv, OUT/best.pt and OUT/results.png (auto: ten times a run; 0: only "
-        "once, after training)",
+        "OUT/results.csv, OUT/best.pt and OUT/results.png (auto: ten times a run, fewer where "
+        "that would cost over 10% of the training time; 0: only once, after training)",
         parse=eval_period_value,
     )  # fmt: skip
     patience: int = setting(

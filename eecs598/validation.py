@@ -15,15 +15,21 @@ Every ``period`` iterations (and after the last) it scores the detector on a val
 - ``results.png``: the losses and val mAP@0.5 against the iteration.
 
 With ``patience`` K > 0 it stops training after K evaluations in a row without a higher val
-mAP@0.5 and says so. A resumed run (``begin(start_iter)``) keeps the rows up to
-``start_iter`` (later ones belong to the iterations about to be trained again) and takes its
-best score and patience count from them.
+mAP@0.5 and says so. With a ``budget`` (a share of the training time, e.g. 0.1) the period is
+a starting point: after each evaluation, when the evaluations still due at that period would
+take the run's evaluation time over the budget (measured: seconds per training iteration and
+per evaluation so far), the period grows so that they fit, and a line says so.
+
+A resumed run (``begin(start_iter)``) keeps the rows up to ``start_iter`` (later ones belong
+to the iterations about to be trained again) and takes its best score and patience count from
+them.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +67,8 @@ class PeriodicValidation:
         patience: stop after this many evaluations without a higher val mAP@0.5 (0: never).
         score_thresh, nms_thresh: the detector's test thresholds while scoring.
         device: where the batches go.
+        budget: the most the evaluations may cost, as a share of the training time (0: keep
+            ``period`` whatever they cost).
     """
 
     loader: Iterable
@@ -71,7 +79,11 @@ class PeriodicValidation:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     device: str | torch.device = "cpu"
+    budget: float = 0.0
     rows: list[dict[str, float]] = field(default_factory=list)
+    _start_iter: int = 0
+    _eval_seconds: float = 0.0  # spent evaluating since begin()
+    _evaluations: int = 0
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -94,6 +106,7 @@ class PeriodicValidation:
         of the iterations already trained."""
         path = self.out_dir / RESULTS_CSV
         self.rows = []
+        self._start_iter, self._eval_seconds, self._evaluations = start_iter, 0.0, 0
         if start_iter > 0 and path.is_file():
             with open(path, newline="") as f:
                 rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -127,7 +140,31 @@ class PeriodicValidation:
         self._write_rows()
         self._plot()
         print(self._line(row, improved), flush=True)
+        self._keep_to_budget(progress, row["val_seconds"])
         return self._out_of_patience()
+
+    def _keep_to_budget(self, progress: Progress, seconds: float) -> None:
+        """With a ``budget``: lengthen the period when the evaluations still due would cost
+        more than the budget allows (the last, at ``max_iters``, always runs)."""
+        train_seconds = progress.seconds - self._eval_seconds  # before this evaluation
+        self._eval_seconds += seconds
+        self._evaluations += 1
+        trained = progress.iteration - self._start_iter
+        remaining = progress.max_iters - progress.iteration
+        if not self.budget or trained <= 0 or train_seconds <= 0 or remaining <= 0:
+            return
+        per_evaluation = self._eval_seconds / self._evaluations
+        total_training = train_seconds / trained * (progress.max_iters - self._start_iter)
+        allowed = int((self.budget * total_training - self._eval_seconds) // per_evaluation)
+        due = (progress.max_iters - 1) // self.period - progress.iteration // self.period + 1
+        if due <= max(allowed, 1):
+            return
+        period = progress.max_iters if allowed <= 1 else math.ceil(remaining / (allowed - 1))
+        self.period = max(self.period, period)
+        print(f"[Val] an evaluation takes {per_evaluation:.1f} s, a training iteration "
+              f"{train_seconds / trained:.2f} s: evaluating every {self.period} iterations "
+              f"from here keeps them within {self.budget:.0%} of the training time.",
+              flush=True)  # fmt: skip
 
     def _recent_means(self, progress: Progress) -> dict[str, float]:
         """Each loss term and diagnostic averaged over the iterations since the last row."""

@@ -8,6 +8,7 @@ the notebook's one-image-at-a-time ``inference_with_detector`` gives.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -212,3 +213,26 @@ def test_validating_does_not_change_training(rectangles, tmp_path):
                                    validation=hook))  # fmt: skip
     assert len((tmp_path / "2" / "results.csv").read_text().splitlines()) == 1 + 2
     assert list(runs[0]) == list(runs[1])
+
+
+def test_a_budget_lengthens_the_period_when_evaluations_cost_too_much(rectangles, tmp_path,
+                                                                     capsys):  # fmt: skip
+    """Evaluations that cost more than the budget share of the (measured) training time make
+    the period grow; cheap ones leave it; without a budget it never changes."""
+    loader = recipe.val_loader(rectangles, batch_size=4, workers=0)
+
+    def after_first(budget: float, seconds_per_iteration: float) -> int:
+        hook = PeriodicValidation(loader, list(COLOURS), tmp_path / str(budget), period=10,
+                                  budget=budget)  # fmt: skip
+        hook.begin(0)
+        progress = fake_progress(RectangleFinder(), 10, [1.0] * 10, 10)
+        hook(dataclasses.replace(progress, max_iters=1000, seconds=10 * seconds_per_iteration))
+        return hook.period
+
+    # Training as good as free: every evaluation would blow the budget; only the last stays.
+    assert after_first(0.1, 1e-6) == 1000
+    assert "evaluating every 1000 iterations from here keeps them within 10%" in (
+        capsys.readouterr().out
+    )
+    assert after_first(0.1, 100.0) == 10  # cheap evaluations: the period stays
+    assert after_first(0.0, 1e-6) == 10  # no budget: the period stays
