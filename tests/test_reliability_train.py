@@ -354,7 +354,7 @@ CLI_TINY = [
     "--dataset", "shapes", "--num-train", "16", "--num-val", "4", "--image-size", "64",
     "--fpn-channels", "16", "--batch-size", "4", "--warmup-iters", "2", "--workers", "0",
     "--pre-nms-topk", "50", "--post-nms-topk", "20", "--no-progress", "--no-pretrained",
-    "--checkpoint-period", "2", "--log-period", "0",
+    "--checkpoint-period", "2", "--log-period", "0", "--eval-period", "1",
 ]  # fmt: skip
 
 
