@@ -539,7 +539,8 @@ class Progress:
 
 class ValidationHook(Protocol):
     """Called on rank 0 every ``period`` iterations and after the last; ``begin(start_iter)``
-    once before the loop (``start_iter > 0`` when resuming). Returns True to stop training."""
+    once before the loop (``start_iter > 0`` when resuming). Returns True to stop training.
+    It may change its ``period``; in a distributed run the other ranks' hooks get rank 0's."""
 
     period: int
 
@@ -734,19 +735,20 @@ def _after_step(run: _Run, state: _TrainState, log: LossLog, done: int, start_ti
 
 
 def _validate(run: _Run, state: _TrainState, done: int, start_time: float) -> bool:
-    """Call the validation hook on rank 0 (the others wait for its answer); whether to stop."""
-    stop = False
-    if run.main and run.validation is not None:
-        stop = bool(run.validation(Progress(
+    """Call the validation hook on rank 0; the others wait for its answer (whether to stop)
+    and take its period, which the hook may have changed. Returns whether to stop."""
+    stop, hook = False, run.validation
+    if run.main and hook is not None:
+        stop = bool(hook(Progress(
             iteration=done, max_iters=state.train_args["max_iters"], detector=run.detector,
             history=state.history, lr=state.optimizer.param_groups[0]["lr"],
             seconds=time.time() - start_time,
             checkpoint=lambda: state.checkpoint(run.detector, done),
         )))  # fmt: skip
-    if run.world > 1:
-        flag = torch.tensor([float(stop)], device=run.device)
-        torch.distributed.broadcast(flag, src=0)
-        stop = bool(flag.item())
+    if run.world > 1 and hook is not None:  # every rank must agree on when the next one is
+        answer = torch.tensor([float(stop), float(hook.period)], device=run.device)
+        torch.distributed.broadcast(answer, src=0)
+        stop, hook.period = bool(answer[0].item()), int(answer[1].item())
     return stop
 
 
