@@ -298,7 +298,7 @@ def get_fpn_location_coords(
     location_coords = {}
     for level, shape in shape_per_fpn_level.items():
         stride = strides_per_fpn_level[level]
-        height, width = int(shape[-2]), int(shape[-1])
+        height, width = shape[-2], shape[-1]
         ys = (torch.arange(height, dtype=dtype, device=device) + offset) * stride
         xs = (torch.arange(width, dtype=dtype, device=device) + offset) * stride
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -487,7 +487,7 @@ def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int] | torch.Tensor) 
     """
     if isinstance(image_size, torch.Tensor):
         upper = image_size.to(boxes).flip(-1).repeat(1, 2)  # (B, 4): W, H, W, H
-        upper = upper.view(len(upper), *([1] * (boxes.dim() - 2)), 4)
+        upper = upper.view(-1, *([1] * (boxes.dim() - 2)), 4)
     else:
         height, width = image_size
         upper = boxes.new_tensor([width, height, width, height])
@@ -870,7 +870,7 @@ def _pool_bins(
     Returns:
         (N, C, h, w) bin averages (channels-last memory layout).
     """
-    n, channels = len(base), table.shape[1]
+    n, channels = base.shape[0], table.shape[1]
     out_h, out_w = y_taps[0].shape[1] // grid, x_taps[0].shape[1] // grid
     # (N, h, w, grid_y, grid_x, 2, 2): every bin's samples times their 4 neighbours.
     y_index = y_taps[0].view(n, out_h, 1, grid, 1, 2, 1)
@@ -880,12 +880,12 @@ def _pool_bins(
     index = base.view(n, 1, 1, 1, 1, 1, 1) + y_index * width.view(n, 1, 1, 1, 1, 1, 1) + x_index
     weight = y_weight * x_weight * (valid.view(n, 1, 1, 1, 1, 1, 1) / grid**2)
     taps = grid * grid * 4
-    pooled = F.embedding_bag(
-        index.reshape(-1, taps),
-        table,
-        per_sample_weights=weight.reshape(-1, taps).to(table.dtype),
-        mode="sum",
-    )
+    index, weight = index.reshape(-1, taps), weight.reshape(-1, taps).to(table.dtype)
+    if torch.compiler.is_exporting():
+        # ONNX has no weighted bag sum (exporters loop over the bags): one gather and a sum.
+        pooled = (table[index] * weight[..., None]).sum(dim=1)
+    else:
+        pooled = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
     return pooled.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)
 
 

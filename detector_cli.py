@@ -1,4 +1,5 @@
-"""Command line for the two-stage detector: ``demo``, ``train``, ``evaluate`` and ``predict``.
+"""Command line for the two-stage detector: ``demo``, ``train``, ``evaluate``, ``predict`` and
+``export``.
 
     python detector_cli.py demo                      # offline: generate, train, evaluate
     python detector_cli.py train --dataset ../shared/datasets/bccd --out runs/bccd
@@ -6,10 +7,12 @@
         --val-dataset export/valid/_annotations.coco.json --out runs/mine
     python detector_cli.py evaluate runs/bccd/checkpoint.pt --dataset ../shared/datasets/bccd
     python detector_cli.py predict runs/bccd/checkpoint.pt images/ --out predictions/
+    python detector_cli.py export runs/bccd/checkpoint.pt --format onnx --out bccd.onnx
+    python detector_cli.py predict bccd.onnx images/    # onnxruntime, no torch model
 
 Each command resolves its settings and calls the recipe (``recipe.train``, ``recipe.evaluate``,
-``recipe.predict``). The flags, their help and their defaults come from the settings
-dataclasses in ``eecs598.settings``: a flag left out takes the value of the preset for the
+``recipe.predict``, ``recipe.export``). The flags, their help and their defaults come from the
+settings dataclasses in ``eecs598.settings``: a flag left out takes the value of the preset for the
 data (``NOTEBOOK`` for voc2007, ``OWN_DATA`` for anything else, ``DEMO`` for ``demo``). A
 checkpoint carries the model configuration, the class names and the image size, so
 ``evaluate`` and ``predict`` need no repeated flags.
@@ -32,6 +35,7 @@ from eecs598.settings import (
     OWN_DATA,
     DataSettings,
     EvalSettings,
+    ExportSettings,
     ModelSettings,
     PredictSettings,
     Settings,
@@ -47,6 +51,7 @@ GROUPS = {
     "model": (ModelSettings, "model: backbone, RPN and second stage"),
     "eval": (EvalSettings, "evaluation: how detections are made and kept"),
     "predict": (PredictSettings, "prediction: what is kept and written"),
+    "export": (ExportSettings, "export: the file written"),
 }
 # What each command takes: its settings groups and its own output folder.
 COMMANDS = {
@@ -54,6 +59,7 @@ COMMANDS = {
     "train": (("data", "train", "model", "eval"), OWN_DATA.out),
     "evaluate": (("data", "eval"), recipe.EVALUATE_OUT),
     "predict": (("eval", "predict"), recipe.PREDICT_OUT),
+    "export": (("eval", "export"), f"{recipe.EXPORT_NAME} beside the checkpoint"),
 }
 DATA_KINDS = "a VOC-layout folder, a COCO .json or shapes"
 
@@ -107,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     for command, (groups, out) in COMMANDS.items():
         p = sub.add_parser(command, help=HELP[command][0], description=HELP[command][1])
-        if command in ("evaluate", "predict"):
-            p.add_argument("checkpoint", help="a checkpoint.pt written by train or demo")
+        if command in ("evaluate", "predict", "export"):
+            what = " or a .onnx file written by export" if command == "predict" else ""
+            p.add_argument("checkpoint", help=f"a checkpoint.pt written by train or demo{what}")
         if command == "predict":
             p.add_argument("images", nargs="+", help="image files and/or folders")
-        p.add_argument("--out", default=argparse.SUPPRESS, help=f"output folder. Default: {out}")
+        kind = "the .onnx file (or a folder for it)" if command == "export" else "output folder"
+        p.add_argument("--out", default=argparse.SUPPRESS, help=f"{kind}. Default: {out}")
         for key in groups:
             cls, title = GROUPS[key]
             group = p.add_argument_group(title)
@@ -161,11 +169,17 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
     return recipe.predict(args.checkpoint, args.images, settings_from_args(args))
 
 
+def cmd_export(args: argparse.Namespace) -> Path:
+    """``recipe.export``: the checkpoint's detector as one ONNX graph."""
+    return recipe.export(args.checkpoint, getattr(args, "out", None), settings_from_args(args))
+
+
 RUNS: dict[str, Callable] = {
     "demo": cmd_train,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "export": cmd_export,
 }
 HELP = {
     "demo": (
@@ -193,7 +207,16 @@ HELP = {
     "predict": (
         "detect objects in image files or folders",
         "Writes <name>_pred.png with the detections drawn, and detections.json (boxes in the "
-        "original image's pixels).",
+        "original image's pixels). Takes a checkpoint, or a .onnx file from export (run by "
+        "onnxruntime, the same pre-processing and outputs).",
+    ),
+    "export": (
+        "export a checkpoint for deployment (ONNX, run by onnxruntime)",
+        "Writes the whole detector as one ONNX graph (opset 18, via torch.export): normalised "
+        "images of any batch size and size in; padded boxes, scores, classes and "
+        "num_detections out; the class names, image size and normalisation in its metadata. "
+        "--score-thresh and --nms-thresh are fixed in the graph. Needs onnx, onnxscript and "
+        "onnxruntime.",
     ),
 }
 

@@ -34,7 +34,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from eecs598.augment import (
 from eecs598.cache import CachedDetection
 from eecs598.checkpoint import load_checkpoint, load_model_weights
 from eecs598.coco import COCODetection
+from eecs598.deploy import OPSET, OnnxDetector, export_onnx
 from eecs598.files import atomic_write
 from eecs598.images import (
     IMAGE_EXTENSIONS,
@@ -119,6 +120,7 @@ __all__ = [
     "predict",
     "image_files",
     "predictions_as_coco",
+    "export",
 ]
 
 # What `train` records in the checkpoint's meta about how it fed the model.
@@ -135,6 +137,8 @@ SETUP_KEYS = (
 PRESIZE_BUDGET = 2 * 2**30
 # Where `evaluate` and `predict` write when no settings say (`train`: the settings' `out`).
 EVALUATE_OUT, PREDICT_OUT = "runs/evaluate", "runs/predict"
+# What `export` writes beside the checkpoint when no file is named.
+EXPORT_NAME = "model.onnx"
 # Candidate short sides of `image_size="auto"`, smallest first.
 AUTO_IMAGE_SIZES = (224, 256, 288, 320, 384, 448, 512, 576, 640)
 # `image_size="auto"`, the box rule: every class's median box at least this many pixels on
@@ -1161,13 +1165,11 @@ def predict(
         ``(x1, y1, x2, y2)`` in the original image's pixels.
     """
     settings = settings or preset_for("shapes").replace(out=PREDICT_OUT)
-    device, conf = settings.eval.device, settings.predict.conf
+    conf = settings.predict.conf
     if not 0.0 <= conf <= 1.0:
         raise ValueError(f"conf must be in [0, 1], got {conf}")
     plt = _pyplot()
-    model, saved = load_detector(checkpoint, device)
-    classes = list(saved["meta"]["class_names"])
-    size = _test_image_size(settings, saved["meta"])
+    detect, classes, size = _predictor(checkpoint, settings)
     out = _output_dir(settings.out)
     records, sizes = [], []
     for path, name in image_files(images):
@@ -1176,8 +1178,8 @@ def predict(
         except CorruptImageError as err:
             raise ValueError(f"Cannot read image {path}: {err.__cause__}") from err
         tensor, (sx, sy) = preprocess_image(image, size)
-        boxes, labels, scores = _detect(model, tensor, settings, device, conf - 1e-6)
-        keep = scores >= conf  # at or above (the model keeps scores above its threshold)
+        boxes, labels, scores = detect(tensor)
+        keep = scores >= conf  # at or above (the models keep scores above their threshold)
         boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
         boxes = boxes.cpu() / torch.tensor([sx, sy, sx, sy])  # back to original pixels
         pred = torch.cat([boxes, labels.cpu()[:, None].float(), scores.cpu()[:, None]], dim=1)
@@ -1201,6 +1203,82 @@ def predict(
     print(f"{len(records)} images, {count} detections at score >= {conf:g}: {', '.join(written)} "
           f"and an annotated copy of each image (<name>_pred.png) in {out}/")  # fmt: skip
     return records
+
+
+def _predictor(
+    model_file: str | os.PathLike, settings: Settings
+) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, ...]], list[str], int]:
+    """``predict``'s model: a checkpoint, or an ONNX file run by onnxruntime (``.onnx``).
+
+    Returns:
+        ``(detect, class_names, short_side)``: ``detect`` maps a preprocessed (3, H, W) image
+        to ``(boxes, classes, scores)`` with every detection scored above ``conf`` (and a few
+        just below it), at the evaluation NMS threshold.
+
+    Raises:
+        ValueError: an ONNX model exported with a score threshold above ``conf``, or another
+            NMS threshold than the settings' (fixed in its graph).
+    """
+    conf, nms_thresh = settings.predict.conf, settings.eval.nms_thresh
+    if Path(model_file).suffix.lower() != ".onnx":
+        model, saved = load_detector(model_file, settings.eval.device)
+
+        def detect(image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return _detect(model, image, settings, settings.eval.device, conf - 1e-6)
+
+        return detect, list(saved["meta"]["class_names"]), _test_image_size(settings, saved["meta"])
+    onnx_model = OnnxDetector(model_file)
+    if conf < onnx_model.score_thresh or nms_thresh != onnx_model.nms_thresh:
+        raise ValueError(
+            f"{model_file} was exported with --score-thresh {onnx_model.score_thresh:g} and "
+            f"--nms-thresh {onnx_model.nms_thresh:g}, fixed in its graph: predict with "
+            f"--conf {onnx_model.score_thresh:g} or more and --nms-thresh "
+            f"{onnx_model.nms_thresh:g}, or export again with the thresholds you want"
+        )
+    size = settings.eval.test_image_size or onnx_model.image_size
+    return onnx_model.detect, onnx_model.class_names, size
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    settings: Settings | None = None,
+) -> Path:
+    """Export a checkpoint's whole detector to ONNX (``eecs598.deploy``): one graph from
+    normalised images to padded detections, with the class names, the image size and the
+    normalisation in its metadata.
+
+    Args:
+        checkpoint: a checkpoint written by ``train`` (any format ``load_detector`` reads).
+        out: the .onnx file (a folder: ``EXPORT_NAME`` in it); default: ``EXPORT_NAME``
+            beside the checkpoint.
+        settings: ``eval`` gives the thresholds fixed in the graph (``score_thresh``,
+            ``nms_thresh``), the image size stored (``test_image_size``, default the
+            checkpoint's) and the device traced on; ``export.format`` must be ``onnx``.
+
+    Returns:
+        The path written.
+    """
+    settings = settings or preset_for("shapes")
+    if settings.export.format != "onnx":
+        raise ValueError(f"export format must be onnx, got {settings.export.format!r}")
+    path = Path(out) if out is not None else Path(checkpoint).with_name(EXPORT_NAME)
+    if path.is_dir():
+        path = path / EXPORT_NAME
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"--out must name a .onnx file (or a folder), got {path}")
+    model, saved = load_detector(checkpoint, settings.eval.device)
+    meta = saved["meta"]
+    classes, size = list(meta["class_names"]), _test_image_size(settings, meta)
+    start = time.perf_counter()
+    export_onnx(
+        model, path, {"class_names": classes, "image_size": size},
+        settings.eval.score_thresh, settings.eval.nms_thresh,
+    )  # fmt: skip
+    print(f"Exported {checkpoint} to {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - start:.0f} s): ONNX opset {OPSET}, {len(classes)} classes, "
+          f"short side {size} px. Run it with `predict {path} IMAGES`.")  # fmt: skip
+    return path
 
 
 def predictions_as_coco(

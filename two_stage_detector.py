@@ -13,7 +13,8 @@ The module reads top-down in the order the notebook teaches (sections 3.5 to 4.2
 8. ``FasterRCNN``: backbone, RPN, RoI pooling and the second-stage classifier (and optional
    box regression), trained end to end (4, 4.1).
 9. ``fast_rcnn_detections``: inference, per-class scores and boxes through class-specific NMS
-   (4.2); ``compile_detector`` compiles the model's fixed-shape parts.
+   (4.2), from ``padded_detections``, its fixed-shape form (``FasterRCNN.detect``, what an
+   export traces); ``compile_detector`` compiles the model's fixed-shape parts.
 
 Below this module, and re-exported here where the notebook or tests import them:
 
@@ -82,6 +83,8 @@ __all__ = [
     "fast_rcnn_losses",
     "FasterRCNN",
     "fast_rcnn_detections",
+    "padded_detections",
+    "unpad_detections",
     "compile_detector",
     "class_spec_nms",
     "BACKGROUND",
@@ -558,23 +561,36 @@ class RPN(nn.Module):
         shapes = {level: tuple(f.shape) for level, f in feats_per_fpn_level.items()}
         device = next(iter(feats_per_fpn_level.values())).device
         key = (tuple((k, s[-2:]) for k, s in shapes.items()), str(device), dtype)
+        if torch.compiler.is_compiling():  # symbolic shapes (torch.export) are not hashable
+            return self._make_anchors(shapes, strides_per_fpn_level, dtype, device)
         if key not in self._anchor_cache:
             if len(self._anchor_cache) > 32:
                 self._anchor_cache.clear()
-            locations = get_fpn_location_coords(
-                shapes, strides_per_fpn_level, dtype=dtype, device=device,
-                offset=self.anchor_offset,
-            )  # fmt: skip
-            self._anchor_cache[key] = {
-                level: generate_fpn_anchors(
-                    {level: level_locations},
-                    strides_per_fpn_level,
-                    self._stride_scale(level, strides_per_fpn_level[level]),
-                    self.anchor_aspect_ratios,
-                )[level]
-                for level, level_locations in locations.items()
-            }
+            self._anchor_cache[key] = self._make_anchors(
+                shapes, strides_per_fpn_level, dtype, device
+            )
         return self._anchor_cache[key]
+
+    def _make_anchors(
+        self,
+        shapes: dict[str, tuple],
+        strides_per_fpn_level: dict[str, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """``get_anchors``' ``{level: (H*W*A, 4)}`` for ``{level: (B, C, H, W)}`` shapes."""
+        locations = get_fpn_location_coords(
+            shapes, strides_per_fpn_level, dtype=dtype, device=device, offset=self.anchor_offset
+        )
+        return {
+            level: generate_fpn_anchors(
+                {level: level_locations},
+                strides_per_fpn_level,
+                self._stride_scale(level, strides_per_fpn_level[level]),
+                self.anchor_aspect_ratios,
+            )[level]
+            for level, level_locations in locations.items()
+        }
 
     def _stride_scale(self, level: str, stride: int) -> float | list[float]:
         """Anchor side(s) of ``level`` in strides: from ``anchor_sizes`` when set."""
@@ -973,28 +989,53 @@ class FasterRCNN(nn.Module):
         """
         gt_boxes = gt_boxes if self.training else None
         self._check_forward_inputs(images, gt_boxes)
-        image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
         if image_sizes is not None:
             checks.check_image_sizes(image_sizes, images)
+        if not self.training:
+            detections = unpad_detections(
+                *self.detect(images, image_sizes, test_score_thresh, test_nms_thresh)
+            )
+            return detections[0] if len(detections) == 1 else detections
+        image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
         feats = checks.run_backbone(self.backbone, images)
         proposals, proposed, rpn_losses = self._proposals(feats, gt_boxes, image_size)
-        rois, valid = proposals, proposed
-        if self.training:
-            rois, valid, matched, foreground = sample_training_rois(
-                proposals, proposed, gt_boxes, self.batch_size_per_image
-            )
+        rois, valid, matched, foreground = sample_training_rois(
+            proposals, proposed, gt_boxes, self.batch_size_per_image
+        )
         cls_logits, box_deltas = self._box_head(feats, rois, valid)
-        if not self.training:
-            detections = self.inference(
-                rois, valid, cls_logits, box_deltas, image_size,
-                test_score_thresh, test_nms_thresh,
-            )  # fmt: skip
-            return detections[0] if len(detections) == 1 else detections
         losses = self._losses(rois, valid, matched, foreground, cls_logits, box_deltas)
         self.training_stats = training_diagnostics(
             proposals, proposed, gt_boxes, valid, foreground, cls_logits
         )
         return {**rpn_losses, **losses}
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eval-mode detections in a padded layout of fixed shape: ``forward``'s inference
+        without its input checks and without a host-device sync, so that ``torch.export``
+        traces it whole for any batch size and image size (``eecs598.deploy`` exports it).
+
+        Args:
+            images, image_sizes: as ``forward``'s; score_thresh, nms_thresh: its
+                ``test_score_thresh`` and ``test_nms_thresh``.
+
+        Returns:
+            ``padded_detections``' ``(boxes (B, D, 4), classes (B, D), scores (B, D), mask
+            (B, D))``, ``D = detections_per_image``.
+        """
+        image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
+        feats = self.backbone(images)
+        proposals, valid, _ = self._proposals(feats, None, image_size)
+        cls_logits, box_deltas = self._box_head(feats, proposals, valid)
+        return self.inference(
+            proposals, valid, cls_logits, box_deltas, image_size, score_thresh, nms_thresh
+        )
 
     def check_inputs(
         self, images: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None
@@ -1095,11 +1136,11 @@ class FasterRCNN(nn.Module):
         image_size: tuple[int, int] | torch.Tensor,
         test_score_thresh: float | None = None,
         test_nms_thresh: float | None = None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Detections of every image from the second stage's outputs: ``fast_rcnn_detections``
-        with this model's box weights and ``detections_per_image``, thresholds defaulting to
-        0.05 (score) and 0.5 (class-specific NMS)."""
-        return fast_rcnn_detections(
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detections of every image from the second stage's outputs, padded:
+        ``padded_detections`` with this model's box weights and ``detections_per_image``,
+        thresholds defaulting to 0.05 (score) and 0.5 (class-specific NMS)."""
+        return padded_detections(
             proposals, valid, cls_logits, box_deltas, image_size,
             box_weights=self.box_weights,
             score_thresh=0.05 if test_score_thresh is None else test_score_thresh,
@@ -1135,7 +1176,43 @@ def fast_rcnn_detections(
     Returns:
         B tuples ``(boxes (N, 4), classes (N,) int64 in 0..C-1, scores (N,))``, best first.
     """
-    batch = len(valid)
+    return unpad_detections(*padded_detections(
+        proposals, valid, cls_logits, box_deltas, image_size, box_weights,
+        score_thresh, nms_thresh, detections_per_image,
+    ))  # fmt: skip
+
+
+def unpad_detections(
+    boxes: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``padded_detections``' (B, D, ...) outputs as B tuples ``(boxes (N_i, 4), classes
+    (N_i,), scores (N_i,))`` of the filled slots, with one host-device sync."""
+    counts = mask.sum(dim=1).tolist()
+    outputs = (unpad(t, mask, counts) for t in (boxes, classes, scores))
+    return list(zip(*outputs, strict=True))
+
+
+@torch.no_grad()
+def padded_detections(
+    proposals: torch.Tensor,
+    valid: torch.Tensor,
+    cls_logits: torch.Tensor,
+    box_deltas: torch.Tensor | None,
+    image_size: tuple[int, int] | torch.Tensor,
+    box_weights: Sequence[float],
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_image: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fast_rcnn_detections`` in a padded layout of fixed shape, without a host-device sync
+    (what an exported model returns).
+
+    Returns:
+        ``(boxes (B, D, 4), classes (B, D) int64, scores (B, D), mask (B, D) bool)`` with
+        ``D = detections_per_image``: each image's detections best first, then empty slots
+        (``mask`` False, zero boxes, scores and classes).
+    """
+    batch = valid.shape[0]
     num_classes = cls_logits.shape[-1] - 1
     scores = full_precision(cls_logits).softmax(dim=-1)[..., 1:]  # (B, R, C)
     if box_deltas is None:
@@ -1153,11 +1230,9 @@ def fast_rcnn_detections(
     index, mask = batched_nms_topk(
         boxes, scores, groups, candidate.reshape(batch, -1), nms_thresh, detections_per_image
     )
-    boxes, scores = gather_rows(boxes, index), gather_rows(scores, index)
-    classes = index % num_classes
-    counts = mask.sum(dim=1).tolist()  # the one host-device sync of the list outputs
-    outputs = (unpad(t, mask, counts) for t in (boxes, classes, scores))
-    return list(zip(*outputs, strict=True))
+    boxes = gather_rows(boxes, index) * mask[..., None]
+    scores = gather_rows(scores, index) * mask
+    return boxes, index % num_classes, scores, mask
 
 
 def compile_detector(detector: nn.Module, **options: Any) -> nn.Module:

@@ -29,6 +29,8 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
 - :mod:`eecs598.inference`: ``inference_with_detector``; ``score_detector`` (quiet, batched).
 - :mod:`eecs598.validation`: validation while training (``PeriodicValidation``: results.csv,
   best.pt, results.png, patience).
+- :mod:`eecs598.deploy`: the whole detector exported to ONNX (``export_onnx``) and run by
+  onnxruntime (``OnnxDetector``).
 - :mod:`eecs598.submit`: ``make_a4_submission`` zips the deliverables.
 
 Why this cut: each module answers one question a reader brings (how is an image read? how are
@@ -60,6 +62,7 @@ _SUBMODULES = frozenset(
         "checkpoint",
         "checks",
         "coco",
+        "deploy",
         "errors",
         "files",
         "grad",

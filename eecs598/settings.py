@@ -2,9 +2,10 @@
 
 The settings form a tree grouped like the model's own ``config``: ``Settings.model`` holds the
 backbone's, the RPN's and the second-stage heads' settings, and beside it sit the data, the
-training run, the evaluation and what ``predict`` keeps. Each field is a plain typed value
-with its default, its help text and its command-line flag (``detector_cli.py`` builds its
-parser from these fields, so a new setting costs one field here plus the code that uses it).
+training run, the evaluation, what ``predict`` keeps and how ``export`` writes. Each field is
+a plain typed value with its default, its help text and its command-line flag
+(``detector_cli.py`` builds its parser from these fields, so a new setting costs one field
+here plus the code that uses it).
 
 Named presets are the combinations the package uses:
 
@@ -44,6 +45,7 @@ __all__ = [
     "TrainSettings",
     "EvalSettings",
     "PredictSettings",
+    "ExportSettings",
     "Settings",
     "NOTEBOOK",
     "OWN_DATA",
@@ -552,12 +554,24 @@ class PredictSettings(SettingsGroup):
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ExportSettings(SettingsGroup):
+    """How ``export`` writes a checkpoint for deployment (the thresholds it fixes in the
+    graph are ``EvalSettings``')."""
+
+    format: str = setting(
+        "onnx", "export: the file format (ONNX: one graph from normalised images to padded "
+        "detections, run by onnxruntime)", choices=("onnx",),
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- the tree
 
 
 @dataclass(frozen=True)
 class Settings(SettingsGroup):
-    """Everything one run needs: ``model``, ``data``, ``train``, ``eval``, ``predict`` and the
+    """Everything one run needs: ``model``, ``data``, ``train``, ``eval``, ``predict``,
+    ``export`` and the
     output folder.
 
     Frozen: ``replace`` returns a changed copy, so a preset is never modified by a run.
@@ -568,6 +582,7 @@ class Settings(SettingsGroup):
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     out: str = setting("runs/train", "output folder")
 
 
@@ -590,6 +605,7 @@ _GROUP_TYPES = {
     "train": TrainSettings,
     "eval": EvalSettings,
     "predict": PredictSettings,
+    "export": ExportSettings,
 }
 
 
