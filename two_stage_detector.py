@@ -712,8 +712,11 @@ class RPN(nn.Module):
         """
         levels = list(anchors_per_fpn_level.items())
         # Each level's top-k, padded to the same n with invalid slots (a level can have fewer
-        # than ``pre_nms_topk`` anchors): one NMS group per image and level, contiguous.
-        group_size = max(min(self.pre_nms_topk, len(anchors)) for _, anchors in levels)
+        # than ``pre_nms_topk`` anchors): one NMS group per image and level, contiguous. Under
+        # torch.export the anchor counts are symbolic: every level pads to ``pre_nms_topk``.
+        group_size = self.pre_nms_topk
+        if not torch.compiler.is_exporting():
+            group_size = max(min(self.pre_nms_topk, len(anchors)) for _, anchors in levels)
         per_level = [
             _decode_top_anchors(
                 anchors,

@@ -142,8 +142,10 @@ def load_checkpoint(
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways (KeyError...)
-        raise ValueError(
-            f"Cannot read checkpoint {path} (truncated, corrupt or not a torch checkpoint): {err}"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(  # one line; the whole message is the exception's cause
+            f"Cannot read checkpoint {path} (truncated, corrupt or not a torch checkpoint): "
+            f"{reason}"
         ) from err
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a train_detector checkpoint (no 'model' entry)")

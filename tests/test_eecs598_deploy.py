@@ -1,0 +1,262 @@
+"""eecs598.deploy: the whole detector exported to ONNX, run by onnxruntime.
+
+One small model is exported once (through the command line) and checked against its own
+checkpoint: single images of several sizes, an image without detections, a padded batch of two,
+``predict`` on both, and the bad inputs. The model is untrained; its classifier is set so that
+scores spread over (0.05, 0.7) on noise images and stay under 0.05 on a blank one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support import noise_image
+
+import detector_cli
+import recipe
+from eecs598 import deploy
+from eecs598.augment import PadCollate
+from eecs598.checkpoint import save_checkpoint
+from eecs598.images import preprocess_image
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+CLASSES = ["cat", "dog", "fish"]
+IMAGE_SIZE = 128
+
+
+def _tiny_model() -> torch.nn.Module:
+    """A 3-class model, 16 FPN channels, random weights (seeded), scores spread as above."""
+    torch.manual_seed(0)
+    model = recipe.build_detector(
+        len(CLASSES), fpn_channels=16, pretrained=False, norm="gn", box_regression=True,
+        anchor_scale=4.0, pre_nms_topk=200, post_nms_topk=50,
+    ).eval()  # fmt: skip
+    torch.manual_seed(1)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.cls_pred[-1].weight, std=0.1)
+        model.cls_pred[-1].bias.zero_()
+        model.cls_pred[-1].bias[0] = 4.0  # background, unless the features say otherwise
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(checkpoint path, onnx path, torch model)``, exported by ``detector_cli.py export``."""
+    root = tmp_path_factory.mktemp("deploy")
+    model = _tiny_model()
+    checkpoint = root / "checkpoint.pt"
+    meta = {"class_names": CLASSES, "image_size": IMAGE_SIZE, "test_image_size": IMAGE_SIZE}
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "config": model.config, "meta": meta})
+    path = root / "tiny.onnx"
+    assert (
+        detector_cli.main(["export", str(checkpoint), "--out", str(path), "--device", "cpu"]) == 0
+    )
+    return checkpoint, path, model
+
+
+def _same_detections(expected, got, box_px=0.5, score=1e-3):
+    """Same count and classes, boxes within ``box_px`` pixels, scores within ``score``."""
+    (eb, ec, es), (gb, gc, gs) = expected, got
+    assert len(gb) == len(eb)
+    assert torch.equal(gc, ec)
+    if len(eb):
+        assert (gb - eb).abs().max() <= box_px
+        assert (gs - es).abs().max() <= score
+
+
+def test_metadata_says_everything_needed(exported):
+    _, path, model = exported
+    detector = deploy.OnnxDetector(path)
+    assert detector.class_names == CLASSES and detector.image_size == IMAGE_SIZE
+    assert detector.score_thresh == 0.05 and detector.nms_thresh == 0.5
+    assert detector.detections_per_image == model.detections_per_image
+    meta = detector.metadata
+    assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406]
+    assert json.loads(meta["std"]) == [0.229, 0.224, 0.225]
+    assert json.loads(meta["config"]) == json.loads(json.dumps(model.config))
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == deploy.OPSET
+    assert [i.name for i in proto.graph.input] == ["images", "image_sizes"]
+    assert [o.name for o in proto.graph.output] == ["boxes", "scores", "classes", "num_detections"]
+
+
+# (64, 64): every level has fewer anchors than pre_nms_topk.
+@pytest.mark.parametrize("height, width", [(128, 160), (200, 128), (64, 300), (131, 97), (64, 64)])
+def test_onnxruntime_gives_the_checkpoints_detections(exported, height, width):
+    _, path, model = exported
+    image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(height))
+    with torch.no_grad():
+        expected = model(image[None])
+    assert len(expected[0]) > 5  # a real comparison
+    _same_detections(expected, deploy.OnnxDetector(path).detect(image))
+
+
+def test_an_image_without_detections_gives_empty_padded_outputs(exported):
+    _, path, model = exported
+    image = torch.zeros(3, IMAGE_SIZE, 160)
+    with torch.no_grad():
+        assert len(model(image[None])[0]) == 0
+    boxes, scores, classes, counts = deploy.OnnxDetector(path)(image[None])
+    assert counts.tolist() == [0]
+    assert boxes.shape == (1, model.detections_per_image, 4) and not boxes.any()
+    assert not scores.any() and not classes.any()
+
+
+def test_a_padded_batch_of_two_gives_each_images_detections(exported):
+    _, path, model = exported
+    generator = torch.Generator().manual_seed(5)
+    items = [("", torch.randn(3, *hw, generator=generator), torch.zeros(0, 5))
+             for hw in ((128, 192), (160, 128))]  # fmt: skip
+    _, batch, _, sizes = PadCollate(size_divisible=32)(items)
+    with torch.no_grad():
+        expected = model(batch, image_sizes=sizes)
+    boxes, scores, classes, counts = deploy.OnnxDetector(path)(batch, sizes)
+    for i, want in enumerate(expected):
+        n = int(counts[i])
+        got = tuple(torch.from_numpy(a[i, :n]) for a in (boxes, classes, scores))
+        _same_detections(want, got)
+        # The padding is not detected: every box lies inside its own image.
+        assert (got[0][:, 2] <= sizes[i, 1]).all() and (got[0][:, 3] <= sizes[i, 0]).all()
+
+
+def test_torch_export_traces_the_whole_inference(exported):
+    """Evidence that the model is export-clean: ``torch.export`` with symbolic batch, height
+    and width, run at shapes other than the traced ones, equals the eager model."""
+    _, _, model = exported
+    graph = deploy.DetectionGraph(model, 0.05, 0.5)
+    dims = [torch.export.Dim(n, min=m) for n, m in (("b", 1), ("h", 64), ("w", 64))]
+    program = torch.export.export(
+        graph, deploy._example_inputs("cpu"),
+        dynamic_shapes=({0: dims[0], 2: dims[1], 3: dims[2]}, {0: dims[0]}),
+    )  # fmt: skip
+    images = torch.randn(3, 3, 96, 160, generator=torch.Generator().manual_seed(3))
+    sizes = torch.tensor([[96, 160], [96, 100], [70, 160]])
+    with torch.no_grad():
+        want = graph(images, sizes)
+    got = program.module()(images, sizes)
+    assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[1], want[1])
+
+
+def _predict(model_file, folder, out, *flags):
+    assert detector_cli.main(["predict", str(model_file), str(folder), "--out", str(out),
+                              "--device", "cpu", *flags]) == 0  # fmt: skip
+    return json.loads((out / "detections.json").read_text())
+
+
+def test_predict_with_the_onnx_file_gives_the_checkpoints_detections_json(exported, tmp_path):
+    """Real-image sizes, and a tiny and a large image (resized like any other)."""
+    checkpoint, path, _ = exported
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (w, h) in {"a": (640, 480), "b": (300, 500), "tiny": (16, 16),
+                         "large": (4000, 3000)}.items():  # fmt: skip
+        noise_image(w, h, seed=len(name)).save(folder / f"{name}.png")
+    want = _predict(checkpoint, folder, tmp_path / "torch", "--conf", "0.1")
+    got = _predict(path, folder, tmp_path / "onnx", "--conf", "0.1")
+    assert [r["image"] for r in got] == [r["image"] for r in want]
+    counts = {}
+    for mine, theirs in zip(got, want, strict=True):
+        counts[mine["image"]] = len(theirs["detections"])
+        assert [d["class"] for d in mine["detections"]] == [
+            d["class"] for d in theirs["detections"]
+        ]
+        for a, b in zip(mine["detections"], theirs["detections"], strict=True):
+            assert abs(a["score"] - b["score"]) <= 1e-3
+            # Boxes in original pixels (up to 31x the model's for the large image), rounded
+            # to 0.01: 0.5 px of the model's input.
+            scale = max(Image.open(mine["image"]).size) / IMAGE_SIZE
+            assert np.abs(np.subtract(a["box"], b["box"])).max() <= 0.5 * max(scale, 1) + 0.01
+    assert min(counts.values()) > 0
+    assert (tmp_path / "onnx" / "tiny_pred.png").stat().st_size > 0
+
+
+def test_bad_inputs_give_clear_errors(exported, tmp_path, capsys):
+    checkpoint, path, _ = exported
+    detector = deploy.OnnxDetector(path)
+    with pytest.raises(ValueError, match=r"16x16 px.*at least 64 px"):
+        detector(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        detector(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match=r"within the 64x64 canvas"):
+        detector(torch.zeros(1, 3, 64, 64), torch.tensor([[65, 64]]))
+    # A file that is no ONNX model, and an ONNX model that is not this package's.
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="garbage.onnx is no ONNX model"):
+        deploy.OnnxDetector(garbage)
+    foreign = tmp_path / "foreign.onnx"
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([node], "g", [value("x", onnx.TensorProto.FLOAT, [1])],
+                                   [value("y", onnx.TensorProto.FLOAT, [1])])  # fmt: skip
+    onnx.save(onnx.helper.make_model(graph), foreign)
+    with pytest.raises(ValueError, match="without this package's metadata"):
+        deploy.OnnxDetector(foreign)
+    with pytest.raises(FileNotFoundError, match="No ONNX model"):
+        deploy.OnnxDetector(tmp_path / "missing.onnx")
+    # The command line: one line each; nothing written where export fails.
+    image = tmp_path / "x.png"
+    noise_image(80, 80).save(image)
+    cases = [
+        (["predict", str(foreign), str(image)], "without this package's metadata"),
+        (["predict", str(path), str(image), "--conf", "0.01"], "--conf 0.05 or more"),
+        (["predict", str(path), str(image), "--nms-thresh", "0.6"], "--nms-thresh 0.5"),
+        (["export", str(garbage), "--out", str(tmp_path / "g.onnx")], "Cannot read checkpoint"),
+        (["export", str(checkpoint), "--out", str(tmp_path / "m.txt")], "must name a .onnx"),
+    ]
+    for argv, message in cases:
+        assert detector_cli.main([*argv, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_a_failed_export_keeps_the_previous_file(exported, tmp_path, monkeypatch):
+    _, _, model = exported
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        deploy.export_onnx(model, target, {"class_names": CLASSES, "image_size": 64}, 0.05, 0.5)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.parametrize("missing", ["onnxruntime", "onnx"])
+def test_without_the_optional_packages_one_line_says_what_to_install(
+    exported, tmp_path, monkeypatch, capsys, missing
+):
+    checkpoint, path, _ = exported
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails
+    image = tmp_path / "x.png"
+    noise_image(80, 80).save(image)
+    argv = (["predict", str(path), str(image)] if missing == "onnxruntime"
+            else ["export", str(checkpoint), "--out", str(tmp_path / "m.onnx")])  # fmt: skip
+    assert detector_cli.main([*argv, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert (
+        f"optional package(s) {missing}" in err and "pip install onnx onnxscript onnxruntime" in err
+    )
+
+
+def test_preprocessing_matches_predict(exported):
+    """``OnnxDetector`` takes what ``preprocess_image`` gives, as the torch model does."""
+    _, path, model = exported
+    image, _ = preprocess_image(noise_image(300, 200, seed=9), IMAGE_SIZE)
+    assert image.shape == (3, IMAGE_SIZE, 192)
+    with torch.no_grad():
+        _same_detections(model(image[None]), deploy.OnnxDetector(path).detect(image))
