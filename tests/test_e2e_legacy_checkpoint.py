@@ -16,6 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,33 @@ def test_legacy_checkpoint_resumes(legacy_run, tmp_path, capsys):
     assert checkpoint["iteration"] == 6 and len(checkpoint["loss_history"]) == 6
     legacy = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["loss_history"][:4] == legacy["loss_history"]
+
+
+def test_legacy_checkpoint_exports_to_onnx_with_the_same_detections(legacy_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out, _ = legacy_run
+    torch.set_num_threads(1)
+    path = tmp_path / "legacy.onnx"
+    argv = ["export", str(out / "checkpoint.pt"), "--out", str(path), "--device", "cpu"]
+    assert detector_cli.main(argv) == 0
+    images = out / "data" / "shapes" / "JPEGImages"
+    found = {}
+    for name, model_file in (("torch", out / "checkpoint.pt"), ("onnx", path)):
+        argv = ["predict", str(model_file), str(images), "--out", str(tmp_path / name),
+                "--conf", "0.05", "--device", "cpu"]  # fmt: skip
+        assert detector_cli.main(argv) == 0
+        records = json.loads((tmp_path / name / "detections.json").read_text())
+        found[name] = {r["image"]: r["detections"] for r in records}
+    assert found["onnx"].keys() == found["torch"].keys() and len(found["torch"]) == 20
+    assert sum(map(len, found["torch"].values())) > 0
+    # An untrained model scores many detections alike: compare each image's detections as
+    # sets (same class, score within 1e-3, box within 0.5 px), not in their order.
+    for image, expected in found["torch"].items():
+        unmatched = list(found["onnx"][image])
+        assert len(unmatched) == len(expected), image
+        for want in expected:
+            match = next(d for d in unmatched if d["class"] == want["class"]
+                         and abs(d["score"] - want["score"]) <= 1e-3
+                         and np.abs(np.subtract(d["box"], want["box"])).max() <= 0.5)  # fmt: skip
+            unmatched.remove(match)

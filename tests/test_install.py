@@ -26,7 +26,13 @@ IMPORTS = "import two_stage_detector, common, a4_helper, recipe, eecs598, eecs59
 def copy_project(dest: Path) -> Path:
     """The files a build reads: pyproject, requirements, README, the modules, eecs598/."""
     dest.mkdir()
-    for name in ("pyproject.toml", "requirements.txt", "README.md", *(f"{m}.py" for m in MODULES)):
+    for name in (
+        "pyproject.toml",
+        "requirements.txt",
+        "requirements-onnx.txt",
+        "README.md",
+        *(f"{m}.py" for m in MODULES),
+    ):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "eecs598", dest / "eecs598",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
@@ -68,8 +74,15 @@ def test_installed_modules_and_command_work_from_another_folder(tmp_path, editab
     assert "detector_cli" in script.read_text()
     help_text = run_installed(site, "import sys, detector_cli; sys.exit(detector_cli.main([]))",
                               elsewhere)  # fmt: skip
-    assert "usage:" in help_text and "{demo,train,evaluate,predict}" in help_text
+    assert "usage:" in help_text and "{demo,train,evaluate,predict,export}" in help_text
     assert sorted(p.name for p in elsewhere.iterdir()) == []  # and it trained nothing
+    # The `onnx` extra (pip install .[onnx]) lists requirements-onnx.txt.
+    (metadata,) = site.glob("two_stage_detector-*.dist-info/METADATA")
+    text = metadata.read_text()
+    assert "Provides-Extra: onnx" in text
+    extra = sorted(line.split()[1].split(">=")[0] for line in text.splitlines()
+                   if line.startswith("Requires-Dist:") and 'extra == "onnx"' in line)  # fmt: skip
+    assert extra == ["onnx", "onnxruntime", "onnxscript"]
 
 
 def test_no_command_prints_help_and_exits_0():
