@@ -10,7 +10,9 @@
 3. Latency: milliseconds per image, torch eager against onnxruntime on the CPU, batch 1 (each
    image alone) and batch 8 (the images padded into one batch), alternating runs, medians.
 
-Default images: two photos of each size in the aquarium's valid split (``../shared``).
+Default images: two photos of each size in the aquarium's valid split (``../shared``) for
+parity, eight of its most common size for latency; ``--images``: the same files for both (the
+first eight for latency, padded into one batch).
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ from eecs598.deploy import OnnxDetector  # noqa: E402
 from eecs598.images import preprocess_image, read_rgb_image  # noqa: E402
 
 
-def default_images(per_size: int = 2) -> list[Path]:
-    """``per_size`` aquarium valid photos of each distinct size."""
+def default_images(per_size: int = 2) -> tuple[list[Path], list[Path]]:
+    """Aquarium valid photos: ``per_size`` of each distinct size (parity), and 8 of the most
+    common size (latency: one batch without padding)."""
     from PIL import Image
 
-    chosen: dict[tuple[int, int], list[Path]] = {}
+    by_size: dict[tuple[int, int], list[Path]] = {}
     for path in sorted((AQUARIUM / "valid").glob("*.jpg")):
         with Image.open(path) as image:
-            group = chosen.setdefault(image.size, [])
-        if len(group) < per_size:
-            group.append(path)
-    return [p for group in chosen.values() for p in group]
+            by_size.setdefault(image.size, []).append(path)
+    parity = [p for group in by_size.values() for p in group[:per_size]]
+    return parity, max(by_size.values(), key=len)[:8]
 
 
 def differences(torch_out, onnx_out) -> tuple[bool, float, float]:
@@ -120,8 +122,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench/results/onnx.json")
     args = parser.parse_args()
-    files = [p for p, _ in recipe.image_files(args.images)] if args.images else default_images()
-    if not files:
+    if args.images:
+        files = timed = [p for p, _ in recipe.image_files(args.images)]
+    elif AQUARIUM.is_dir():
+        files, timed = default_images()
+    else:
         sys.exit(f"no images: pass --images ({AQUARIUM} not found)")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,9 +135,11 @@ def main() -> None:
         export_s, size_mib = time.perf_counter() - start, path.stat().st_size / 2**20
         onnx_model = OnnxDetector(path)
         model, _ = recipe.load_detector(args.checkpoint)
-        images = [preprocess_image(read_rgb_image(f), onnx_model.image_size)[0] for f in files]
+        size = onnx_model.image_size
+        images = [preprocess_image(read_rgb_image(f), size)[0] for f in files]
         match = parity(model, onnx_model, images)
-        speed = latency(model, onnx_model, images, args.repeats)
+        timed_images = [preprocess_image(read_rgb_image(f), size)[0] for f in timed[:8]]
+        speed = latency(model, onnx_model, timed_images, args.repeats)
 
     print(f"\nexport: {export_s:.1f} s, {size_mib:.1f} MiB")
     print(f"parity on {match['images']} images and {match['batched_pairs']} padded pairs "

@@ -97,7 +97,10 @@ def test_legacy_checkpoint_exports_to_onnx_with_the_same_detections(legacy_run, 
     path = tmp_path / "legacy.onnx"
     argv = ["export", str(out / "checkpoint.pt"), "--out", str(path), "--device", "cpu"]
     assert detector_cli.main(argv) == 0
-    images = out / "data" / "shapes" / "JPEGImages"
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((out / "data" / "shapes" / "JPEGImages").iterdir())[:4]:
+        (images / source.name).write_bytes(source.read_bytes())
     found = {}
     for name, model_file in (("torch", out / "checkpoint.pt"), ("onnx", path)):
         argv = ["predict", str(model_file), str(images), "--out", str(tmp_path / name),
@@ -105,7 +108,7 @@ def test_legacy_checkpoint_exports_to_onnx_with_the_same_detections(legacy_run, 
         assert detector_cli.main(argv) == 0
         records = json.loads((tmp_path / name / "detections.json").read_text())
         found[name] = {r["image"]: r["detections"] for r in records}
-    assert found["onnx"].keys() == found["torch"].keys() and len(found["torch"]) == 20
+    assert found["onnx"].keys() == found["torch"].keys() and len(found["torch"]) == 4
     assert sum(map(len, found["torch"].values())) > 0
     # An untrained model scores many detections alike: compare each image's detections as
     # sets (same class, score within 1e-3, box within 0.5 px), not in their order.
