@@ -53,6 +53,7 @@ __all__ = [
     "clip_boxes",
     "FIXED_SHAPE_NMS",
     "batched_nms_topk",
+    "exporting",
     "full_precision",
     "gather_rows",
     "unpad",
@@ -653,6 +654,14 @@ def _fixed_shape_nms_keep(
     return kept.scatter_(1, positions, keep.view(batch, -1))
 
 
+def exporting() -> bool:
+    """True while ``torch.export`` traces the model (``torch.compiler.is_exporting``; always
+    False on torch releases without it): the few places whose eager form has no export
+    translation, or specialises a symbolic shape, take their export form."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def full_precision(x: torch.Tensor) -> torch.Tensor:
     """Half-precision (autocast) outputs to float32; float32 and float64 stay as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -881,7 +890,7 @@ def _pool_bins(
     weight = y_weight * x_weight * (valid.view(n, 1, 1, 1, 1, 1, 1) / grid**2)
     taps = grid * grid * 4
     index, weight = index.reshape(-1, taps), weight.reshape(-1, taps).to(table.dtype)
-    if torch.compiler.is_exporting():
+    if exporting():
         # ONNX has no weighted bag sum (exporters loop over the bags): one gather and a sum.
         pooled = (table[index] * weight[..., None]).sum(dim=1)
     else:

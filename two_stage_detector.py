@@ -52,6 +52,7 @@ from common import (
     box_iou,
     class_spec_nms,
     clip_boxes,
+    exporting,
     fpn_roi_align,
     full_precision,
     gather_rows,
@@ -715,7 +716,7 @@ class RPN(nn.Module):
         # than ``pre_nms_topk`` anchors): one NMS group per image and level, contiguous. Under
         # torch.export the anchor counts are symbolic: every level pads to ``pre_nms_topk``.
         group_size = self.pre_nms_topk
-        if not torch.compiler.is_exporting():
+        if not exporting():
             group_size = max(min(self.pre_nms_topk, len(anchors)) for _, anchors in levels)
         per_level = [
             _decode_top_anchors(
