@@ -15,14 +15,14 @@ fixed at export time.
   into ``class_names``), ``num_detections`` (B,) int64. Image ``i``'s detections are the
   first ``num_detections[i]`` slots, best first; the other slots are zeros.
 
-The exporter. ``torch.onnx.export(dynamo=True)``: ``torch.export`` traces the model to one
-graph with symbolic batch, height and width, then ONNX opset ``OPSET``. It can express the
-whole pipeline because the model's NMS has a fixed-shape form (IoU matrices resolved by a
-``while_loop`` that becomes an ONNX ``Loop``) and its RoI Align is written with plain tensor
-operations (no RoI Align operator, so no opset-16 question of aligned sampling). One operator
-has no ONNX translation in torch: the stable sort, which becomes ``TopK`` here (ONNX's
-``TopK`` returns equal values in increasing index order, exactly a stable sort).
-The legacy TorchScript exporter is not used.
+The exporter. ``export_program``: ``torch.export`` traces the model to one graph with symbolic
+batch, height and width; ``torch.onnx.export(dynamo=True)`` converts it to ONNX opset
+``OPSET``. It can express the whole pipeline because the model's NMS has a fixed-shape form
+(IoU matrices resolved by a ``while_loop`` that becomes an ONNX ``Loop``) and its RoI Align is
+written with plain tensor operations (no RoI Align operator, so no opset-16 question of
+aligned sampling). One operator has no ONNX translation in torch: the stable sort, which
+becomes ``TopK`` here (ONNX's ``TopK`` returns equal values in increasing index order, exactly
+a stable sort). The legacy TorchScript exporter is not used.
 
 Metadata. The ONNX file's ``metadata_props`` carry everything needed to use it:
 ``format`` (``FORMAT``), ``class_names`` (JSON list), ``image_size`` (the short side the model
@@ -58,6 +58,7 @@ __all__ = [
     "DetectionGraph",
     "OnnxDetector",
     "export_onnx",
+    "export_program",
     "require",
 ]
 
@@ -141,12 +142,29 @@ def _example_inputs(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([[192, 256], [160, 224]], device=device)
 
 
+def export_program(
+    detector: nn.Module, score_thresh: float, nms_thresh: float
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``DetectionGraph(detector, ...)`` with symbolic batch, height and
+    width (sides from ``MIN_SIDE``): the graph ``export_onnx`` converts, also usable by other
+    ``torch.export`` back ends. Traced on the detector's device, in eval mode."""
+    graph = DetectionGraph(detector, score_thresh, nms_thresh).eval()
+    device = next(detector.parameters()).device
+    batch, height, width = (torch.export.Dim(n, min=m) for n, m in
+                            (("batch", 1), ("height", MIN_SIDE), ("width", MIN_SIDE)))  # fmt: skip
+    return torch.export.export(
+        graph, _example_inputs(device),
+        dynamic_shapes=({0: batch, 2: height, 3: width}, {0: batch}),
+    )  # fmt: skip
+
+
 def export_onnx(
     detector: nn.Module,
     path: str | os.PathLike,
     metadata: Mapping[str, Any],
     score_thresh: float,
     nms_thresh: float,
+    program: torch.export.ExportedProgram | None = None,
 ) -> Path:
     """Export ``detector`` (in eval mode, on any device) to ``path`` as one ONNX graph.
 
@@ -158,6 +176,8 @@ def export_onnx(
         metadata: ``class_names`` and ``image_size`` (required); stored with the rest of the
             module docstring's metadata.
         score_thresh, nms_thresh: fixed in the graph, and stored.
+        program: ``export_program(detector, score_thresh, nms_thresh)`` when already traced
+            (default: traced here).
 
     Returns:
         ``path``.
@@ -169,24 +189,20 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    graph = DetectionGraph(detector, score_thresh, nms_thresh).eval()
-    device = next(detector.parameters()).device
-    batch, height, width = (torch.export.Dim(n, min=m) for n, m in
-                            (("batch", 1), ("height", MIN_SIDE), ("width", MIN_SIDE)))  # fmt: skip
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        program = torch.onnx.export(
-            graph,
-            _example_inputs(device),
+        warnings.simplefilter("ignore")  # the exporters' notes on their own internals
+        if program is None:
+            program = export_program(detector, score_thresh, nms_thresh)
+        onnx_program = torch.onnx.export(
+            program,
             dynamo=True,
             opset_version=OPSET,
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=({0: batch, 2: height, 3: width}, {0: batch}),
             custom_translation_table={torch.ops.aten.sort.stable: _stable_sort_as_topk},
             verbose=False,
         )
-    model = program.model_proto
+    model = onnx_program.model_proto
     properties = {
         "format": FORMAT,
         "class_names": json.dumps(list(metadata["class_names"])),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import noise_image
+from support import SHARED, noise_image
 
 import detector_cli
 import recipe
@@ -48,18 +48,24 @@ def _tiny_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """``(checkpoint path, onnx path, torch model)``, exported by ``detector_cli.py export``."""
+def traced(tmp_path_factory):
+    """``(checkpoint path, onnx path, torch model, its torch.export program)``: the program
+    traced once, then converted by ``export_onnx`` (``detector_cli.py export`` runs the same
+    two steps: the legacy-checkpoint test and the error cases below call it)."""
     root = tmp_path_factory.mktemp("deploy")
     model = _tiny_model()
     checkpoint = root / "checkpoint.pt"
     meta = {"class_names": CLASSES, "image_size": IMAGE_SIZE, "test_image_size": IMAGE_SIZE}
     save_checkpoint(checkpoint, {"model": model.state_dict(), "config": model.config, "meta": meta})
-    path = root / "tiny.onnx"
-    assert (
-        detector_cli.main(["export", str(checkpoint), "--out", str(path), "--device", "cpu"]) == 0
-    )
-    return checkpoint, path, model
+    program = deploy.export_program(model, 0.05, 0.5)
+    path = deploy.export_onnx(model, root / "tiny.onnx", meta, 0.05, 0.5, program=program)
+    return checkpoint, path, model, program
+
+
+@pytest.fixture(scope="module")
+def exported(traced):
+    """``(checkpoint path, onnx path, torch model)``."""
+    return traced[:3]
 
 
 def _same_detections(expected, got, box_px=0.5, score=1e-3):
@@ -99,6 +105,26 @@ def test_onnxruntime_gives_the_checkpoints_detections(exported, height, width):
     _same_detections(expected, deploy.OnnxDetector(path).detect(image))
 
 
+def test_real_photos_of_every_size_give_the_checkpoints_detections(exported):
+    """The aquarium's photos (four sizes, both orientations), where ``../shared`` exists."""
+    folder = SHARED / "datasets" / "aquarium" / "valid"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    _, path, model = exported
+    detector = deploy.OnnxDetector(path)
+    by_size = {}
+    for photo in sorted(folder.glob("*.jpg")):
+        with Image.open(photo) as image:
+            by_size.setdefault(image.size, image.convert("RGB"))
+    assert len(by_size) >= 3
+    for image in by_size.values():
+        tensor, _ = preprocess_image(image, IMAGE_SIZE)
+        with torch.no_grad():
+            expected = model(tensor[None])
+        assert len(expected[0]) > 0
+        _same_detections(expected, detector.detect(tensor))
+
+
 def test_an_image_without_detections_gives_empty_padded_outputs(exported):
     _, path, model = exported
     image = torch.zeros(3, IMAGE_SIZE, 160)
@@ -127,23 +153,21 @@ def test_a_padded_batch_of_two_gives_each_images_detections(exported):
         assert (got[0][:, 2] <= sizes[i, 1]).all() and (got[0][:, 3] <= sizes[i, 0]).all()
 
 
-def test_torch_export_traces_the_whole_inference(exported):
-    """Evidence that the model is export-clean: ``torch.export`` with symbolic batch, height
-    and width, run at shapes other than the traced ones, equals the eager model."""
-    _, _, model = exported
+def test_torch_export_traces_the_whole_inference(traced):
+    """Evidence that the model is export-clean: the ``torch.export`` program (symbolic batch,
+    height and width) that the ONNX file was converted from, run at shapes other than the
+    traced ones, equals the eager model."""
+    _, _, model, program = traced
     graph = deploy.DetectionGraph(model, 0.05, 0.5)
-    dims = [torch.export.Dim(n, min=m) for n, m in (("b", 1), ("h", 64), ("w", 64))]
-    program = torch.export.export(
-        graph, deploy._example_inputs("cpu"),
-        dynamic_shapes=({0: dims[0], 2: dims[1], 3: dims[2]}, {0: dims[0]}),
-    )  # fmt: skip
     images = torch.randn(3, 3, 96, 160, generator=torch.Generator().manual_seed(3))
     sizes = torch.tensor([[96, 160], [96, 100], [70, 160]])
     with torch.no_grad():
         want = graph(images, sizes)
+    assert want[3].tolist() != [0, 0, 0]
     got = program.module()(images, sizes)
     assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])
-    torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
 
 
 def _predict(model_file, folder, out, *flags):
@@ -220,8 +244,8 @@ def test_bad_inputs_give_clear_errors(exported, tmp_path, capsys):
     assert not (tmp_path / "g.onnx").exists()
 
 
-def test_a_failed_export_keeps_the_previous_file(exported, tmp_path, monkeypatch):
-    _, _, model = exported
+def test_a_failed_export_keeps_the_previous_file(traced, tmp_path, monkeypatch):
+    _, _, model, program = traced
     target = tmp_path / "model.onnx"
     target.write_bytes(b"previous")
 
@@ -230,7 +254,8 @@ def test_a_failed_export_keeps_the_previous_file(exported, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch.onnx, "export", broken)
     with pytest.raises(RuntimeError, match="exporter failed"):
-        deploy.export_onnx(model, target, {"class_names": CLASSES, "image_size": 64}, 0.05, 0.5)
+        deploy.export_onnx(model, target, {"class_names": CLASSES, "image_size": 64}, 0.05, 0.5,
+                           program=program)  # fmt: skip
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
