@@ -1,9 +1,11 @@
 """eecs598.deploy: the whole detector exported to ONNX, run by onnxruntime.
 
-One small model is exported once (through the command line) and checked against its own
-checkpoint: single images of several sizes, an image without detections, a padded batch of two,
-``predict`` on both, and the bad inputs. The model is untrained; its classifier is set so that
-scores spread over (0.05, 0.7) on noise images and stay under 0.05 on a blank one.
+One small model is traced once (``export_program``), converted (``export_onnx``) and checked
+against its own checkpoint: single images of several sizes, an image without detections, a
+padded batch of two, ``predict`` on both, and the bad inputs. The model is untrained; its
+classifier is set so that scores spread over (0.05, 0.7) on noise images and stay under 0.05
+on an all-zero one. ``detector_cli.py export`` of a whole checkpoint, old format included, is
+tested in ``test_e2e_legacy_checkpoint.py``.
 """
 
 from __future__ import annotations
