@@ -189,19 +189,23 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporters' notes on their own internals
-        if program is None:
-            program = export_program(detector, score_thresh, nms_thresh)
-        onnx_program = torch.onnx.export(
-            program,
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            custom_translation_table={torch.ops.aten.sort.stable: _stable_sort_as_topk},
-            verbose=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' notes on their own internals
+            if program is None:
+                program = export_program(detector, score_thresh, nms_thresh)
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                custom_translation_table={torch.ops.aten.sort.stable: _stable_sort_as_topk},
+                verbose=False,
+            )
+    except Exception as err:  # the exporters raise many types; the whole report is the cause
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RuntimeError(f"ONNX export failed (torch {torch.__version__}): {first}") from err
     model = onnx_program.model_proto
     properties = {
         "format": FORMAT,
