@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write
+from .utils import first_line
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -142,10 +143,9 @@ def load_checkpoint(
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways (KeyError...)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ValueError(  # one line; the whole message is the exception's cause
             f"Cannot read checkpoint {path} (truncated, corrupt or not a torch checkpoint): "
-            f"{reason}"
+            f"{first_line(err, 160)}"
         ) from err
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a train_detector checkpoint (no 'model' entry)")

@@ -50,6 +50,7 @@ from torch import nn
 
 from .files import atomic_write
 from .images import IMAGENET_MEAN, IMAGENET_STD
+from .utils import first_line
 
 __all__ = [
     "FORMAT",
@@ -204,8 +205,8 @@ def export_onnx(
                 verbose=False,
             )
     except Exception as err:  # the exporters raise many types; the whole report is the cause
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise RuntimeError(f"ONNX export failed (torch {torch.__version__}): {first}") from err
+        detail = first_line(err, 200)
+        raise RuntimeError(f"ONNX export failed (torch {torch.__version__}): {detail}") from err
     model = onnx_program.model_proto
     properties = {
         "format": FORMAT,

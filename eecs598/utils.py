@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["detection_visualizer", "is_tensor", "reset_seed", "to_numpy"]
+__all__ = ["detection_visualizer", "first_line", "is_tensor", "reset_seed", "to_numpy"]
 
 # Backends that cannot show a window; ``plt.show()`` is skipped for them.
 _NON_INTERACTIVE_BACKENDS = frozenset({"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"})
@@ -24,6 +24,12 @@ _NON_INTERACTIVE_BACKENDS = frozenset({"agg", "cairo", "pdf", "pgf", "ps", "svg"
 GT_COLOR = "#2ca02c"  # green: ground-truth boxes
 PRED_COLOR = "#d62728"  # red: predicted boxes
 POINT_COLOR = "#1f77b4"  # blue: optional points
+
+
+def first_line(err: BaseException, limit: int) -> str:
+    """An exception's message cut to its first line of at most ``limit`` characters (its type
+    when it has none): the detail of a one-line error whose whole report is its cause."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
 def reset_seed(number: int) -> None:
