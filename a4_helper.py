@@ -15,7 +15,8 @@ one way, from the bottom of the package to the top:
   :mod:`eecs598.inference` (``inference_with_detector``, over :mod:`eecs598.mean_ap`).
 * ``common`` (backbone, FPN, IoU, NMS, RoI Align), then ``two_stage_detector`` (RPN, Faster
   R-CNN and ``compile_detector``, which reaches into the model's parts).
-* ``recipe`` (the training recipe: ``train``, ``evaluate``, ``predict`` and their parts).
+* ``recipe`` (the training recipe: ``train``, ``evaluate``, ``predict`` and their parts;
+  the notebook takes ``load_trained_detector`` from it).
 * ``a4_helper`` (this facade) and ``detector_cli.py`` (a parser over ``recipe``) on top.
 
 The cut follows what a reader looks for: data questions (how is an image read? how are boxes
@@ -28,7 +29,13 @@ from __future__ import annotations
 
 from eecs598.augment import AugmentedDetection, PadCollate, build_train_transform
 from eecs598.cache import CachedDetection as CachedDetection  # not in __all__
-from eecs598.checkpoint import config_differences, load_checkpoint, load_model_weights
+from eecs598.checkpoint import (
+    config_differences,
+    detector_meta,
+    load_checkpoint,
+    load_model_weights,
+    save_weights,
+)
 from eecs598.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -51,6 +58,7 @@ from eecs598.voc2007 import (
     VOC2007DetectionTiny,
     download_voc2007,
 )
+from recipe import load_trained_detector
 from two_stage_detector import compile_detector
 
 __all__ = [
@@ -72,15 +80,18 @@ __all__ = [
     "build_train_transform",
     "compile_detector",
     "config_differences",
+    "detector_meta",
     "download_voc2007",
     "hello_helper",
     "inference_with_detector",
     "load_checkpoint",
     "load_model_weights",
+    "load_trained_detector",
     "make_shapes_dataset",
     "train_detector",
     "preprocess_image",
     "read_rgb_image",
+    "save_weights",
     "to_rgb",
     "unnormalize_image",
 ]

@@ -53,6 +53,9 @@ GROUPS = {
     "predict": (PredictSettings, "prediction: what is kept and written"),
     "export": (ExportSettings, "export: the file written"),
 }
+# Settings of another group that a command also takes, by flat name: the class names of a
+# checkpoint that does not record them (the notebook's, from before it saved them).
+BORROWED = {"predict": ("classes",), "export": ("classes",)}
 # What each command takes: its settings groups and its own output folder.
 COMMANDS = {
     "demo": (("data", "train", "model", "eval"), DEMO.out),
@@ -107,6 +110,12 @@ def _add_setting(group: argparse._ArgumentGroup, name: str, f: dataclasses.Field
     group.add_argument("--" + name.replace("_", "-"), **options)
 
 
+def _borrowed_fields(command: str) -> dict[str, dataclasses.Field]:
+    """The settings ``BORROWED`` gives ``command``, by flat name."""
+    every = {name: f for cls, _ in GROUPS.values() for name, f in setting_fields(cls)}
+    return {name: every[name] for name in BORROWED.get(command, ())}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser: one subcommand each, its flags derived from the settings groups."""
     parser = argparse.ArgumentParser(prog="detector_cli.py", description=__doc__.split("\n\n")[0])
@@ -114,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (groups, out) in COMMANDS.items():
         p = sub.add_parser(command, help=HELP[command][0], description=HELP[command][1])
         if command in ("evaluate", "predict", "export"):
-            what = " or a .onnx file written by export" if command == "predict" else ""
-            p.add_argument("checkpoint", help=f"a checkpoint.pt written by train or demo{what}")
+            what = ", or a .onnx file written by export" if command == "predict" else ""
+            p.add_argument("checkpoint", help="a checkpoint.pt written by train or demo, or the "
+                           f"notebook's rcnn_training.pt or rcnn_detector.pt{what}")  # fmt: skip
         if command == "predict":
             p.add_argument("images", nargs="+", help="image files and/or folders")
         kind = "the .onnx file (or a folder for it)" if command == "export" else "output folder"
@@ -125,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             group = p.add_argument_group(title)
             for name, f in setting_fields(cls):
                 _add_setting(group, name, f, command)
+        for name, f in _borrowed_fields(command).items():
+            _add_setting(p, name, f, command)
         p.set_defaults(func=RUNS[command])
     return parser
 
@@ -134,6 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ``demo``) with the flags given replacing their settings."""
     groups, out = COMMANDS[args.command]
     fields = {name: f for key in groups for name, f in setting_fields(GROUPS[key][0])}
+    fields |= _borrowed_fields(args.command)
     given = {"out": getattr(args, "out", out)}
     for name, value in vars(args).items():
         if name in fields:  # given on the command line (the others are not in ``args``)

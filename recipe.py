@@ -54,7 +54,7 @@ from eecs598.augment import (
     presized_bytes,
 )
 from eecs598.cache import CachedDetection
-from eecs598.checkpoint import load_checkpoint, load_model_weights
+from eecs598.checkpoint import detector_meta, load_checkpoint, load_model_weights
 from eecs598.coco import COCODetection
 from eecs598.deploy import OPSET, OnnxDetector, export_onnx, require
 from eecs598.files import atomic_write
@@ -87,13 +87,15 @@ from eecs598.voc import (
     voc_image_ids,
     voc_objects,
 )
-from eecs598.voc2007 import VOC2007DetectionTiny
+from eecs598.voc2007 import VOC_CLASSES, VOC2007DetectionTiny
 from two_stage_detector import RPN, FasterRCNN, compile_detector
 
 __all__ = [
     "SHAPES_CLASSES",
     "build_detector",
+    "read_detector_checkpoint",
     "load_detector",
+    "load_trained_detector",
     "read_weights_checkpoint",
     "with_network_of",
     "start_from_weights",
@@ -219,25 +221,134 @@ def _rpn_arguments(model: ModelSettings, fit: AnchorFit | None) -> dict[str, Any
     return arguments
 
 
-def load_detector(path: str | os.PathLike, device: str = "cpu") -> tuple[FasterRCNN, dict]:
-    """A model rebuilt from a checkpoint's own configuration, with its weights and metadata
-    (``model.meta``: class names, image sizes, how it was trained), in eval mode.
+def read_detector_checkpoint(
+    path: str | os.PathLike, class_names: Sequence[str] | str | None = None
+) -> dict[str, Any]:
+    """A checkpoint or weights file (``eecs598.checkpoint.load_checkpoint``) with its model
+    configuration and ``meta`` (class names, image sizes) complete, however old it is:
+
+    * no configuration (a bare ``state_dict``, as the notebook's ``rcnn_detector.pt`` was
+      before it carried one): the notebook's section 4.3 model (``NOTEBOOK.model``) with the
+      FPN channels, class count and box regression its weights show (``state_dict_config``);
+    * no class names: ``class_names`` (a list, or comma-separated), else VOC's 20 classes
+      for a 20-class model (the notebook's data), else a ValueError saying to pass
+      ``--classes``; a checkpoint's own names are kept;
+    * no image size: the notebook's (``NOTEBOOK.data.image_size``).
 
     Raises:
-        ValueError: for a file that is no checkpoint, or one without a model configuration;
-            a weights mismatch names the settings that differ.
+        FileNotFoundError: no file at ``path``.
+        ValueError: a truncated or foreign file; class names unknown, or as many as the
+            model's classes.
     """
-    path = Path(path)
     checkpoint = load_checkpoint(path, map_location="cpu")  # clear errors for bad files
-    if not checkpoint.get("config") or not checkpoint.get("meta"):
+    config = checkpoint.get("config") or state_dict_config(checkpoint["model"], path)
+    meta = dict(checkpoint.get("meta") or {})
+    names = meta.get("class_names") or _class_names(class_names, config["num_classes"], path)
+    image_size = int(meta.get("image_size") or NOTEBOOK.data.image_size)
+    described = detector_meta(names, image_size, meta.get("test_image_size"))
+    return {**checkpoint, "config": config, "meta": {**meta, **described}}
+
+
+def _class_names(given: Sequence[str] | str | None, num_classes: int, path: Any) -> list[str]:
+    """The class names of a checkpoint that records none (see ``read_detector_checkpoint``)."""
+    if isinstance(given, str):
+        given = [name.strip() for name in given.split(",") if name.strip()]
+    if given:
+        if len(given) != num_classes:
+            raise ValueError(
+                f"--classes names {len(given)} classes but {path} has {num_classes}: give its "
+                "class names in the classifier's order"
+            )
+        return list(given)
+    if num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    raise ValueError(
+        f"{path} does not record its class names (written before checkpoints carried them) and "
+        f"has {num_classes} classes, not VOC's 20: pass them, --classes name1,name2,... in "
+        "the classifier's order"
+    )
+
+
+def state_dict_config(state: Mapping[str, torch.Tensor], path: Any = "weights") -> dict:
+    """The configuration of a bare ``state_dict`` from the notebook: ``NOTEBOOK.model`` (its
+    section 4.3 model) with the FPN channels, the class count and box regression read from
+    the weights' shapes. A model of other settings fails to load, naming what differs."""
+    try:
+        channels = int(state["backbone.fpn_params.output_p3.weight"].shape[0])
+        logits = [k for k in state if k.startswith("cls_pred.") and k.endswith(".bias")]
+        num_classes = int(state[max(logits, key=lambda k: int(k.split(".")[1]))].shape[0]) - 1
+    except (KeyError, ValueError, IndexError) as err:
         raise ValueError(
-            f"{path} has no model configuration or class names: it was not written by "
-            "`detector_cli.py train` (or train_detector with a model that has .config/.meta)"
-        )
+            f"{path} holds weights without a model configuration, and not those of the "
+            f"notebook's FasterRCNN (no {err}): it cannot be rebuilt"
+        ) from err
+    box_regression = any(k.startswith("box_pred.") for k in state)
+    model = build_detector(num_classes, NOTEBOOK.model, fpn_channels=channels,
+                           box_regression=box_regression, pretrained=False)  # fmt: skip
+    return model.config
+
+
+def load_detector(
+    path: str | os.PathLike, device: str = "cpu", class_names: Sequence[str] | str | None = None
+) -> tuple[FasterRCNN, dict]:
+    """A model rebuilt from a checkpoint's own configuration, with its weights and metadata
+    (``model.meta``: class names, image sizes, how it was trained), in eval mode. Any
+    checkpoint or weights file of ``read_detector_checkpoint`` (``class_names``: see there).
+
+    Raises:
+        ValueError: for a file that is no checkpoint, class names unknown, or weights that do
+            not fit (naming the settings that differ).
+    """
+    checkpoint = read_detector_checkpoint(path, class_names)
     model = FasterRCNN.from_config(checkpoint["config"], pretrained=False)
     load_model_weights(model, checkpoint, path)
     model.meta = checkpoint["meta"]
     return model.to(device).eval(), checkpoint
+
+
+def load_trained_detector(
+    checkpoint_path: str | os.PathLike,
+    weights_path: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    class_names: Sequence[str] | None = None,
+) -> FasterRCNN:
+    """The notebook's trained model (sections 4.3.1 and 4.4) from ``checkpoint_path`` (the
+    training checkpoint of ``train_detector``), or, when there is none, from ``weights_path``
+    (the final weights, e.g. ``rcnn_detector.pt``), in eval mode on ``device``.
+
+    Prints which file it loaded, and says so when the training stopped before its last
+    iteration. Files of any age load (``read_detector_checkpoint``): ``class_names``, the
+    data's, name the classes of a file that does not; a file naming other classes than
+    ``class_names`` is loaded with a warning (a model trained on other data).
+
+    Raises:
+        FileNotFoundError: neither file exists; the message says to train first.
+    """
+    paths = [Path(p) for p in (checkpoint_path, weights_path) if p is not None]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"No checkpoint at {paths[0]}" + (f" and no weights at {paths[1]}" if paths[1:] else "")
+            + ": train the model first (in the notebook: run sections 3.2 (data) and 4.3 (full "
+            "training), which write them), then this again."
+        )  # fmt: skip
+    model, checkpoint = load_detector(path, "cpu", class_names)
+    trained_on = checkpoint["meta"]["class_names"]
+    if class_names is not None and list(class_names) != list(trained_on):
+        warnings.warn(
+            f"{path} was trained on the classes {', '.join(trained_on)}, not on the data's "
+            f"{', '.join(class_names)}: its class indices mean other things here",
+            stacklevel=2,
+        )
+    done, planned = checkpoint.get("iteration"), checkpoint.get("max_iters")
+    if done is None:
+        print(f"Loaded the weights in {path} (no training checkpoint at {paths[0]}).")
+    elif done < planned:
+        print(f"Note: training stopped at iteration {done} of {planned} (a disconnect?); run it "
+              f"again to finish. Using the weights of iteration {done} from {path}.")  # fmt: skip
+    else:
+        print(f"Loaded the model trained for {done} iterations from {path}")
+    return model.to(device)
 
 
 # The model settings that shape a network's weights: what ``weights`` takes from its
@@ -252,20 +363,17 @@ NETWORK_SETTINGS = {
 
 
 def read_weights_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint that ``weights`` names, checked before anything is written: a
-    ``train`` checkpoint with a model configuration and class names.
+    """The checkpoint that ``weights`` names, checked before anything is written: any file
+    ``read_detector_checkpoint`` reads, so a ``train`` checkpoint or the notebook's.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: a truncated or foreign file, or one without configuration or classes.
+        ValueError: a truncated or foreign file, or one whose class names are unknown.
     """
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    if not checkpoint.get("config") or not (checkpoint.get("meta") or {}).get("class_names"):
-        raise ValueError(
-            f"--weights {path}: no model configuration or class names in it; give a "
-            "checkpoint.pt or best.pt written by `detector_cli.py train`"
-        )
-    return checkpoint
+    try:
+        return read_detector_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"--weights {path}: {err}") from err
 
 
 def with_network_of(settings: Settings, checkpoint: Mapping[str, Any]) -> Settings:
@@ -348,12 +456,10 @@ def _training_model(settings: Settings, classes: list[str], fit: AnchorFit | Non
     how the images were fed (``SETUP_KEYS``)."""
     model = build_detector(len(classes), settings.model, fit)
     flat = settings.flat()
-    model.meta = {
-        "class_names": classes,
-        "image_size": settings.data.image_size,
-        "test_image_size": settings.eval.test_image_size or settings.data.image_size,
-        "training": {key: _plain(flat[key]) for key in SETUP_KEYS},
-    }
+    model.meta = detector_meta(
+        classes, settings.data.image_size, settings.eval.test_image_size,
+        training={key: _plain(flat[key]) for key in SETUP_KEYS},
+    )  # fmt: skip
     return model
 
 
@@ -1116,7 +1222,7 @@ def evaluate(checkpoint: str | os.PathLike, data: Settings | str | None = None) 
         # The data named is the data scored: a whole COCO JSON, a folder's val list, or all
         # of a folder without lists (nothing is held out, as for training).
         settings = settings.replace(val_dataset=named.dataset, val_images=named.images)
-    model, saved = load_detector(checkpoint, settings.eval.device)
+    model, saved = load_detector(checkpoint, settings.eval.device, settings.data.classes)
     meta = saved["meta"]
     classes = list(meta["class_names"])
     _, val, _ = make_datasets(settings, image_size=meta["image_size"], classes=classes,
@@ -1221,7 +1327,7 @@ def _predictor(
     """
     conf, nms_thresh = settings.predict.conf, settings.eval.nms_thresh
     if Path(model_file).suffix.lower() != ".onnx":
-        model, saved = load_detector(model_file, settings.eval.device)
+        model, saved = load_detector(model_file, settings.eval.device, settings.data.classes)
 
         def detect(image: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return _detect(model, image, settings, settings.eval.device, conf - 1e-6)
@@ -1268,7 +1374,7 @@ def export(
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"--out must name a .onnx file (or a folder), got {path}")
     require("onnx", "onnxscript")  # before the model is loaded
-    model, saved = load_detector(checkpoint, settings.eval.device)
+    model, saved = load_detector(checkpoint, settings.eval.device, settings.data.classes)
     meta = saved["meta"]
     classes, size = list(meta["class_names"]), _test_image_size(settings, meta)
     start = time.perf_counter()

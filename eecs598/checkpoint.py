@@ -19,6 +19,20 @@ loads with ``torch.load(weights_only=True)`` (:func:`load_checkpoint` does that)
   load the checkpoint later.
 * ``train_args``: the optimizer and schedule settings the run was started with.
 
+Weights files
+-------------
+:func:`save_weights` writes what the course's notebook saves as ``rcnn_detector.pt``: the
+model's ``state_dict`` itself, so the course's ``model.load_state_dict(torch.load(path))``
+loads it, carrying the model's description as an attribute of that dict, ``detector``
+(``{"format": WEIGHTS_FORMAT, "config", "meta"}``). An ``OrderedDict``'s attributes survive
+``torch.save`` and ``torch.load(weights_only=True)``: it is how ``state_dict`` keeps its own
+``_metadata``. :func:`load_checkpoint` reads such a file, or a bare ``state_dict`` of an older
+notebook, as a checkpoint with ``model``, ``config`` and ``meta`` (``None`` where unknown).
+
+``meta`` (:func:`detector_meta`) is what tools need besides the network: ``class_names`` (the
+classifier's order, background excluded), ``image_size`` (the training short side) and
+``test_image_size``, plus what a tool records of its own (``train`` adds ``training``).
+
 Writes are atomic (:func:`eecs598.files.atomic_write`): a process killed at any moment leaves
 the previous complete checkpoint or the new one, plus at worst a stale temp file that a
 resumed run deletes.
@@ -29,7 +43,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +56,22 @@ from .utils import first_line
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "WEIGHTS_FORMAT",
     "check_finite_weights",
     "config_differences",
+    "detector_meta",
     "load_checkpoint",
     "load_for_resume",
     "load_model_weights",
     "plain_config",
     "rng_state",
     "save_checkpoint",
+    "save_weights",
     "set_rng_state",
 ]
 
 CHECKPOINT_FORMAT = "a4_helper.train_detector/1"
+WEIGHTS_FORMAT = "a4_helper.weights/1"
 #: Keys without which a checkpoint cannot be resumed.
 _RESUME_KEYS = ("optimizer", "scheduler", "iteration", "max_iters", "rng", "data", "loss_history")
 
@@ -118,19 +136,53 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def detector_meta(
+    class_names: Sequence[str], image_size: int, test_image_size: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """What a checkpoint records besides the network (``detector.meta``; see the module
+    docstring): the class names in the classifier's order, the training short side and the
+    evaluation one (default: the same), and ``extra`` entries as given."""
+    return {
+        "class_names": [str(name) for name in class_names],
+        "image_size": int(image_size),
+        "test_image_size": int(test_image_size or image_size),
+        **extra,
+    }
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temp file, ``fsync``, ``os.replace``)."""
     with atomic_write(path) as handle:
         torch.save(dict(state), handle)
 
 
+def save_weights(detector: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``detector.state_dict()`` to ``path`` atomically, described by the model's
+    ``config`` and ``meta`` (attribute ``detector`` of the dict; see the module docstring).
+
+    ``detector.load_state_dict(torch.load(path))`` loads it as any state_dict;
+    :func:`load_checkpoint` (and so ``predict``, ``evaluate``, ``--weights``) also finds the
+    configuration and the class names in it.
+    """
+    state = detector.state_dict()
+    state.detector = {
+        "format": WEIGHTS_FORMAT,
+        "config": plain_config(getattr(detector, "config", None)),
+        "meta": plain_config(getattr(detector, "meta", None)),
+    }
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
+
+
 def load_checkpoint(
     path: str | os.PathLike, detector: nn.Module | None = None, map_location: Any = "cpu"
 ) -> dict[str, Any]:
-    """Load a checkpoint written by ``train_detector`` (``weights_only=True``).
+    """Load a checkpoint written by ``train_detector``, or a weights file (:func:`save_weights`,
+    or any ``state_dict``), with ``weights_only=True``.
 
     If ``detector`` is given its weights are restored. Returns the whole checkpoint dict (see
-    the module docstring for its keys).
+    the module docstring for its keys); a weights file gives ``format``, ``model``, ``config``
+    and ``meta``, the last two ``None`` for a bare ``state_dict``.
 
     Raises:
         FileNotFoundError: No file at ``path``.
@@ -147,11 +199,28 @@ def load_checkpoint(
             f"Cannot read checkpoint {path} (truncated, corrupt or not a torch checkpoint): "
             f"{first_line(err, 160)}"
         ) from err
+    if _is_state_dict(checkpoint):
+        described = getattr(checkpoint, "detector", None) or {}
+        checkpoint = {
+            "format": described.get("format", "state_dict"),
+            "model": checkpoint,
+            "config": described.get("config"),
+            "meta": described.get("meta"),
+        }
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a train_detector checkpoint (no 'model' entry)")
     if detector is not None:
         load_model_weights(detector, checkpoint, path)
     return checkpoint
+
+
+def _is_state_dict(loaded: Any) -> bool:
+    """A non-empty mapping of names to tensors (a weights file), not a checkpoint dict."""
+    return (
+        isinstance(loaded, Mapping)
+        and bool(loaded)
+        and all(isinstance(v, torch.Tensor) for v in loaded.values())
+    )
 
 
 def config_differences(

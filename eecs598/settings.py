@@ -427,7 +427,9 @@ class DataSettings(SettingsGroup):
     )  # fmt: skip
     classes: str | None = setting(
         None, "comma-separated class list for a VOC-layout folder (default: the sorted names "
-        "found in its annotations)", parse=str,
+        "found in its annotations); evaluate, predict, export: the class names, in the "
+        "classifier's order, of a checkpoint that does not record them (the notebook's from "
+        "before it saved them; a 20-class one gets VOC's)", parse=str,
     )  # fmt: skip
     train_split: str = setting("train", "ImageSets/Main list to train on")
     val_split: str = setting("val", "ImageSets/Main list to evaluate on")

@@ -1,5 +1,6 @@
 """What several test files share that is not a fixture: writers of small hand-made VOC-layout
-datasets, and a stand-in detector for the training loop (fixtures live in ``conftest.py``)."""
+datasets, painted images to overfit, a small Faster R-CNN, and a stand-in detector for the
+training loop (fixtures live in ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from common import DetectorBackboneWithFPN
+from two_stage_detector import RPN, FasterRCNN
 
 # Repository's sibling folder with shared data; absent on some machines (tests then skip).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -68,6 +72,49 @@ def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Im
     rng = np.random.default_rng(seed)
     array = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return Image.fromarray(array).convert(mode)
+
+
+def painted_images(size: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four noise images of ``size`` x ``size`` with 1-3 objects each, painted in one colour
+    per class (4 classes), so that a detector has something to memorise.
+
+    Returns:
+        ``images (4, 3, size, size)`` and ``gt_boxes (4, 3, 5)`` (``x1, y1, x2, y2, class``;
+        rows of -1 pad). Boxes are drawn on a 96-pixel image and scaled to ``size``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    gt = torch.full((4, 3, 5), -1.0)
+    gt[0, :2] = torch.tensor([[8.0, 8, 60, 70, 0], [50, 40, 90, 90, 1]])
+    gt[1, :1] = torch.tensor([[20.0, 10, 80, 60, 2]])
+    gt[2, :3] = torch.tensor([[0.0, 0, 40, 40, 3], [40, 40, 90, 90, 0], [60, 0, 96, 30, 1]])
+    gt[3, :1] = torch.tensor([[10.0, 30, 90, 80, 2]])
+    valid = gt[..., 4] >= 0
+    gt[..., :4][valid] = (gt[..., :4][valid] * size / 96).round()
+    images = 0.3 * torch.randn(4, 3, size, size, generator=generator)
+    colours = torch.tensor([[2.0, -1, -1], [-1, 2, -1], [-1, -1, 2], [2, 2, -1]])
+    for b, j in torch.nonzero(valid).tolist():
+        x1, y1, x2, y2, k = gt[b, j].long().tolist()
+        images[b, :, y1:y2, x1:x2] += colours[k][:, None, None]
+    return images, gt
+
+
+def make_gt(batch: int) -> torch.Tensor:
+    """(batch, 6, 5) GT rows for 128-pixel images: two boxes in image 0, one in image 1."""
+    gt = torch.full((batch, 6, 5), -1.0)
+    gt[0, :2] = torch.tensor([[10.0, 20, 100, 120, 3], [50, 50, 200, 180, 7]])
+    if batch > 1:
+        gt[1, :1] = torch.tensor([[0.0, 0, 128, 128, 0]])  # image 2 (if any) has no objects
+    return gt
+
+
+def small_faster_rcnn(box_regression: bool = False, num_classes: int = 8) -> FasterRCNN:
+    """A Faster R-CNN with 32 FPN channels and random weights, quick to run on a CPU."""
+    backbone = DetectorBackboneWithFPN(out_channels=32, pretrained=False)
+    rpn = RPN(32, [32, 32], batch_size_per_image=16, pre_nms_topk=200, post_nms_topk=50)
+    return FasterRCNN(
+        backbone, rpn, stem_channels=[32, 32], num_classes=num_classes,
+        batch_size_per_image=32, box_regression=box_regression,
+    )  # fmt: skip
 
 
 class Interrupted(Exception):

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import painted_images
 
 import detector_cli
 import recipe
+from a4_helper import VOC_CLASSES, detector_meta, save_weights, train_detector
 from eecs598.checkpoint import load_checkpoint, load_model_weights
 from eecs598.settings import DEMO, NOTEBOOK, OWN_DATA
 
@@ -311,3 +313,84 @@ def test_predict_preprocessing_is_the_val_transform(demo_run):
         width, height = image.size
     assert torch.equal(tensor, expected)
     assert (round(width * sx), round(height * sy)) == tuple(expected.shape[:0:-1])
+
+
+# ---- the notebook's files ------------------------------------------------------------------
+
+
+def _notebook_model(num_classes: int) -> torch.nn.Module:
+    """Section 4.3's model (``NOTEBOOK.model``) at 16 FPN channels, random weights."""
+    torch.manual_seed(0)
+    return recipe.build_detector(num_classes, NOTEBOOK.model, fpn_channels=16, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def notebook_files(tmp_path_factory):
+    """What the notebook's section 4.3 writes for a 20-class model, trained one iteration by
+    ``train_detector``: ``rcnn_training.pt`` and ``rcnn_detector.pt`` (``save_weights``),
+    both described; and ``old_rcnn_detector.pt``, a bare state_dict as it was saved before."""
+    folder = tmp_path_factory.mktemp("notebook")
+    model = _notebook_model(20)
+    model.meta = detector_meta(VOC_CLASSES, 224)
+    images, gt = painted_images(64)
+    train_detector(model, [(["a", "b", "c", "d"], images, gt)], max_iters=1, device="cpu",
+                   checkpoint_path=folder / "rcnn_training.pt", show_plot=False,
+                   progress=False)  # fmt: skip
+    save_weights(model, folder / "rcnn_detector.pt")
+    torch.save(model.state_dict(), folder / "old_rcnn_detector.pt")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["rcnn_training.pt", "rcnn_detector.pt", "old_rcnn_detector.pt"])
+def test_predict_reads_the_notebooks_files_old_and_new(notebook_files, demo_run, tmp_path, name):
+    """The three files hold the same weights: the same detections, VOC's class names (the
+    old file's are taken from VOC's list, as it has 20 classes)."""
+    images = demo_run / "data" / "shapes" / "JPEGImages"
+    args = ["predict", str(notebook_files / name), str(images), "--conf", "0", "--score-thresh",
+            "0", "--test-image-size", "64"]  # fmt: skip
+    assert detector_cli.main([*args, "--out", str(tmp_path / name)]) == 0
+    records = json.loads((tmp_path / name / "detections.json").read_text())
+    assert len(records) == 20 and sum(len(r["detections"]) for r in records) > 0
+    assert {d["class"] for r in records for d in r["detections"]} <= set(VOC_CLASSES)
+    reference = tmp_path / "reference"
+    if not reference.exists():
+        assert detector_cli.main([*args[:1], str(notebook_files / "rcnn_detector.pt"), *args[2:],
+                                  "--out", str(reference)]) == 0  # fmt: skip
+    assert records == json.loads((reference / "detections.json").read_text())
+
+
+def test_an_old_notebook_file_of_other_classes_needs_classes(demo_run, tmp_path, capsys):
+    """A bare state_dict of a 5-class model: without names it is refused, saying to pass
+    --classes; with them, predict and evaluate use them; a wrong count is named."""
+    path = tmp_path / "old.pt"
+    torch.save(_notebook_model(5).state_dict(), path)
+    images = demo_run / "data" / "shapes" / "JPEGImages"
+    base = ["predict", str(path), str(images), "--conf", "0", "--score-thresh", "0",
+            "--out", str(tmp_path / "p")]  # fmt: skip
+    assert detector_cli.main(base) == 1
+    err = capsys.readouterr().err
+    assert f"{path} does not record its class names" in err and "--classes" in err
+    assert detector_cli.main([*base, "--classes", "a,b"]) == 1
+    assert "--classes names 2 classes but" in capsys.readouterr().err
+    shapes = ",".join(recipe.SHAPES_CLASSES)
+    assert detector_cli.main([*base, "--classes", shapes]) == 0
+    records = json.loads((tmp_path / "p" / "detections.json").read_text())
+    assert {d["class"] for r in records for d in r["detections"]} <= set(recipe.SHAPES_CLASSES)
+    evaluate = ["evaluate", str(path), "--dataset", str(demo_run / "data" / "shapes"),
+                "--classes", shapes, "--workers", "0", "--out", str(tmp_path / "e")]  # fmt: skip
+    assert detector_cli.main(evaluate) == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_val_images"] == 4
+
+
+def test_train_weights_take_the_notebooks_file(notebook_files, demo_run, tmp_path, capsys):
+    """--weights rcnn_detector.pt: the notebook's network settings and its VOC class names
+    (none of which the shapes data has, so every class row starts fresh)."""
+    at = TINY.index("--fpn-channels")
+    tiny = TINY[:at] + TINY[at + 2 :]
+    args = ["train", "--dataset", "shapes", "--data-dir", str(demo_run / "data"), "--out",
+            str(tmp_path), "--weights", str(notebook_files / "rcnn_detector.pt"), *tiny,
+            "--max-iters", "1", "--eval-period", "0"]  # fmt: skip
+    with pytest.warns(UserWarning, match="classes it was not trained on start fresh"):
+        assert detector_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "0 of 5 classes known to it" in printed and "model: FPN 16 channels" in printed

@@ -1,12 +1,12 @@
 """Property tests (hypothesis) over random boxes, degenerate and inverted ones included: IoU,
 delta encode/decode, NMS and anchor matching.
 
-They extend the existing ones (``test_two_stage_detector.test_iou_property_bounds_symmetry_
-reference``: IoU of boxes with non-negative sizes against torchvision;
-``test_delta_round_trip_property``: unit-weight round trip; ``test_common.
-test_nms_property_matches_torchvision``: NMS with distinct scores at three thresholds) to
-inverted boxes, batches, scale invariance, random coder weights, the decode clamp, tied scores,
-any threshold, per-class NMS, and the matching rules.
+The first ones (IoU of boxes with non-negative sizes against torchvision, the unit-weight delta
+round trip, NMS with distinct scores at three thresholds) are extended to inverted boxes,
+batches, scale invariance, random coder weights, the decode clamp, tied scores, any threshold,
+per-class NMS, and the matching rules. They live here, not beside each module's other tests,
+so that the modules' own test files (and ``pytest -m sanity``) run where hypothesis is not
+installed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 import torchvision
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder
 
@@ -391,3 +391,69 @@ def test_batched_nms_topk_threshold_compared_as_torchvision_does(monkeypatch, fi
         boxes, scores, groups, torch.ones(1, 2, dtype=torch.bool), 0.1, 2
     )
     assert mask.tolist() == [[True, False]] and index[0, 0] == 0
+
+
+# ---- IoU, deltas and NMS on well-formed boxes -------------------------------------------------
+
+
+def _boxes(rows) -> torch.Tensor:
+    t = torch.tensor(rows, dtype=torch.float32)
+    return torch.cat([t[:, :2], t[:, :2] + t[:, 2:4]], dim=1)
+
+
+box_rows = st.lists(
+    st.tuples(*[st.floats(0, 100, width=32)] * 2, *[st.floats(0, 50, width=32)] * 2),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(a=box_rows, b=box_rows)
+def test_iou_property_bounds_symmetry_reference(a, b):
+    boxes1, boxes2 = _boxes(a), _boxes(b)
+    result = iou(boxes1, boxes2)
+    assert result.shape == (len(a), len(b))
+    assert torch.all((result >= 0) & (result <= 1))
+    assert torch.equal(result, iou(boxes2, boxes1).T)
+    reference = torchvision.ops.box_iou(boxes1, boxes2).nan_to_num(0.0)  # 0/0 for empty boxes
+    assert torch.allclose(result, reference, atol=1e-6)
+    positive = (boxes1[:, 2:] > boxes1[:, :2]).all(1)
+    assert torch.allclose(iou(boxes1, boxes1).diagonal()[positive], torch.ones(int(positive.sum())))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    anchor=st.tuples(*[st.floats(-50, 50)] * 2, *[st.floats(1, 300)] * 2),
+    box=st.tuples(*[st.floats(-50, 50)] * 2, *[st.floats(1, 300)] * 2),
+)
+def test_delta_round_trip_property(anchor, box):
+    ratios = [box[2] / anchor[2], box[3] / anchor[3]]
+    assume(all(1000 / 16 > r > 16 / 1000 for r in ratios))  # inside the decode clamp
+    anchors = _boxes([anchor]).double()
+    boxes = _boxes([box]).double()
+    deltas = rcnn_get_deltas_from_anchors(anchors, boxes)
+    assert torch.allclose(rcnn_apply_deltas_to_anchors(deltas, anchors), boxes, atol=1e-6)
+
+
+box_lists = st.lists(
+    st.tuples(
+        st.floats(0, 100, width=32),
+        st.floats(0, 100, width=32),
+        st.floats(0, 60, width=32),
+        st.floats(0, 60, width=32),
+        st.floats(0, 1, width=32),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=box_lists, threshold=st.sampled_from([0.3, 0.5, 0.7]))
+def test_nms_property_matches_torchvision(rows, threshold):
+    t = torch.tensor(rows)
+    boxes = torch.cat([t[:, :2], t[:, :2] + t[:, 2:4]], dim=1)  # zero-size boxes included
+    # Distinct scores: with ties torchvision's order is unspecified.
+    scores = t[:, 4] + torch.arange(len(t)) * 1e-3
+    assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))

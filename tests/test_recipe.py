@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from support import Interrupted
+from support import Interrupted, painted_images
 
 import detector_cli
 import recipe
-from eecs598.checkpoint import load_checkpoint
+from eecs598.checkpoint import detector_meta, load_checkpoint, save_weights
 from eecs598.coco import COCODetection
 from eecs598.settings import OWN_DATA
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
@@ -434,5 +434,75 @@ def test_bad_weights_file_is_named_and_nothing_is_written(tmp_path, kind, capsys
     err = capsys.readouterr().err
     assert str(path) in err and not out.exists()
     expected = {"missing": "No checkpoint at", "truncated": "truncated, corrupt",
-                "foreign": "no model configuration or class names"}[kind]  # fmt: skip
+                "foreign": "without a model configuration"}[kind]  # fmt: skip
     assert expected in err
+
+
+# ---- the notebook's trained model ------------------------------------------------------------
+
+
+def _notebook_files(folder, classes=SHAPES_CLASSES):
+    """A section 4.3 model (FPN 16) trained one iteration: its checkpoint, its weights, and
+    the weights as the notebook saved them before (a bare state_dict)."""
+    torch.manual_seed(0)
+    model = recipe.build_detector(len(classes), fpn_channels=16, pretrained=False)
+    model.meta = detector_meta(classes, 128)
+    images, gt = painted_images(64)
+    train_detector(model, [(["a", "b", "c", "d"], images, gt)], max_iters=1, device="cpu",
+                   checkpoint_path=folder / "training.pt", show_plot=False,
+                   progress=False)  # fmt: skip
+    save_weights(model, folder / "weights.pt")
+    torch.save(model.state_dict(), folder / "old.pt")
+    return model.eval()
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+
+
+def test_load_trained_detector_prefers_the_checkpoint_then_the_weights(tmp_path, capsys):
+    trained = _notebook_files(tmp_path)
+    model = recipe.load_trained_detector(tmp_path / "training.pt", tmp_path / "weights.pt")
+    assert f"Loaded the model trained for 1 iterations from {tmp_path / 'training.pt'}" in (
+        capsys.readouterr().out
+    )
+    assert _same_weights(model, trained) and not model.training
+    assert model.meta["class_names"] == list(SHAPES_CLASSES) and model.meta["image_size"] == 128
+
+    for weights in ("weights.pt", "old.pt"):  # no training checkpoint: the final weights
+        model = recipe.load_trained_detector(
+            tmp_path / "none.pt", tmp_path / weights, class_names=SHAPES_CLASSES
+        )
+        printed = capsys.readouterr().out
+        assert f"Loaded the weights in {tmp_path / weights} (no training checkpoint at " in printed
+        assert _same_weights(model, trained) and model.config == trained.config
+        assert model.meta["class_names"] == list(SHAPES_CLASSES)
+
+
+def test_load_trained_detector_without_files_says_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        recipe.load_trained_detector(tmp_path / "a.pt", tmp_path / "b.pt")
+    message = str(err.value)
+    assert f"No checkpoint at {tmp_path / 'a.pt'} and no weights at {tmp_path / 'b.pt'}" in message
+    assert "run sections 3.2 (data) and 4.3 (full training)" in message
+
+
+def test_load_trained_detector_warns_of_other_classes_and_unfinished_training(tmp_path, capsys):
+    _notebook_files(tmp_path)
+    checkpoint = torch.load(tmp_path / "training.pt", weights_only=True)
+    checkpoint["max_iters"] = 9000
+    torch.save(checkpoint, tmp_path / "training.pt")
+    with pytest.warns(UserWarning, match="was trained on the classes red_circle"):
+        recipe.load_trained_detector(tmp_path / "training.pt", class_names=["a"] * 5)
+    assert "training stopped at iteration 1 of 9000" in capsys.readouterr().out
+
+
+def test_a_bare_state_dict_rebuilds_the_notebooks_model():
+    """``state_dict_config`` reads channels, classes and box regression from the weights; the
+    rest is section 4.3's model."""
+    for channels, classes, box_regression in ((16, 20, False), (32, 3, True)):
+        model = recipe.build_detector(classes, fpn_channels=channels, pretrained=False,
+                                      box_regression=box_regression)  # fmt: skip
+        assert recipe.state_dict_config(model.state_dict()) == model.config
+    with pytest.raises(ValueError, match="without a model configuration"):
+        recipe.state_dict_config({"conv.weight": torch.zeros(1)}, "x.pt")
