@@ -8,12 +8,13 @@ import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-# Test modules that import, at their top, packages only requirements-dev.txt installs. Where
-# one is missing (on Colab, `python -m pytest -m sanity` runs with Colab's own packages) the
-# module is left out of collection instead of failing it: the sanity checks need none of them.
+# Test modules that need packages only requirements-dev.txt installs. Where one is missing (on
+# Colab, `python -m pytest -m sanity` runs with Colab's own packages) the module is left out of
+# collection instead of failing it or showing as skipped: the sanity checks need none of them.
 # `test_sanity.py` checks that no other module imports such a package at its top.
 DEV_ONLY_IMPORTS = {
     "test_e2e_notebook.py": ("nbformat",),
+    "test_eecs598_deploy.py": ("onnx", "onnxruntime", "onnxscript"),
     "test_eecs598_errors.py": ("hypothesis",),
     "test_eecs598_mean_ap.py": ("hypothesis",),
     "test_eecs598_mean_ap_coco.py": ("hypothesis",),

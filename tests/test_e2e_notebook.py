@@ -194,6 +194,22 @@ def test_committed_notebook_is_clean_and_ordered():
     assert 'EVAL_DIR = os.path.join(SCRATCH_DIR, "mAP", "input")' in setup
     assert 'MAP_PLOT_PATH = os.path.join(WORK_DIR, f"mAP{_SUFFIX}.png")' in setup
 
+    # Colab: a GPU runtime asked for; the sanity checks' command; VOC on the local disk with
+    # its tar kept on Drive; section 4.3 trains from the decoded-image cache and saves weights
+    # that name their classes; 4.3.1 and 4.4 fall back to those weights.
+    assert nb.metadata["accelerator"] == "GPU" and nb.metadata["colab"]["gpuType"] == "T4"
+    assert '!cd "{NOTEBOOK_DIR}" && python -m pytest -m sanity -q' in setup
+    assert "RUN_SANITY_CHECKS = False" in setup
+    assert "VOC_DIR = SCRATCH_DIR" in setup and "archive_dir=VOC_ARCHIVE_DIR" in setup
+    assert "CachedDetection(" in full
+    assert "full_train_loader, checkpoint_path=FULL_CHECKPOINT" in full
+    assert "save_weights(faster_rcnn, WEIGHTS_PATH)" in full and "detector_meta(" in full
+    assert "full_train_loader, checkpoint_path=BOXREG_CHECKPOINT" in boxreg
+    for section in ("4.3.1", "4.4"):
+        cell = "\n".join(nb.cells[i].source for i in _section_cells(nb, section))
+        assert "load_trained_detector(\n    FULL_CHECKPOINT, WEIGHTS_PATH, device=DEVICE" in cell
+    assert "def load_trained_detector" not in code  # the package's, from a4_helper
+
 
 # ----------------------------------------------------------------------------------------------
 # Running the notebook in real kernels
@@ -319,6 +335,20 @@ def test_notebook_runs_in_fast_mode(full_run):
     assert saved["iteration"] == saved["max_iters"] == 60 and len(saved["loss_history"]) == 60
     assert saved["config"]["backbone"]["out_channels"] == 32
     assert saved["config"]["box_regression"] is False
+    # ... and names its classes and image size, as the final weights do; the weights are a
+    # state_dict (the course loads them so) from which the package rebuilds the same model.
+    import torch
+
+    import recipe
+    from eecs598.shapes import SHAPES_CLASSES
+
+    assert saved["meta"]["class_names"] == list(SHAPES_CLASSES)
+    assert saved["meta"]["image_size"] == 128
+    weights = work_dir / "rcnn_detector_fast.pt"
+    state = torch.load(weights, weights_only=True)
+    assert state.keys() == saved["model"].keys() and state.detector["config"] == saved["config"]
+    assert state.detector["meta"] == saved["meta"]
+    assert recipe.state_dict_config(state) == saved["config"]  # an old bare file rebuilds alike
     results = [
         out["data"]["text/plain"]
         for cell in full_run.nb.cells
@@ -372,6 +402,27 @@ def test_detections_run_alone_after_a_disconnect(full_run):
 
 
 @pytest.mark.slow
+def test_sections_fall_back_to_the_final_weights_old_format_included(full_run, tmp_path):
+    """No training checkpoint, only ``rcnn_detector.pt`` as the notebook saved it before it
+    carried a description (a bare state_dict): 4.3.1 and 4.4 load it, say so, and 4.4 scores
+    the mAP of the full run."""
+    import torch
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    work_dir = tmp_path / "work"
+    shutil.copytree(full_run.work_dir / "data", work_dir / "data")
+    weights = work_dir / "rcnn_detector_fast.pt"
+    state = torch.load(full_run.work_dir / weights.name, weights_only=True)
+    torch.save(dict(state), weights)  # a plain dict: no description
+    cells = _setup(nb) + _section_cells(nb, "4.3.1") + _section_cells(nb, "4.4")
+    run = _run(_subset(nb, cells), work_dir)
+    print(f"\nSetup + 4.3.1 + 4.4 from the old weights: {run.elapsed:.1f} s")
+    message = f"Loaded the weights in {weights} (no training checkpoint at "
+    assert run.text.count(message) == 2 and "Trained " not in run.text
+    assert _map_line(run.text) == _map_line(full_run.text)
+
+
+@pytest.mark.slow
 def test_sections_without_a_checkpoint_say_what_to_run_first(tmp_path):
     from nbclient.exceptions import CellExecutionError
 
@@ -392,8 +443,9 @@ def test_sections_without_a_checkpoint_say_what_to_run_first(tmp_path):
             with pytest.raises(CellExecutionError) as info:
                 client.execute_cell(sub.cells[index], index)
             message = str(info.value)
-            assert f"No checkpoint at {tmp_path / 'rcnn_training_fast.pt'}" in message
-            assert "Run sections 3.2 (data) and 4.3 (full training)" in message
+            assert (f"No checkpoint at {tmp_path / 'rcnn_training_fast.pt'} and no weights at "
+                    f"{tmp_path / 'rcnn_detector_fast.pt'}") in message  # fmt: skip
+            assert "run sections 3.2 (data) and 4.3 (full training)" in message
 
 
 @pytest.mark.slow

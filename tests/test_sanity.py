@@ -146,7 +146,8 @@ def test_test_modules_need_only_runtime_packages_unless_conftest_says():
     for path in sorted(TESTS.glob("*.py")):
         extra = _top_level_imports(path) - allowed
         listed = set(DEV_ONLY_IMPORTS.get(path.name, ()))
-        assert extra == listed, f"{path.name}: imports {sorted(extra)} at its top"
+        assert extra <= listed, f"{path.name}: imports {sorted(extra - listed)} at its top"
+    assert DEV_ONLY_IMPORTS["test_properties.py"] == ("hypothesis",)  # the listing is read
 
 
 def test_the_expected_prints_are_found_by_their_source(tmp_path):
