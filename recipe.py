@@ -94,6 +94,7 @@ __all__ = [
     "SHAPES_CLASSES",
     "build_detector",
     "read_detector_checkpoint",
+    "state_dict_config",
     "load_detector",
     "load_trained_detector",
     "read_weights_checkpoint",
@@ -237,7 +238,7 @@ def read_detector_checkpoint(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: a truncated or foreign file; class names unknown, or as many as the
+        ValueError: a truncated or foreign file; class names unknown, or not as many as the
             model's classes.
     """
     checkpoint = load_checkpoint(path, map_location="cpu")  # clear errors for bad files
@@ -342,7 +343,8 @@ def load_trained_detector(
         )
     done, planned = checkpoint.get("iteration"), checkpoint.get("max_iters")
     if done is None:
-        print(f"Loaded the weights in {path} (no training checkpoint at {paths[0]}).")
+        instead = f" (no training checkpoint at {paths[0]})" if path != paths[0] else ""
+        print(f"Loaded the weights in {path}{instead}.")
     elif done < planned:
         print(f"Note: training stopped at iteration {done} of {planned} (a disconnect?); run it "
               f"again to finish. Using the weights of iteration {done} from {path}.")  # fmt: skip

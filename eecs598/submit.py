@@ -11,10 +11,13 @@ from .files import atomic_write
 
 __all__ = ["OPTIONAL_FILES", "PACKAGE", "REQUIRED_FILES", "make_a4_submission"]
 
+#: The deliverables, and ``recipe.py``, which ``a4_helper.py`` imports (the notebook's
+#: ``load_trained_detector``), so that the extracted zip runs the notebook on its own.
 REQUIRED_FILES: tuple[str, ...] = (
     "common.py",
     "two_stage_detector.py",
     "a4_helper.py",
+    "recipe.py",
     "two_stage_detector.ipynb",
 )
 #: Added when present, never required: this notebook's trained weights, and the deliverables of
@@ -61,14 +64,14 @@ def make_a4_submission(
 ) -> str:
     """Zip the deliverables found in ``assignment_path`` into ``{uniquename}_{umid}_A4.zip``.
 
-    The zip holds ``common.py``, ``two_stage_detector.py``, ``a4_helper.py`` and
-    ``two_stage_detector.ipynb`` (all required); each of ``rcnn_detector.pt``,
-    ``one_stage_detector.py``, ``one_stage_detector.ipynb`` and ``fcos_detector.pt`` (the other
-    A4 notebook's deliverables, :data:`OPTIONAL_FILES`) when present; and every
-    ``.py`` file of the ``eecs598/`` package folder in ``assignment_path`` (``a4_helper`` is a
-    facade over it), so that the extracted zip runs on its own. Files keep their paths relative
-    to ``assignment_path``. The archive is written with :func:`eecs598.files.atomic_write`, so
-    a failure never leaves a partial zip.
+    The zip holds ``common.py``, ``two_stage_detector.py``, ``a4_helper.py``, ``recipe.py``
+    (which ``a4_helper.py`` imports) and ``two_stage_detector.ipynb`` (all required); each of
+    ``rcnn_detector.pt``, ``one_stage_detector.py``, ``one_stage_detector.ipynb`` and
+    ``fcos_detector.pt`` (the other A4 notebook's deliverables, :data:`OPTIONAL_FILES`) when
+    present; and every ``.py`` file of the ``eecs598/`` package folder in ``assignment_path``
+    (``a4_helper`` is a facade over it), so that the extracted zip runs on its own. Files keep
+    their paths relative to ``assignment_path``. The archive is written with
+    :func:`eecs598.files.atomic_write`, so a failure never leaves a partial zip.
 
     Args:
         assignment_path: Folder holding the deliverables; the zip is written there too.

@@ -349,6 +349,20 @@ def test_notebook_runs_in_fast_mode(full_run):
     assert state.keys() == saved["model"].keys() and state.detector["config"] == saved["config"]
     assert state.detector["meta"] == saved["meta"]
     assert recipe.state_dict_config(state) == saved["config"]  # an old bare file rebuilds alike
+    # The command line's predict takes both files as they are.
+    import json
+
+    import detector_cli
+
+    images = sorted((work_dir / "data" / "shapes" / "JPEGImages").glob("*.jpg"))[:2]
+    for name in ("rcnn_training_fast.pt", "rcnn_detector_fast.pt"):
+        out = work_dir / f"predict_{name}"
+        args = ["predict", str(work_dir / name), *map(str, images), "--conf", "0",
+                "--out", str(out)]  # fmt: skip
+        assert detector_cli.main(args) == 0, name
+        records = json.loads((out / "detections.json").read_text())
+        assert len(records) == 2
+        assert {d["class"] for r in records for d in r["detections"]} <= set(SHAPES_CLASSES)
     results = [
         out["data"]["text/plain"]
         for cell in full_run.nb.cells

@@ -40,7 +40,7 @@ def test_optional_checkpoint_included(tmp_path):
     path = make_a4_submission(tmp_path, "jdoe", 42)
     with zipfile.ZipFile(path) as zf:
         assert "rcnn_detector.pt" in zf.namelist()
-        assert len(zf.namelist()) == 5
+        assert len(zf.namelist()) == len(REQUIRED_FILES) + 1
 
 
 def test_one_stage_deliverables_included_when_present(tmp_path):
