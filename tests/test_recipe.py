@@ -506,3 +506,22 @@ def test_a_bare_state_dict_rebuilds_the_notebooks_model():
         assert recipe.state_dict_config(model.state_dict()) == model.config
     with pytest.raises(ValueError, match="without a model configuration"):
         recipe.state_dict_config({"conv.weight": torch.zeros(1)}, "x.pt")
+
+
+def test_a_checkpoint_without_meta_takes_the_datas_class_names(tmp_path, capsys):
+    """A training checkpoint written before the notebook's model carried ``meta``: the
+    notebook passes its data's class names; without them a 5-class model is refused, naming
+    --classes, and a 20-class one gets VOC's."""
+    _notebook_files(tmp_path)
+    checkpoint = torch.load(tmp_path / "training.pt", weights_only=True)
+    checkpoint["meta"] = None
+    torch.save(checkpoint, tmp_path / "old_training.pt")
+    model = recipe.load_trained_detector(tmp_path / "old_training.pt", class_names=SHAPES_CLASSES)
+    assert model.meta["class_names"] == list(SHAPES_CLASSES) and model.meta["image_size"] == 224
+    with pytest.raises(ValueError, match="does not record its class names .* --classes"):
+        recipe.load_trained_detector(tmp_path / "old_training.pt")
+    voc = recipe.build_detector(20, fpn_channels=16, pretrained=False)
+    torch.save({"model": voc.state_dict(), "config": voc.config}, tmp_path / "voc.pt")
+    assert recipe.read_detector_checkpoint(tmp_path / "voc.pt")["meta"]["class_names"][0] == (
+        "aeroplane"
+    )
