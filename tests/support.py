@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+import recipe
 from common import DetectorBackboneWithFPN
+from eecs598.checkpoint import detector_meta, save_weights
+from eecs598.training import train_detector
 from two_stage_detector import RPN, FasterRCNN
 
 # Repository's sibling folder with shared data; absent on some machines (tests then skip).
@@ -115,6 +118,24 @@ def small_faster_rcnn(box_regression: bool = False, num_classes: int = 8) -> Fas
         backbone, rpn, stem_channels=[32, 32], num_classes=num_classes,
         batch_size_per_image=32, box_regression=box_regression,
     )  # fmt: skip
+
+
+def write_notebook_files(folder: Path, classes: tuple | list, image_size: int = 224) -> FasterRCNN:
+    """What the notebook's section 4.3 writes, for section 4.3's model at 16 FPN channels
+    trained one iteration by ``train_detector`` on ``painted_images(64)``: its checkpoint
+    ``rcnn_training.pt`` and its weights ``rcnn_detector.pt`` (``save_weights``), both naming
+    ``classes``, and ``old_rcnn_detector.pt``, a bare state_dict as it was saved before.
+    Returns the model, in eval mode."""
+    torch.manual_seed(0)
+    model = recipe.build_detector(len(classes), fpn_channels=16, pretrained=False)
+    model.meta = detector_meta(classes, image_size)
+    images, gt = painted_images(64)
+    train_detector(model, [(["a", "b", "c", "d"], images, gt)], max_iters=1, device="cpu",
+                   checkpoint_path=folder / "rcnn_training.pt", show_plot=False,
+                   progress=False)  # fmt: skip
+    save_weights(model, folder / "rcnn_detector.pt")
+    torch.save(model.state_dict(), folder / "old_rcnn_detector.pt")
+    return model.eval()
 
 
 class Interrupted(Exception):

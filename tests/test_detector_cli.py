@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import painted_images
+from support import write_notebook_files
 
 import detector_cli
 import recipe
-from a4_helper import VOC_CLASSES, detector_meta, save_weights, train_detector
+from a4_helper import VOC_CLASSES
 from eecs598.checkpoint import load_checkpoint, load_model_weights
 from eecs598.settings import DEMO, NOTEBOOK, OWN_DATA
 
@@ -326,18 +326,9 @@ def _notebook_model(num_classes: int) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def notebook_files(tmp_path_factory):
-    """What the notebook's section 4.3 writes for a 20-class model, trained one iteration by
-    ``train_detector``: ``rcnn_training.pt`` and ``rcnn_detector.pt`` (``save_weights``),
-    both described; and ``old_rcnn_detector.pt``, a bare state_dict as it was saved before."""
+    """The notebook's three files (``support.write_notebook_files``) for a 20-class model."""
     folder = tmp_path_factory.mktemp("notebook")
-    model = _notebook_model(20)
-    model.meta = detector_meta(VOC_CLASSES, 224)
-    images, gt = painted_images(64)
-    train_detector(model, [(["a", "b", "c", "d"], images, gt)], max_iters=1, device="cpu",
-                   checkpoint_path=folder / "rcnn_training.pt", show_plot=False,
-                   progress=False)  # fmt: skip
-    save_weights(model, folder / "rcnn_detector.pt")
-    torch.save(model.state_dict(), folder / "old_rcnn_detector.pt")
+    write_notebook_files(folder, VOC_CLASSES)
     return folder
 
 

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from support import Interrupted, painted_images
+from support import Interrupted, write_notebook_files
 
 import detector_cli
 import recipe
-from eecs598.checkpoint import detector_meta, load_checkpoint, save_weights
+from eecs598.checkpoint import load_checkpoint
 from eecs598.coco import COCODetection
 from eecs598.settings import OWN_DATA
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset
@@ -441,35 +441,25 @@ def test_bad_weights_file_is_named_and_nothing_is_written(tmp_path, kind, capsys
 # ---- the notebook's trained model ------------------------------------------------------------
 
 
-def _notebook_files(folder, classes=SHAPES_CLASSES):
-    """A section 4.3 model (FPN 16) trained one iteration: its checkpoint, its weights, and
-    the weights as the notebook saved them before (a bare state_dict)."""
-    torch.manual_seed(0)
-    model = recipe.build_detector(len(classes), fpn_channels=16, pretrained=False)
-    model.meta = detector_meta(classes, 128)
-    images, gt = painted_images(64)
-    train_detector(model, [(["a", "b", "c", "d"], images, gt)], max_iters=1, device="cpu",
-                   checkpoint_path=folder / "training.pt", show_plot=False,
-                   progress=False)  # fmt: skip
-    save_weights(model, folder / "weights.pt")
-    torch.save(model.state_dict(), folder / "old.pt")
-    return model.eval()
-
-
 def _same_weights(a, b) -> bool:
     return all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
 
 
 def test_load_trained_detector_prefers_the_checkpoint_then_the_weights(tmp_path, capsys):
-    trained = _notebook_files(tmp_path)
-    model = recipe.load_trained_detector(tmp_path / "training.pt", tmp_path / "weights.pt")
-    assert f"Loaded the model trained for 1 iterations from {tmp_path / 'training.pt'}" in (
+    trained = write_notebook_files(tmp_path, SHAPES_CLASSES, 128)
+    model = recipe.load_trained_detector(
+        tmp_path / "rcnn_training.pt", tmp_path / "rcnn_detector.pt"
+    )
+    assert f"Loaded the model trained for 1 iterations from {tmp_path / 'rcnn_training.pt'}" in (
         capsys.readouterr().out
     )
     assert _same_weights(model, trained) and not model.training
     assert model.meta["class_names"] == list(SHAPES_CLASSES) and model.meta["image_size"] == 128
 
-    for weights in ("weights.pt", "old.pt"):  # no training checkpoint: the final weights
+    for weights in (
+        "rcnn_detector.pt",
+        "old_rcnn_detector.pt",
+    ):  # no training checkpoint: the final weights
         model = recipe.load_trained_detector(
             tmp_path / "none.pt", tmp_path / weights, class_names=SHAPES_CLASSES
         )
@@ -488,12 +478,12 @@ def test_load_trained_detector_without_files_says_to_train(tmp_path):
 
 
 def test_load_trained_detector_warns_of_other_classes_and_unfinished_training(tmp_path, capsys):
-    _notebook_files(tmp_path)
-    checkpoint = torch.load(tmp_path / "training.pt", weights_only=True)
+    write_notebook_files(tmp_path, SHAPES_CLASSES, 128)
+    checkpoint = torch.load(tmp_path / "rcnn_training.pt", weights_only=True)
     checkpoint["max_iters"] = 9000
-    torch.save(checkpoint, tmp_path / "training.pt")
+    torch.save(checkpoint, tmp_path / "rcnn_training.pt")
     with pytest.warns(UserWarning, match="was trained on the classes red_circle"):
-        recipe.load_trained_detector(tmp_path / "training.pt", class_names=["a"] * 5)
+        recipe.load_trained_detector(tmp_path / "rcnn_training.pt", class_names=["a"] * 5)
     assert "training stopped at iteration 1 of 9000" in capsys.readouterr().out
 
 
@@ -512,8 +502,8 @@ def test_a_checkpoint_without_meta_takes_the_datas_class_names(tmp_path, capsys)
     """A training checkpoint written before the notebook's model carried ``meta``: the
     notebook passes its data's class names; without them a 5-class model is refused, naming
     --classes, and a 20-class one gets VOC's."""
-    _notebook_files(tmp_path)
-    checkpoint = torch.load(tmp_path / "training.pt", weights_only=True)
+    write_notebook_files(tmp_path, SHAPES_CLASSES, 128)
+    checkpoint = torch.load(tmp_path / "rcnn_training.pt", weights_only=True)
     checkpoint["meta"] = None
     torch.save(checkpoint, tmp_path / "old_training.pt")
     model = recipe.load_trained_detector(tmp_path / "old_training.pt", class_names=SHAPES_CLASSES)
