@@ -116,6 +116,20 @@ def _regnet_trunk(pretrained: bool) -> tuple[nn.Module, bool]:
     return torchvision.models.regnet_x_400mf(weights=None), False
 
 
+def _feature_extractor(trunk: nn.Module, return_nodes: dict[str, str]) -> torch.fx.GraphModule:
+    """The trunk traced to return ``{name: feature}`` of ``return_nodes``, as one plain
+    ``GraphModule``.
+
+    ``create_feature_extractor`` traces the model twice, in train and in eval mode, and returns a
+    module that swaps the two graphs; RegNet's forward does not depend on the mode, so the two
+    are the same and one is kept. A plain ``GraphModule`` deep-copies on every torchvision
+    (torchvision 0.19's two-graph module loses its graphs in ``copy.deepcopy``); its
+    ``state_dict`` keys are the same.
+    """
+    extractor = feature_extraction.create_feature_extractor(trunk, return_nodes=return_nodes)
+    return torch.fx.GraphModule(extractor, extractor.train_graph, "RegNetFeatures")
+
+
 def _trunk_name(level: str) -> str:
     """The trunk output an FPN level is built from: ``"p3"`` -> ``"c3"``."""
     return "c" + level[1:]
@@ -198,9 +212,7 @@ class DetectorBackboneWithFPN(nn.Module):
         trunk_names = {_trunk_name(level) for level in self.fpn_levels}
         return_nodes = {node: name for node, name in _TRUNK_NODES.items() if name in trunk_names}
         trunk, self.imagenet_weights = _regnet_trunk(pretrained)
-        self.backbone = feature_extraction.create_feature_extractor(
-            trunk, return_nodes=return_nodes
-        )
+        self.backbone = _feature_extractor(trunk, return_nodes)
         self.fpn_params = self._build_fpn(out_channels, self.fpn_levels, norm)
 
     @staticmethod
@@ -926,7 +938,10 @@ def training_diagnostics(
     """
     gt_valid = gt_boxes[..., 4] != BACKGROUND  # (B, M)
     overlap = box_iou(proposals, gt_boxes[..., :4].to(proposals)) * valid[..., None]
-    best = F.pad(overlap, (0, 0, 1, 0)).amax(dim=1)  # (B, M); the zero row: no proposals
+    # A zero row first, so an image without proposals (K = 0) has best 0. Concatenated rather
+    # than F.pad: torch 2.5-2.9 refuse F.pad on a tensor with an empty dimension (M = 0).
+    best = torch.cat((overlap.new_zeros(overlap.shape[0], 1, overlap.shape[2]), overlap), 1)
+    best = best.amax(dim=1)  # (B, M)
     found = (best >= 0.5) & gt_valid
     probs = full_precision(cls_logits).softmax(dim=-1)[..., 1:].amax(dim=-1)  # (B, S)
     return {

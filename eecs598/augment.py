@@ -40,7 +40,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2 import query_size
+
+try:
+    from torchvision.transforms.v2 import query_size
+except ImportError:  # torchvision 0.19-0.20 keep it private
+    from torchvision.transforms.v2._utils import query_size
 
 from .images import IMAGENET_MEAN, short_side_size
 
@@ -105,6 +109,10 @@ class RandomCropAtMost(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.crop, inpt, **params)
+
+    # torchvision 0.19-0.20 call the two methods by their private names (public from 0.21).
+    _get_params = make_params
+    _transform = transform
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
