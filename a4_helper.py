@@ -27,6 +27,12 @@ needs the model's code, so all of them sit below it and are tested without it.
 
 from __future__ import annotations
 
+from eecs598.versions import require_supported_torch
+
+# Below the supported torch / torchvision, one line naming both versions and the pip command,
+# instead of an ImportError from inside torchvision.
+require_supported_torch()
+
 from eecs598.augment import AugmentedDetection, PadCollate, build_train_transform
 from eecs598.cache import CachedDetection as CachedDetection  # not in __all__
 from eecs598.checkpoint import (

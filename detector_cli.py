@@ -27,6 +27,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from eecs598.versions import unsupported_torch
+
+# Below the supported torch / torchvision: one line naming both versions and the pip command,
+# instead of an ImportError from inside torchvision.
+if (_UNSUPPORTED := unsupported_torch()) is not None:
+    raise SystemExit(f"error: {_UNSUPPORTED}")
+
 import recipe
 from eecs598.settings import (
     DATA_DEPENDENT,

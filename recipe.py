@@ -56,7 +56,7 @@ from eecs598.augment import (
 from eecs598.cache import CachedDetection
 from eecs598.checkpoint import detector_meta, load_checkpoint, load_model_weights
 from eecs598.coco import COCODetection
-from eecs598.deploy import OPSET, OnnxDetector, export_onnx, require
+from eecs598.deploy import OPSET, OnnxDetector, export_onnx, require_exporter
 from eecs598.files import atomic_write
 from eecs598.images import (
     IMAGE_EXTENSIONS,
@@ -1375,7 +1375,7 @@ def export(
         path = path / EXPORT_NAME
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"--out must name a .onnx file (or a folder), got {path}")
-    require("onnx", "onnxscript")  # before the model is loaded
+    require_exporter()  # before the model is loaded
     model, saved = load_detector(checkpoint, settings.eval.device, settings.data.classes)
     meta = saved["meta"]
     classes, size = list(meta["class_names"]), _test_image_size(settings, meta)

@@ -2,6 +2,8 @@
 
 Submodules, each one concern, listed bottom-up (a module imports only those above it):
 
+- :mod:`eecs598.versions`: the oldest torch and torchvision supported, checked by the entry
+  points before either is imported.
 - :mod:`eecs598.files`: atomic writes of files and folders.
 - :mod:`eecs598.settings`: every setting of the detector and its training recipe, defined
   once, with the presets ``NOTEBOOK``, ``OWN_DATA`` and ``DEMO``.
@@ -75,6 +77,7 @@ _SUBMODULES = frozenset(
         "training",
         "utils",
         "validation",
+        "versions",
         "voc",
         "voc2007",
     }

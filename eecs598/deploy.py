@@ -51,6 +51,7 @@ from torch import nn
 from .files import atomic_write
 from .images import IMAGENET_MEAN, IMAGENET_STD
 from .utils import first_line
+from .versions import require_export_torch
 
 __all__ = [
     "FORMAT",
@@ -61,6 +62,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "require",
+    "require_exporter",
 ]
 
 FORMAT = "two_stage_detector.onnx/1"
@@ -70,6 +72,13 @@ MIN_SIDE = 64
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("boxes", "scores", "classes", "num_detections")
 _INSTALL = "pip install onnx onnxscript onnxruntime"
+
+
+def require_exporter() -> None:
+    """Raise one RuntimeError line unless this torch can export the detector to ONNX and the
+    exporter's packages are installed."""
+    require_export_torch(torch.__version__)
+    require("onnx", "onnxscript")
 
 
 def require(*modules: str) -> None:
@@ -184,9 +193,10 @@ def export_onnx(
         ``path``.
 
     Raises:
-        RuntimeError: ``onnx``/``onnxscript`` missing, or the exporter failed.
+        RuntimeError: a torch too old for the export, ``onnx``/``onnxscript`` missing, or the
+            exporter failed.
     """
-    require("onnx", "onnxscript")
+    require_exporter()
     import onnx
 
     path = Path(path)

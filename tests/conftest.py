@@ -8,6 +8,13 @@ import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# Under pytest-xdist (`make test`: one worker per core), one torch thread per worker, and one
+# in the processes tests start: two workers of two threads each on two cores slow each other
+# many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Test modules that need packages only requirements-dev.txt installs. Where one is missing (on
 # Colab, `python -m pytest -m sanity` runs with Colab's own packages) the module is left out of
 # collection instead of failing it or showing as skipped: the sanity checks need none of them.

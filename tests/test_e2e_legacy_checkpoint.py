@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import needs_export_torch
 
 import detector_cli
 
@@ -89,6 +90,7 @@ def test_legacy_checkpoint_resumes(legacy_run, tmp_path, capsys):
     assert checkpoint["loss_history"][:4] == legacy["loss_history"]
 
 
+@needs_export_torch
 def test_legacy_checkpoint_exports_to_onnx_with_the_same_detections(legacy_run, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

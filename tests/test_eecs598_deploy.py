@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import SHARED, noise_image
+from support import SHARED, needs_export_torch, noise_image
 
 import detector_cli
 import recipe
@@ -29,6 +29,7 @@ from eecs598.images import preprocess_image
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+pytestmark = needs_export_torch
 
 CLASSES = ["cat", "dog", "fish"]
 IMAGE_SIZE = 128

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from support import make_gt, painted_images, small_faster_rcnn
 
 from common import DetectorBackboneWithFPN
+from eecs598.versions import release
 from two_stage_detector import RPN, FasterRCNN
 
 
@@ -42,6 +44,10 @@ def test_overfit_four_images(flush_denormal):
     assert last * 5 <= first
 
 
+@pytest.mark.skipif(
+    release(torch.__version__) < (2, 9),
+    reason="tested from torch 2.9: 2.4's dynamo breaks the graph at max() over dict values",
+)
 def test_whole_training_forward_compiles_with_fullgraph():
     """Losses included, the training forward is one graph (no graph break; under compilation
     the NMS sweeps run as a ``while_loop`` and the host-side gt value check is skipped), and it
