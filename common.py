@@ -939,7 +939,7 @@ def training_diagnostics(
     gt_valid = gt_boxes[..., 4] != BACKGROUND  # (B, M)
     overlap = box_iou(proposals, gt_boxes[..., :4].to(proposals)) * valid[..., None]
     # A zero row first, so an image without proposals (K = 0) has best 0. Concatenated rather
-    # than F.pad: torch 2.5-2.9 refuse F.pad on a tensor with an empty dimension (M = 0).
+    # than F.pad: torch 2.9 refuses F.pad on a tensor with an empty dimension (M = 0).
     best = torch.cat((overlap.new_zeros(overlap.shape[0], 1, overlap.shape[2]), overlap), 1)
     best = best.amax(dim=1)  # (B, M)
     found = (best >= 0.5) & gt_valid

@@ -303,6 +303,7 @@ _LOSS_REPR = re.compile(r"LossHistory\(60 iterations, last [\d.]+, min [\d.]+ at
 
 
 @pytest.mark.slow
+@pytest.mark.compat
 def test_notebook_runs_in_fast_mode(full_run):
     text, work_dir = full_run.text, full_run.work_dir
     prefix = re.search(r"KERNEL_PREFIX=(.*)", text).group(1).strip()

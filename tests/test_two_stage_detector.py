@@ -932,3 +932,18 @@ def test_group_norm_heads_pass_the_backbone_a_gradient_whatever_their_weight_sca
     rebuilt = FasterRCNN.from_config(model.config)
     assert rebuilt.config == model.config
     assert rebuilt.load_state_dict(model.state_dict()) is not None
+
+
+@pytest.mark.parametrize("rows", [0, 3], ids=["no GT rows", "padding rows only"])
+def test_a_training_step_on_images_without_boxes(rows):
+    """A batch whose images have no objects, as ``(B, 0, 5)`` or all-padding GT, trains: finite
+    losses that reach the weights, diagnostics of 0 recall and foreground (torch 2.9 once
+    failed here, on a zero-size ``F.pad`` in the diagnostics)."""
+    torch.manual_seed(0)
+    model = small_faster_rcnn(box_regression=True).train()
+    losses = model(torch.randn(2, 3, 96, 128), torch.full((2, rows, 5), -1.0))
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert model.rpn.pred_net.pred_obj.weight.grad.abs().sum() > 0  # objectness learns "background"
+    stats = model.training_stats
+    assert stats["stat_rpn_recall"] == 0 and stats["stat_fg_share"] == 0
