@@ -31,9 +31,9 @@ __all__ = [
 FLOORS: dict[str, str] = {"torch": "2.4", "torchvision": "0.19"}
 
 #: The oldest torch whose ONNX exporter converts the whole detector (``eecs598.deploy``): older
-#: ones lack ``torch.onnx.export(dynamo=True)`` (2.4) or a translation of the NMS's
-#: ``while_loop`` (2.9). Everything else runs from ``FLOORS``.
-EXPORT_TORCH_FLOOR = "2.14"
+#: ones lack ``torch.onnx.export(dynamo=True)`` (2.4) or fail to translate the NMS's
+#: ``while_loop`` (2.9, 2.10). Everything else runs from ``FLOORS``.
+EXPORT_TORCH_FLOOR = "2.11"
 
 
 def release(version: str) -> tuple[int, ...]:
