@@ -17,7 +17,7 @@ floor_TORCH := torch==2.4.1 torchvision==0.19.1
 colab_TORCH := torch==2.9.1 torchvision==0.24.1
 COMPAT_TEST_PACKAGES := pytest pytest-xdist nbclient nbformat ipykernel
 # One pytest worker per core (tests/conftest.py gives each one torch thread).
-WORKERS ?= 2
+WORKERS ?= auto
 
 .PHONY: test test-dev test-compat demo lint format clean
 
