@@ -561,6 +561,11 @@ def test_training_diagnostics_hand_case():
     empty = training_diagnostics(proposals[:, :0], valid[:, :0], gt[:, :0], sampled, foreground,
                                  logits)  # fmt: skip
     assert empty["stat_rpn_recall"] == 0 and torch.isfinite(empty["stat_rpn_recall"])
+    # No proposals, GT present (K = 0): nothing found; GT rows, no proposals valid: the same.
+    none = training_diagnostics(proposals[:, :0], valid[:, :0], gt, sampled, foreground, logits)
+    assert none["stat_rpn_recall"] == 0
+    invalid = training_diagnostics(proposals, valid & False, gt, sampled, foreground, logits)
+    assert invalid["stat_rpn_recall"] == 0
 
 
 def test_faster_rcnn_train_losses_and_gradients():
