@@ -214,3 +214,23 @@ def test_fpn_with_group_norm_normalises_every_conv_and_says_so_in_its_config():
         groups = feat.reshape(2, 16, -1)
         assert groups.mean(-1).abs().max() < 1e-4, level
         assert torch.allclose(groups.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-2)
+
+
+def test_the_trunk_is_one_graph_that_deep_copies():
+    """RegNet traces to the same graph in train and eval mode (so the backbone keeps one), and a
+    deep copy of the backbone switches modes and computes what the original does."""
+    import copy
+
+    from torchvision.models import feature_extraction
+
+    trunk = torchvision.models.regnet_x_400mf(weights=None)
+    nodes = {f"trunk_output.block{i}": f"c{i + 1}" for i in range(1, 5)}  # c2..c5
+    dual = feature_extraction.create_feature_extractor(trunk, return_nodes=nodes)
+    assert dual.train_graph.python_code("self").src == dual.eval_graph.python_code("self").src
+    torch.manual_seed(0)
+    backbone = DetectorBackboneWithFPN(out_channels=16, pretrained=False)
+    twin = copy.deepcopy(backbone).eval()
+    image = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        ours, theirs = backbone.eval()(image), twin(image)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
