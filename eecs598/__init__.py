@@ -21,11 +21,14 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
   :mod:`eecs598.voc`'s records and items.
 - :mod:`eecs598.voc2007`, :mod:`eecs598.shapes`, :mod:`eecs598.cache`: the datasets built on
   the reader (VOC 2007 with its download, the generated shapes, the decoded-image cache).
-- :mod:`eecs598.mean_ap`: the built-in PASCAL VOC mean Average Precision evaluator, and
-  COCO-style AP through ``pycocotools`` with the COCO JSON export.
+- :mod:`eecs598.matching`: the evaluators' core: AP from a precision/recall curve, one image's
+  checked record, the devkit's matching of detections to GT boxes.
+- :mod:`eecs598.coco_metrics`: COCO-style AP through ``pycocotools`` and the COCO JSON export.
 - :mod:`eecs598.errors`: error analysis of an evaluation (TIDE's dAP breakdown, confusion
-  matrix, precision-recall and F1 curves, per-image counts and the worst images); the one module
-  loaded from below, by ``python -m eecs598.mean_ap --errors`` inside its command line.
+  matrix, precision-recall and F1 curves, per-image counts and the worst images).
+- :mod:`eecs598.mean_ap`: the built-in PASCAL VOC mean Average Precision evaluator
+  (accumulator, the mAP tool's folder format, the plot, ``python -m eecs598.mean_ap``, whose
+  ``--errors`` loads :mod:`eecs598.errors`).
 - :mod:`eecs598.checkpoint`: the checkpoint format and its loading.
 - :mod:`eecs598.training`: ``train_detector`` and its parts.
 - :mod:`eecs598.inference`: ``inference_with_detector``; ``score_detector`` (quiet, batched).
@@ -64,12 +67,14 @@ _SUBMODULES = frozenset(
         "checkpoint",
         "checks",
         "coco",
+        "coco_metrics",
         "deploy",
         "errors",
         "files",
         "grad",
         "images",
         "inference",
+        "matching",
         "mean_ap",
         "settings",
         "shapes",

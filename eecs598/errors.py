@@ -18,7 +18,7 @@ as ignore regions), each pointing at a part of the detector:
 
 The TIDE definitions, at foreground IoU ``fg`` (0.5) and background IoU ``bg`` (0.1). The
 detections of each class that has a non-difficult GT box (the classes the VOC mAP averages)
-are matched exactly as by the VOC evaluator (:func:`eecs598.mean_ap.match_class`): true
+are matched exactly as by the VOC evaluator (:func:`eecs598.matching.match_class`): true
 positive, false positive, or ignored (its best box is difficult: no error). Each false positive
 gets the first type that applies, its IoUs taken with the non-difficult GT boxes of its image
 (0 where boxes do not overlap):
@@ -71,14 +71,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import atomic_write
-from .mean_ap import (
+from .matching import (
     FP,
     INTERPOLATIONS,
     TP,
+    FlatArrays,
     ImageDetections,
-    MeanAPAccumulator,
     PaddedByImage,
-    _FlatArrays,
+    check_image,
+    class_map,
     interpolated_ap,
     iou_chunks,
     match_class,
@@ -139,13 +140,14 @@ DEFAULT_SCORE_THRESH = 0.25
 
 def _validated(
     images: Sequence[ImageDetections], class_names: Sequence[str] | Mapping[int, str]
-) -> tuple[_FlatArrays, dict[int, str]]:
-    """The images' rows concatenated (input order) and the class map, after the checks that
-    :meth:`MeanAPAccumulator.add` makes (known class indices, ids added once)."""
-    accumulator = MeanAPAccumulator(class_names)
+) -> tuple[FlatArrays, dict[int, str]]:
+    """The images' rows concatenated (input order) and the class map, after the checks every
+    evaluation makes (:func:`~eecs598.matching.check_image`: known class indices, unique ids)."""
+    idx_to_class, seen = class_map(class_names), set()
     for image in images:
-        accumulator.add(image)
-    return _FlatArrays.concat(list(images)), accumulator.idx_to_class
+        check_image(image, idx_to_class, seen)
+        seen.add(image.image_id)
+    return FlatArrays.concat(list(images)), idx_to_class
 
 
 def _dense(codes: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -189,14 +191,14 @@ def _fp_types(
 
 
 def _type_false_positives(
-    flat: _FlatArrays, gt_pos: np.ndarray, kind: np.ndarray, gt_taken: np.ndarray,
+    flat: FlatArrays, gt_pos: np.ndarray, kind: np.ndarray, gt_taken: np.ndarray,
     fg: float, bg: float,
 ) -> np.ndarray:  # fmt: skip
     """Set the TIDE type of every false positive in ``kind (D,)`` (in place; they start as
     ``Bkg``) and return ``(D,)`` int64 the sorted-GT row each ``Loc``/``Cls`` error points at.
 
     Args:
-        flat: Sorted rows (:meth:`_FlatArrays.sorted`). gt_pos: ``(G,)`` input position of
+        flat: Sorted rows (:meth:`FlatArrays.sorted`). gt_pos: ``(G,)`` input position of
             each GT row. kind: ``(D,)`` int8. gt_taken: ``(G,)`` bool, a true positive took it.
         fg: Foreground IoU. bg: Background IoU.
     """
@@ -249,7 +251,7 @@ def _oracle_winners(
 
 
 def _class_sets(
-    flat: _FlatArrays, names: Mapping[int, str]
+    flat: FlatArrays, names: Mapping[int, str]
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """``(scored, skipped, absent)``: ``(K,)`` int64 indices of the classes with a non-difficult
     GT box in sorted name order (those the mAP averages), the names of the classes whose boxes
@@ -263,7 +265,7 @@ def _class_sets(
 
 
 def _match_scored(
-    flat: _FlatArrays, scored: np.ndarray, iou_threshold: float
+    flat: FlatArrays, scored: np.ndarray, iou_threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The VOC evaluator's matching, class by class, of sorted rows.
 
@@ -298,7 +300,7 @@ class ErrorBreakdown:
             positive for ``FalsePos``; every GT box no detection took for ``FalseNeg``.
         map: The mAP as is, in AP points, with ``interpolation``.
         interpolation: ``"all-point"`` (the VOC table's) or another of
-            :data:`eecs598.mean_ap.INTERPOLATIONS`.
+            :data:`eecs598.matching.INTERPOLATIONS`.
         iou_threshold: Foreground IoU. background_threshold: Background IoU.
         classes: The scored classes (sorted names). skipped_classes: Classes whose GT boxes
             are all difficult. absent_classes: Classes without any GT box.
@@ -344,7 +346,7 @@ class ErrorBreakdown:
 class ErrorAnalysis:
     """Every detection and GT box of an evaluation, matched and typed.
 
-    Rows are in the evaluator's sorted order (:meth:`eecs598.mean_ap._FlatArrays.sorted`:
+    Rows are in the evaluator's sorted order (:meth:`eecs598.matching.FlatArrays.sorted`:
     detections by class then score, GT by class then image); ``D`` detections, ``G`` GT boxes,
     ``K`` scored classes.
 
@@ -364,7 +366,7 @@ class ErrorAnalysis:
         breakdown: The dAP table.
     """
 
-    flat: _FlatArrays
+    flat: FlatArrays
     image_ids: list[Hashable]
     class_names: dict[int, str]
     scored: np.ndarray
@@ -486,7 +488,7 @@ def analyse_errors(
 
     Args:
         images: The evaluated images (``MeanAPResult.images``, or :func:`image_detections
-            <eecs598.mean_ap.image_detections>` records), ids unique.
+            <eecs598.matching.image_detections>` records), ids unique.
         class_names: Class index -> name, as a list or a dict.
         iou_threshold: Foreground IoU (TIDE's ``pos_threshold``).
         background_threshold: IoU at or below which a detection is on background.
@@ -575,7 +577,7 @@ def confusion_matrix(
                          f"{iou_threshold} and {score_thresh}")  # fmt: skip
     flat, names = _validated(images, class_names)
     keep = flat.det_scores >= score_thresh
-    agnostic = _FlatArrays(
+    agnostic = FlatArrays(
         flat.gt_img, flat.gt_boxes, np.zeros_like(flat.gt_classes), flat.gt_difficult,
         flat.det_img[keep], flat.det_boxes[keep], np.zeros(int(keep.sum()), np.int64),
         flat.det_scores[keep],
