@@ -84,6 +84,7 @@ from .matching import (
     iou_chunks,
     match_class,
 )
+from .settings import PredictSettings
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -129,8 +130,9 @@ TYPE_COLORS: dict[str, str] = {
     "TP": "#2ca02c", "Cls": "#9467bd", "Loc": "#ff7f0e", "Both": "#8c564b", "Dupe": "#e377c2",
     "Bkg": "#d62728", "Miss": "#1f77b4", "FalsePos": "#7f7f7f", "FalseNeg": "#17becf",
 }  # fmt: skip
-#: Score threshold of the confusion matrix, the per-image counts and the gallery.
-DEFAULT_SCORE_THRESH = 0.25
+#: Score threshold of the confusion matrix, the per-image counts and the gallery: the
+#: detections a user keeps, ``predict``'s ``--conf`` (defined once, in the settings).
+DEFAULT_SCORE_THRESH: float = PredictSettings().conf
 
 
 # ----------------------------------------------------------------------------------------------
