@@ -15,8 +15,9 @@ one way, from the bottom of the package to the top:
   :mod:`eecs598.inference` (``inference_with_detector``, over :mod:`eecs598.mean_ap`).
 * ``common`` (backbone, FPN, IoU, NMS, RoI Align), then ``two_stage_detector`` (RPN, Faster
   R-CNN and ``compile_detector``, which reaches into the model's parts).
-* ``recipe`` (the training recipe: ``train``, ``evaluate``, ``predict`` and their parts;
-  the notebook takes ``load_trained_detector`` from it).
+* ``recipe`` (the training recipe, one module per stage: ``train``, ``evaluate``,
+  ``predict``, ``export`` and their parts; the notebook takes ``load_trained_detector`` from
+  its model stage, and only that stage is loaded).
 * ``a4_helper`` (this facade) and ``detector_cli.py`` (a parser over ``recipe``) on top.
 
 The cut follows what a reader looks for: data questions (how is an image read? how are boxes

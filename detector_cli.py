@@ -38,8 +38,11 @@ import recipe
 from eecs598.settings import (
     DATA_DEPENDENT,
     DEMO,
+    EVALUATE_OUT,
+    EXPORT_NAME,
     NOTEBOOK,
     OWN_DATA,
+    PREDICT_OUT,
     DataSettings,
     EvalSettings,
     ExportSettings,
@@ -67,9 +70,9 @@ BORROWED = {"predict": ("classes",), "export": ("classes",)}
 COMMANDS = {
     "demo": (("data", "train", "model", "eval"), DEMO.out),
     "train": (("data", "train", "model", "eval"), OWN_DATA.out),
-    "evaluate": (("data", "eval"), recipe.EVALUATE_OUT),
-    "predict": (("eval", "predict"), recipe.PREDICT_OUT),
-    "export": (("eval", "export"), f"{recipe.EXPORT_NAME} beside the checkpoint"),
+    "evaluate": (("data", "eval"), EVALUATE_OUT),
+    "predict": (("eval", "predict"), PREDICT_OUT),
+    "export": (("eval", "export"), f"{EXPORT_NAME} beside the checkpoint"),
 }
 DATA_KINDS = "a VOC-layout folder, a COCO .json or shapes"
 
@@ -151,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The settings a parsed command line asks for: the preset for its data (``DEMO`` for
     ``demo``) with the flags given replacing their settings."""
-    groups, out = COMMANDS[args.command]
+    groups, _ = COMMANDS[args.command]
     fields = {name: f for key in groups for name, f in setting_fields(GROUPS[key][0])}
     fields |= _borrowed_fields(args.command)
-    given = {"out": getattr(args, "out", out)}
+    given = {"out": args.out} if hasattr(args, "out") else {}
     for name, value in vars(args).items():
         if name in fields:  # given on the command line (the others are not in ``args``)
             convert = fields[name].metadata["convert"]
@@ -168,7 +171,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings = DEMO.replace(**given)
         data_dir = settings.data.data_dir or str(Path(settings.out) / "data")
         return settings.replace(dataset="shapes", data_dir=data_dir)
-    return preset_for(given.get("dataset", OWN_DATA.data.dataset)).replace(**given)
+    return preset_for(given.get("dataset"), args.command).replace(**given)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -181,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> dict | None:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     """``recipe.evaluate``: mAP of a checkpoint on the val split."""
-    return recipe.evaluate(args.checkpoint, settings_from_args(args))
+    return recipe.evaluate(args.checkpoint, settings=settings_from_args(args))
 
 
 def cmd_predict(args: argparse.Namespace) -> list[dict]:
@@ -191,7 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
 
 def cmd_export(args: argparse.Namespace) -> Path:
     """``recipe.export``: the checkpoint's detector as one ONNX graph."""
-    return recipe.export(args.checkpoint, getattr(args, "out", None), settings_from_args(args))
+    return recipe.export(args.checkpoint, settings_from_args(args))
 
 
 RUNS: dict[str, Callable] = {

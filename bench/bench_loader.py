@@ -71,6 +71,7 @@ def augmented_loader(whole, image_size: int, workers: int, **options):
     from eecs598.settings import OWN_DATA
 
     settings = OWN_DATA.replace(image_size=image_size, batch_size=16, workers=workers, **options)
+    settings = settings.replace(train_crop=recipe.train_crop_size(settings))
     items = a4_helper.CachedDetection(whole, normalize=False)
     return recipe.train_loader(settings, items, multiscale_sizes(image_size))
 

@@ -33,6 +33,7 @@ import recipe  # noqa: E402
 from eecs598.augment import PadCollate  # noqa: E402
 from eecs598.deploy import OnnxDetector  # noqa: E402
 from eecs598.images import preprocess_image, read_rgb_image  # noqa: E402
+from eecs598.settings import preset_for  # noqa: E402
 
 
 def default_images(per_size: int = 2) -> tuple[list[Path], list[Path]]:
@@ -131,7 +132,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        path = recipe.export(args.checkpoint, Path(tmp) / "model.onnx")
+        into = preset_for(command="export").replace(out=str(Path(tmp) / "model.onnx"))
+        path = recipe.export(args.checkpoint, into)
         export_s, size_mib = time.perf_counter() - start, path.stat().st_size / 2**20
         onnx_model = OnnxDetector(path)
         model, _ = recipe.load_detector(args.checkpoint)

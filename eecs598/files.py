@@ -12,6 +12,7 @@ Only the standard library is used: importing this module is cheap.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_directory", "atomic_write", "remove_stale_temp_files"]
+__all__ = ["atomic_directory", "atomic_write", "remove_stale_temp_files", "write_json"]
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -67,6 +68,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (:func:`atomic_write`)."""
+    with atomic_write(path, mode="w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
 
 
 def remove_stale_temp_files(path: str | os.PathLike, report: bool = False) -> list[Path]:

@@ -51,6 +51,20 @@ __all__ = [
     "OWN_DATA",
     "DEMO",
     "DATA_DEPENDENT",
+    "COMMAND_OUT",
+    "EVALUATE_OUT",
+    "PREDICT_OUT",
+    "EXPORT_NAME",
+    "AUTO_IMAGE_SIZES",
+    "AUTO_MIN_BOX_SIDE",
+    "AUTO_GRID_RECALL",
+    "AUTO_TRAIN_CROP",
+    "AUTO_EVALUATIONS",
+    "AUTO_EVAL_BUDGET",
+    "HELD_OUT_FRACTION",
+    "HELD_OUT_SEED",
+    "PRESIZE_BUDGET",
+    "VAL_BATCH_SIZE",
     "LEGACY_CONFIG",
     "preset_for",
     "complete_config",
@@ -393,6 +407,20 @@ class ModelSettings(SettingsGroup):
 
 # ---------------------------------------------------------------------------------- data, run
 
+# The rules that settle ``image_size="auto"`` (``recipe.plan.choose_image_size``): the
+# candidate short sides, smallest first; the box rule: every class's median box at least
+# this many pixels on its short side (two cells of the finest default level, stride 8, plus a
+# margin); the grid rule: at least this share of the training boxes reach the RPN's
+# foreground IoU with an anchor where the RPN places anchors (``AnchorFit.grid_recall``).
+# Below it the RPN has too few positives to learn from.
+AUTO_IMAGE_SIZES = (224, 256, 288, 320, 384, 448, 512, 576, 640)
+AUTO_MIN_BOX_SIDE = 20
+AUTO_GRID_RECALL = 0.8
+# Data without a val split: the share of its images held out for validation, and the seed
+# that picks them (fixed, so that `train` and `evaluate` hold out the same images).
+HELD_OUT_FRACTION = 0.1
+HELD_OUT_SEED = 0
+
 
 @dataclass(frozen=True)
 class DataSettings(SettingsGroup):
@@ -436,14 +464,29 @@ class DataSettings(SettingsGroup):
     image_size: int | str = setting(
         224,
         "short image side, or 'auto' (VOC-layout folders and COCO files): the smallest of "
-        "224-640 at which every class's median box is at least 20 px on its short side and "
-        "anchors on the stride grid reach 80% of the boxes, never above the images' median "
-        "short side (224 for voc2007 and shapes)",
+        f"{AUTO_IMAGE_SIZES[0]}-{AUTO_IMAGE_SIZES[-1]} at which every class's median box is at "
+        f"least {AUTO_MIN_BOX_SIDE} px on its short side and anchors on the stride grid reach "
+        f"{AUTO_GRID_RECALL:.0%} of the boxes, never above the images' median short side "
+        f"({AUTO_IMAGE_SIZES[0]} for voc2007 and shapes)",
         parse=image_size_value,
     )
     num_train: int = setting(480, "shapes: training images generated")
     num_val: int = setting(96, "shapes: val images generated")
     workers: int = setting(min(2, os.cpu_count() or 1), "DataLoader worker processes")
+
+
+# `train_crop="auto"`: images trained at a larger short side are trained in random windows of
+# this many pixels a side, so a step costs what it costs at this size.
+AUTO_TRAIN_CROP = 320
+# The most memory `train` spends on images resized to every multi-scale size in advance.
+PRESIZE_BUDGET = 2 * 2**30
+# `eval_period="auto"`: evaluations on the val split in a run (and one after the last
+# iteration), and the most they may cost, as a share of the training time (the period grows
+# when they would cost more: large val images, a fast training step); images per validation
+# batch (any period).
+AUTO_EVALUATIONS = 10
+AUTO_EVAL_BUDGET = 0.1
+VAL_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -487,7 +530,7 @@ class TrainSettings(SettingsGroup):
     train_crop: int | str = setting(
         0, "train on a random window of at most N x N px of each resized image, so that a step "
         "costs what N px images cost while objects keep the size --image-size gives them (0: "
-        "whole images; auto: 320 when --image-size is larger, else 0)",
+        f"whole images; auto: {AUTO_TRAIN_CROP} when --image-size is larger, else 0)",
         parse=train_crop_value,
     )  # fmt: skip
     cache: str = setting(
@@ -504,8 +547,9 @@ class TrainSettings(SettingsGroup):
     log_period: int = setting(50, "print the losses every N iterations")
     eval_period: int | str = setting(
         0, "evaluate mAP@0.5 on the val split every N iterations and at the end, keeping "
-        "OUT/results.csv, OUT/best.pt and OUT/results.png (auto: ten times a run, fewer where "
-        "that would cost over 10% of the training time; 0: only once, after training)",
+        f"OUT/results.csv, OUT/best.pt and OUT/results.png (auto: {AUTO_EVALUATIONS} times a "
+        f"run, fewer where that would cost over {AUTO_EVAL_BUDGET:.0%} of the training time; 0: "
+        "only once, after training)",
         parse=eval_period_value,
     )  # fmt: skip
     patience: int = setting(
@@ -668,10 +712,26 @@ DATA_DEPENDENT = tuple(
 )
 
 
-def preset_for(dataset: str) -> Settings:
-    """The preset ``train`` starts from for ``dataset``: ``NOTEBOOK`` for ``voc2007``, else
-    ``OWN_DATA``; either with ``dataset`` set."""
-    return (NOTEBOOK if dataset == "voc2007" else OWN_DATA).replace(dataset=dataset)
+# Where the entry points write when no output is named: `evaluate` and `predict` into these
+# folders (`train` into the preset's `out`); `export` writes EXPORT_NAME beside the checkpoint,
+# which its empty `out` stands for.
+EVALUATE_OUT = "runs/evaluate"
+PREDICT_OUT = "runs/predict"
+EXPORT_NAME = "model.onnx"
+COMMAND_OUT = {"evaluate": EVALUATE_OUT, "predict": PREDICT_OUT, "export": ""}
+
+
+def preset_for(dataset: str | None = None, command: str = "train") -> Settings:
+    """The settings an entry point starts from for ``dataset`` (default: ``OWN_DATA``'s):
+    ``NOTEBOOK`` for ``voc2007``, else ``OWN_DATA``, with ``dataset`` set and, for
+    ``command`` ``evaluate``, ``predict`` or ``export``, its output (``COMMAND_OUT``)."""
+    dataset = dataset or OWN_DATA.data.dataset
+    preset = (NOTEBOOK if dataset == "voc2007" else OWN_DATA).replace(dataset=dataset)
+    if command in COMMAND_OUT:
+        return preset.replace(out=COMMAND_OUT[command])
+    if command != "train":
+        raise ValueError(f"no preset for the command {command!r}: train, {', '.join(COMMAND_OUT)}")
+    return preset
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -9,15 +9,16 @@ from pathlib import Path
 
 from .files import atomic_write
 
-__all__ = ["OPTIONAL_FILES", "PACKAGE", "REQUIRED_FILES", "make_a4_submission"]
+__all__ = ["OPTIONAL_FILES", "PACKAGE", "PACKAGES", "REQUIRED_FILES", "make_a4_submission"]
 
-#: The deliverables, and ``recipe.py``, which ``a4_helper.py`` imports (the notebook's
-#: ``load_trained_detector``), so that the extracted zip runs the notebook on its own.
+#: The deliverables, and the recipe's model stage, which ``a4_helper.py`` imports (the
+#: notebook's ``load_trained_detector``), so that the extracted zip runs the notebook on its own.
 REQUIRED_FILES: tuple[str, ...] = (
     "common.py",
     "two_stage_detector.py",
     "a4_helper.py",
-    "recipe.py",
+    "recipe/__init__.py",
+    "recipe/model.py",
     "two_stage_detector.ipynb",
 )
 #: Added when present, never required: this notebook's trained weights, and the deliverables of
@@ -29,8 +30,10 @@ OPTIONAL_FILES: tuple[str, ...] = (
     "one_stage_detector.ipynb",
     "fcos_detector.pt",
 )
-# The package that ``a4_helper.py`` (and the notebook) import; its ``.py`` files go in the zip.
+# The packages that ``a4_helper.py`` (and the notebook) import; their ``.py`` files go in the
+# zip. ``PACKAGE`` is the helper package.
 PACKAGE = "eecs598"
+PACKAGES = (PACKAGE, "recipe")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -49,10 +52,11 @@ def _check_name(value: str | None, what: str, prompt: str) -> str:
 
 def _package_files(folder: str) -> list[str]:
     """Paths (relative to ``folder``, ``/``-separated, sorted) of every ``.py`` file of the
-    :data:`PACKAGE` folder in ``folder``, found by listing it; none when there is no such folder.
-    Hidden folders and ``__pycache__`` (editor and interpreter leftovers) are skipped."""
+    :data:`PACKAGES` folders in ``folder``, found by listing them; none for a folder that is
+    not there. Hidden folders and ``__pycache__`` (editor and interpreter leftovers) are
+    skipped."""
     root = Path(folder)
-    paths = [path.relative_to(root) for path in (root / PACKAGE).rglob("*.py")]
+    paths = [path.relative_to(root) for name in PACKAGES for path in (root / name).rglob("*.py")]
     skipped = (".", "__pycache__")
     return sorted(p.as_posix() for p in paths if not any(s.startswith(skipped) for s in p.parts))
 
@@ -64,14 +68,15 @@ def make_a4_submission(
 ) -> str:
     """Zip the deliverables found in ``assignment_path`` into ``{uniquename}_{umid}_A4.zip``.
 
-    The zip holds ``common.py``, ``two_stage_detector.py``, ``a4_helper.py``, ``recipe.py``
-    (which ``a4_helper.py`` imports) and ``two_stage_detector.ipynb`` (all required); each of
+    The zip holds ``common.py``, ``two_stage_detector.py``, ``a4_helper.py``, the recipe's
+    ``__init__.py`` and ``model.py`` (which ``a4_helper.py`` imports) and
+    ``two_stage_detector.ipynb`` (all required); each of
     ``rcnn_detector.pt``, ``one_stage_detector.py``, ``one_stage_detector.ipynb`` and
     ``fcos_detector.pt`` (the other A4 notebook's deliverables, :data:`OPTIONAL_FILES`) when
-    present; and every ``.py`` file of the ``eecs598/`` package folder in ``assignment_path``
-    (``a4_helper`` is a facade over it), so that the extracted zip runs on its own. Files keep
-    their paths relative to ``assignment_path``. The archive is written with
-    :func:`eecs598.files.atomic_write`, so a failure never leaves a partial zip.
+    present; and every ``.py`` file of the ``eecs598/`` and ``recipe/`` package folders in
+    ``assignment_path`` (``a4_helper`` is a facade over them), so that the extracted zip
+    runs on its own. Files keep their paths relative to ``assignment_path``. The archive is
+    written with :func:`eecs598.files.atomic_write`, so a failure never leaves a partial zip.
 
     Args:
         assignment_path: Folder holding the deliverables; the zip is written there too.
@@ -98,7 +103,7 @@ def make_a4_submission(
 
     files = list(REQUIRED_FILES)
     files += [f for f in OPTIONAL_FILES if os.path.isfile(os.path.join(folder, f))]
-    files += _package_files(folder)
+    files += [f for f in _package_files(folder) if f not in files]
     zip_path = os.path.join(folder, f"{name}_{uid}_A4.zip")
     with (
         atomic_write(zip_path, mode="wb") as handle,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import eecs598
+import recipe
 from eecs598.grad import rel_error
 from eecs598.utils import detection_visualizer
 
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 PACKAGE_DIR = Path(eecs598.__file__).parent
 REPO_ROOT = PACKAGE_DIR.parent
+RECIPE_DIR = REPO_ROOT / "recipe"
 
 
 @pytest.fixture(autouse=True)
@@ -170,5 +172,13 @@ def test_imports_point_down_the_documented_layers():
         "a4_helper": {"detector_cli"},
     }
     for name, forbidden in above.items():
-        imported = {m.split(".")[0] for m in _imported_modules(REPO_ROOT / f"{name}.py")}
+        files = [REPO_ROOT / f"{name}.py"] if name != "recipe" else RECIPE_DIR.glob("*.py")
+        imported = {m.split(".")[0] for path in files for m in _imported_modules(path)}
         assert not imported & forbidden, f"{name} imports {imported & forbidden}"
+    # The recipe's stages, bottom up (recipe.STAGES): each imports only stages before it.
+    stages = recipe.STAGES
+    assert sorted(stages) == sorted(p.stem for p in RECIPE_DIR.glob("*.py") if p.stem[0] != "_")
+    for rank, stage in enumerate(stages):
+        for imported in _imported_modules(RECIPE_DIR / f"{stage}.py"):
+            if imported.startswith("recipe"):
+                assert imported.split(".")[1] in stages[:rank], f"recipe.{stage} imports {imported}"

@@ -12,13 +12,20 @@ from pathlib import Path
 import pytest
 
 from eecs598 import submit
-from eecs598.submit import OPTIONAL_FILES, PACKAGE, REQUIRED_FILES, make_a4_submission
+from eecs598.submit import (
+    OPTIONAL_FILES,
+    PACKAGE,
+    PACKAGES,
+    REQUIRED_FILES,
+    make_a4_submission,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _populate(folder, names=REQUIRED_FILES):
     for name in names:
+        (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(f"contents of {name}\n")
 
 
@@ -30,8 +37,9 @@ def test_zip_contents_and_name(tmp_path):
     with zipfile.ZipFile(path) as zf:
         assert sorted(zf.namelist()) == sorted(REQUIRED_FILES)
         assert zf.read("common.py") == b"contents of common.py\n"
+    written = {name.split("/")[0] for name in REQUIRED_FILES}  # recipe/... is in recipe
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [*REQUIRED_FILES, "unrelated.txt", path.split(os.sep)[-1]]
+        [*written, "unrelated.txt", path.split(os.sep)[-1]]
     )
 
 
@@ -136,7 +144,8 @@ def test_zip_of_the_repo_runs_on_its_own(tmp_path):
     source.mkdir()
     for path in [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("*.ipynb")]:
         shutil.copy2(path, source / path.name)
-    shutil.copytree(REPO_ROOT / PACKAGE, source / PACKAGE)
+    for package in PACKAGES:
+        shutil.copytree(REPO_ROOT / package, source / package)
     zip_path = make_a4_submission(source, "jdoe", "1")
     extracted = tmp_path / "extracted"
     with zipfile.ZipFile(zip_path) as zf:

@@ -19,12 +19,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("common", "two_stage_detector", "a4_helper", "recipe", "detector_cli")
-IMPORTS = "import two_stage_detector, common, a4_helper, recipe, eecs598, eecs598.settings"
+MODULES = ("common", "two_stage_detector", "a4_helper", "detector_cli")
+PACKAGES = ("eecs598", "recipe")
+IMPORTS = (
+    "import two_stage_detector, common, a4_helper, recipe, recipe.training, eecs598, "
+    "eecs598.settings"
+)
 
 
 def copy_project(dest: Path) -> Path:
-    """The files a build reads: pyproject, requirements, README, the modules, eecs598/."""
+    """The files a build reads: pyproject, requirements, README, the modules, the packages."""
     dest.mkdir()
     for name in (
         "pyproject.toml",
@@ -34,8 +38,9 @@ def copy_project(dest: Path) -> Path:
         *(f"{m}.py" for m in MODULES),
     ):
         shutil.copy2(REPO / name, dest / name)
-    shutil.copytree(REPO / "eecs598", dest / "eecs598",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     return dest
 
 

@@ -175,7 +175,7 @@ def test_image_size_auto_grows_until_the_stride_grid_reaches_the_boxes():
 
     size = recipe.choose_image_size(records, ["a"])
 
-    recall = {s: recipe._grid_recall(records, s, strides, 0.0) for s in recipe.AUTO_IMAGE_SIZES}
+    recall = {s: recipe.grid_recall(records, s, strides, 0.0) for s in recipe.AUTO_IMAGE_SIZES}
     assert recall[224] < recipe.AUTO_GRID_RECALL <= recall[size]
     assert size > 224 and all(recall[s] < recipe.AUTO_GRID_RECALL
                               for s in recipe.AUTO_IMAGE_SIZES if s < size)  # fmt: skip
@@ -213,7 +213,7 @@ def test_train_loader_presizes_every_scale_within_the_memory_budget(folder, monk
     presized = _pipeline(folder, 0)
     assert "resized to each short side once, in advance" in capsys.readouterr().out
     assert presized.dataset.presized_bytes > 0
-    monkeypatch.setattr(recipe, "PRESIZE_BUDGET", 0)
+    monkeypatch.setattr(recipe.data, "PRESIZE_BUDGET", 0)
     per_batch = _pipeline(folder, 0)
     assert "per batch (over the memory budget)" in capsys.readouterr().out
     assert per_batch.dataset.presized_bytes == 0
@@ -512,6 +512,6 @@ def test_a_checkpoint_without_meta_takes_the_datas_class_names(tmp_path, capsys)
         recipe.load_trained_detector(tmp_path / "old_training.pt")
     voc = recipe.build_detector(20, fpn_channels=16, pretrained=False)
     torch.save({"model": voc.state_dict(), "config": voc.config}, tmp_path / "voc.pt")
-    assert recipe.read_detector_checkpoint(tmp_path / "voc.pt")["meta"]["class_names"][0] == (
+    assert recipe.read_checkpoint(tmp_path / "voc.pt")["meta"]["class_names"][0] == (
         "aeroplane"
     )

@@ -141,8 +141,9 @@ def test_test_modules_need_only_runtime_packages_unless_conftest_says():
     from conftest import DEV_ONLY_IMPORTS
 
     local = {p.stem for p in ROOT.glob("*.py")} | {p.stem for p in TESTS.glob("*.py")}
-    allowed = set(sys.stdlib_module_names) | _runtime_packages() | local | {"eecs598"}
-    assert {"torch", "torchvision", "numpy", "PIL", "pycocotools"} <= allowed
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}  # eecs598, recipe
+    allowed = set(sys.stdlib_module_names) | _runtime_packages() | local | packages
+    assert {"torch", "torchvision", "numpy", "PIL", "pycocotools", "eecs598"} <= allowed
     for path in sorted(TESTS.glob("*.py")):
         extra = _top_level_imports(path) - allowed
         listed = set(DEV_ONLY_IMPORTS.get(path.name, ()))
