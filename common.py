@@ -26,10 +26,12 @@ Boxes are ``(x1, y1, x2, y2)`` in absolute image pixels.
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -62,6 +64,7 @@ __all__ = [
     "fpn_roi_align",
     "group_norm",
     "training_diagnostics",
+    "constructor_config",
 ]
 
 # Every FPN level the backbone can give (``eecs598.settings.FPN_LEVELS``), finest first; level
@@ -949,3 +952,12 @@ def training_diagnostics(
         "stat_fg_share": foreground.sum() / sampled.sum().clamp(min=1),
         "stat_top_score": torch.where(sampled, probs, 0.0).amax(dim=1).mean(),
     }
+
+
+def constructor_config(module: nn.Module, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """``{argument: module.argument}`` for each argument of ``module``'s constructor but
+    ``skip``, sequences as new lists: what a checkpoint stores to rebuild it (``RPN.config``,
+    ``FasterRCNN.config``). Each argument must be kept as an attribute of the same name."""
+    names = list(inspect.signature(type(module).__init__).parameters)[1:]  # without self
+    values = {name: getattr(module, name) for name in names if name not in skip}
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in values.items()}

@@ -12,9 +12,10 @@ The module reads top-down in the order the notebook teaches (sections 3.5 to 4.2
    proposals and samples the RoIs to classify; ``fast_rcnn_losses``.
 8. ``FasterRCNN``: backbone, RPN, RoI pooling and the second-stage classifier (and optional
    box regression), trained end to end (4, 4.1).
-9. ``fast_rcnn_detections``: inference, per-class scores and boxes through class-specific NMS
-   (4.2), from ``padded_detections``, its fixed-shape form (``FasterRCNN.detect``, what an
-   export traces); ``compile_detector`` compiles the model's fixed-shape parts.
+9. ``padded_detections``: inference, per-class scores and boxes through class-specific NMS
+   (4.2) in a fixed-shape layout (``FasterRCNN.detect``, what an export traces), and
+   ``fast_rcnn_detections``, the same per image; ``compile_detector`` compiles the model's
+   fixed-shape parts.
 
 Below this module, and re-exported here where the notebook or tests import them:
 
@@ -52,6 +53,7 @@ from common import (
     box_iou,
     class_spec_nms,
     clip_boxes,
+    constructor_config,
     exporting,
     fpn_roi_align,
     full_precision,
@@ -64,7 +66,13 @@ from common import (
 )
 from eecs598 import checks
 from eecs598.checks import BACKGROUND, NEUTRAL
-from eecs598.settings import HeadSettings, ModelSettings, RPNSettings, complete_config
+from eecs598.settings import (
+    EvalSettings,
+    HeadSettings,
+    ModelSettings,
+    RPNSettings,
+    complete_config,
+)
 
 __all__ = [
     "hello_two_stage_detector",
@@ -76,6 +84,8 @@ __all__ = [
     "rcnn_apply_deltas_to_anchors",
     "sample_rpn_training",
     "sample_rpn_training_masks",
+    "anchors_for_shapes",
+    "rpn_losses",
     "assign_fpn_levels",
     "fpn_roi_align",
     "reassign_proposals_to_fpn_levels",
@@ -95,7 +105,7 @@ __all__ = [
 # Largest log-scale change a decoded delta may apply (torchvision and detectron2 use the same).
 DELTA_SCALE_CLAMP = math.log(1000.0 / 16)
 # The constructors' defaults, defined once in ``eecs598.settings`` (the notebook's values).
-_RPN, _HEADS, _MODEL = RPNSettings(), HeadSettings(), ModelSettings()
+_RPN, _HEADS, _MODEL, _EVAL = RPNSettings(), HeadSettings(), ModelSettings(), EvalSettings()
 
 
 def hello_two_stage_detector() -> None:
@@ -118,6 +128,33 @@ def _conv_stem(in_channels: int, stem_channels: Sequence[int], norm: str = "none
         layers += [conv, *group_norm(out_channels, norm), nn.ReLU(inplace=True)]
         in_channels = out_channels
     return nn.Sequential(*layers)
+
+
+def _second_stage_predictors(
+    in_channels: int,
+    stem_channels: Sequence[int],
+    roi_size: tuple[int, int],
+    num_classes: int,
+    box_regression: bool,
+    norm: str,
+) -> tuple[nn.Sequential, nn.Linear | None]:
+    """``FasterRCNN``'s classifier ``cls_pred``: a conv stem (``_conv_stem``), flattened, then a
+    linear layer to ``C + 1`` logits (weights N(0, 0.01)); and, with ``box_regression``, its
+    box regressor ``box_pred``: a linear layer from the same flattened features
+    (``cls_pred[:-1]``) to ``4 C`` class-specific deltas (weights N(0, 0.001)); else None."""
+    cls_pred = nn.Sequential(
+        _conv_stem(in_channels, stem_channels, norm),
+        nn.Flatten(),
+        nn.Linear(stem_channels[-1] * roi_size[0] * roi_size[1], num_classes + 1),
+    )
+    nn.init.normal_(cls_pred[-1].weight, std=0.01)
+    nn.init.zeros_(cls_pred[-1].bias)
+    if not box_regression:
+        return cls_pred, None
+    box_pred = nn.Linear(cls_pred[-1].in_features, 4 * num_classes)
+    nn.init.normal_(box_pred.weight, std=0.001)
+    nn.init.zeros_(box_pred.bias)
+    return cls_pred, box_pred
 
 
 def _flatten_per_anchor(x: torch.Tensor, values_per_anchor: int) -> torch.Tensor:
@@ -223,6 +260,37 @@ def anchor_scales(stride_scale: float | Sequence[float]) -> list[float]:
     if isinstance(stride_scale, (int, float)):
         return [float(stride_scale)]
     return [float(v) for v in stride_scale]
+
+
+def anchors_for_shapes(
+    shapes: dict[str, tuple],
+    strides_per_fpn_level: dict[str, int],
+    stride_scale: float | Sequence[float],
+    aspect_ratios: Sequence[float],
+    offset: float,
+    sizes: dict[str, Sequence[float]] | None = None,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """``{level: (H*W*A, 4)}`` anchors for ``{level: (B, C, H, W)}`` feature shapes
+    (``RPN.get_anchors``): ``generate_fpn_anchors`` at the locations of
+    ``get_fpn_location_coords`` with ``offset``, ``stride_scale`` strides a side, or the
+    pixel ``sizes`` per level when given. ``options``: the anchors' ``dtype`` and ``device``."""
+    locations = get_fpn_location_coords(
+        shapes, strides_per_fpn_level, offset=offset, **options
+    )  # fmt: skip
+    anchors = {}
+    for level, level_locations in locations.items():
+        stride = strides_per_fpn_level[level]
+        if sizes and level not in sizes:
+            raise ValueError(
+                f"RPN anchor_sizes has levels {sorted(sizes)} but the features have level '{level}'"
+            )
+        scale = [size / stride for size in sizes[level]] if sizes else stride_scale
+        level_anchors = generate_fpn_anchors(
+            {level: level_locations}, strides_per_fpn_level, scale, aspect_ratios
+        )  # fmt: skip
+        anchors[level] = level_anchors[level]
+    return anchors
 
 
 def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -434,6 +502,42 @@ def _decode_top_anchors(
     )
 
 
+def rpn_losses(
+    anchors: dict[str, torch.Tensor],
+    obj_logits: dict[str, torch.Tensor],
+    boxreg_deltas: dict[str, torch.Tensor],
+    gt_boxes: torch.Tensor,
+    iou_thresholds: tuple[float, float],
+    allow_low_quality_matches: bool,
+    batch_size_per_image: int,
+    smooth_l1_beta: float,
+) -> dict[str, torch.Tensor]:
+    """The RPN's losses over the sampled anchors of every image at once (``RPN``'s docstring):
+    objectness BCE and box (smooth-)L1, each summed and divided by ``batch_size_per_image * B``.
+
+    Args:
+        anchors: ``{level: (H*W*A, 4)}``; obj_logits: ``{level: (B, H*W*A)}``;
+        boxreg_deltas: ``{level: (B, H*W*A, 4)}``; gt_boxes: (B, M, 5);
+        iou_thresholds, allow_low_quality_matches: the matching (``rcnn_match_anchors_to_gt``).
+    """
+    all_anchors = torch.cat(list(anchors.values()), dim=0)  # (N, 4)
+    logits = torch.cat(list(obj_logits.values()), dim=1).to(all_anchors)  # (B, N)
+    deltas = torch.cat(list(boxreg_deltas.values()), dim=1).to(all_anchors)  # (B, N, 4)
+    matched = rcnn_match_anchors_to_gt(
+        all_anchors, gt_boxes, iou_thresholds, allow_low_quality_matches=allow_low_quality_matches
+    )  # (B, N, 5)
+    gt_deltas = rcnn_get_deltas_from_anchors(all_anchors, matched)
+    fg, bg = sample_rpn_training_masks(matched, batch_size_per_image, fg_fraction=0.5)
+    normaliser = batch_size_per_image * len(logits)
+    loss_obj = F.binary_cross_entropy_with_logits(logits, fg.to(logits), reduction="none")
+    gt_deltas = torch.where(fg[..., None], gt_deltas, 0.0)
+    loss_box = F.smooth_l1_loss(deltas, gt_deltas, reduction="none", beta=smooth_l1_beta)
+    return {
+        "loss_rpn_obj": (loss_obj * (fg | bg)).sum() / normaliser,
+        "loss_rpn_box": (loss_box * fg[..., None]).sum() / normaliser,
+    }
+
+
 class RPN(nn.Module):
     """Region Proposal Network: the first, class-agnostic stage of Faster R-CNN.
 
@@ -466,12 +570,11 @@ class RPN(nn.Module):
         anchor_sizes: anchor sides in pixels per level, ``{level: [S_1, ...]}`` with the same
             count on every level; replaces ``anchor_stride_scale`` when given (what
             ``--anchor-scale auto`` fits to the training boxes, ``eecs598.anchor_fit``).
-        anchor_offset: where the anchors of a feature location are centred within its
-            ``stride x stride`` cell, in strides (``get_fpn_location_coords``' ``offset``).
-            Default 0: on the cell's top-left pixel, where this backbone's receptive fields are
-            centred, as torchvision's ``AnchorGenerator`` and detectron2's default do. The
-            notebook's locations (``0.5``, the cell centre) sit ``stride / 2`` away from the
-            receptive fields, and trained to a lower mAP (figures in ``bench/README.md``).
+        anchor_offset: where a location's anchors are centred in its ``stride x stride`` cell,
+            in strides (``get_fpn_location_coords``' ``offset``). 0 (the default, as
+            torchvision's and detectron2's): the top-left pixel, where this backbone's receptive
+            fields are centred; the notebook's 0.5 (the cell centre) trains to a lower mAP
+            (``bench/README.md``).
         smooth_l1_beta: the box loss. 0 (the default, the notebook's): L1. Above 0: smooth-L1,
             quadratic for errors below ``beta`` (``F.smooth_l1_loss``); torchvision's RPN
             uses 1/9, which ``train`` on new data defaults to: it places boxes tighter
@@ -526,31 +629,13 @@ class RPN(nn.Module):
 
     @property
     def config(self) -> dict:
-        """The constructor's arguments, as stored in checkpoints (``RPN(**config)`` rebuilds it).
-
-        A fresh dict of plain values: sequences as lists, a sequence ``anchor_stride_scale`` as
-        a list of floats (a number stays as given).
-        """
-        scale = self.anchor_stride_scale
-        if not isinstance(scale, (int, float)):
-            scale = anchor_scales(scale)
-        return {
-            "fpn_channels": self.fpn_channels,
-            "stem_channels": list(self.stem_channels),
-            "batch_size_per_image": self.batch_size_per_image,
-            "anchor_stride_scale": scale,
-            "anchor_aspect_ratios": list(self.anchor_aspect_ratios),
-            "anchor_iou_thresholds": list(self.anchor_iou_thresholds),
-            "nms_thresh": self.nms_thresh,
-            "pre_nms_topk": self.pre_nms_topk,
-            "post_nms_topk": self.post_nms_topk,
-            "allow_low_quality_matches": self.allow_low_quality_matches,
-            "min_proposal_size": self.min_proposal_size,
-            "anchor_offset": self.anchor_offset,
-            "norm": self.norm,
-            "anchor_sizes": self.anchor_sizes,
-            "smooth_l1_beta": self.smooth_l1_beta,
-        }
+        """The constructor's arguments, as stored in checkpoints (``RPN(**config)`` rebuilds it):
+        a fresh dict of plain values (``constructor_config``), a sequence
+        ``anchor_stride_scale`` as a list of floats (a number stays as given)."""
+        config = constructor_config(self)
+        if not isinstance(self.anchor_stride_scale, (int, float)):
+            config["anchor_stride_scale"] = anchor_scales(self.anchor_stride_scale)
+        return config
 
     def get_anchors(
         self,
@@ -558,51 +643,24 @@ class RPN(nn.Module):
         strides_per_fpn_level: dict[str, int],
         dtype: torch.dtype,
     ) -> dict[str, torch.Tensor]:
-        """``{level: (H*W*A, 4)}`` anchors for these feature shapes (cached per shape)."""
+        """``{level: (H*W*A, 4)}`` anchors for these feature shapes (``anchors_for_shapes``),
+        cached per shape."""
         shapes = {level: tuple(f.shape) for level, f in feats_per_fpn_level.items()}
         device = next(iter(feats_per_fpn_level.values())).device
         key = (tuple((k, s[-2:]) for k, s in shapes.items()), str(device), dtype)
-        if torch.compiler.is_compiling():  # symbolic shapes (torch.export) are not hashable
-            return self._make_anchors(shapes, strides_per_fpn_level, dtype, device)
-        if key not in self._anchor_cache:
+        compiling = torch.compiler.is_compiling()  # symbolic shapes (export) are not hashable
+        if compiling or key not in self._anchor_cache:
+            anchors = anchors_for_shapes(
+                shapes, strides_per_fpn_level, self.anchor_stride_scale,
+                self.anchor_aspect_ratios, self.anchor_offset, self.anchor_sizes,
+                dtype=dtype, device=device,
+            )  # fmt: skip
+            if compiling:
+                return anchors
             if len(self._anchor_cache) > 32:
                 self._anchor_cache.clear()
-            self._anchor_cache[key] = self._make_anchors(
-                shapes, strides_per_fpn_level, dtype, device
-            )
+            self._anchor_cache[key] = anchors
         return self._anchor_cache[key]
-
-    def _make_anchors(
-        self,
-        shapes: dict[str, tuple],
-        strides_per_fpn_level: dict[str, int],
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> dict[str, torch.Tensor]:
-        """``get_anchors``' ``{level: (H*W*A, 4)}`` for ``{level: (B, C, H, W)}`` shapes."""
-        locations = get_fpn_location_coords(
-            shapes, strides_per_fpn_level, dtype=dtype, device=device, offset=self.anchor_offset
-        )
-        return {
-            level: generate_fpn_anchors(
-                {level: level_locations},
-                strides_per_fpn_level,
-                self._stride_scale(level, strides_per_fpn_level[level]),
-                self.anchor_aspect_ratios,
-            )[level]
-            for level, level_locations in locations.items()
-        }
-
-    def _stride_scale(self, level: str, stride: int) -> float | list[float]:
-        """Anchor side(s) of ``level`` in strides: from ``anchor_sizes`` when set."""
-        if not self.anchor_sizes:
-            return self.anchor_stride_scale
-        if level not in self.anchor_sizes:
-            raise ValueError(
-                f"RPN anchor_sizes has levels {sorted(self.anchor_sizes)} but the features "
-                f"have level '{level}'"
-            )
-        return [size / stride for size in self.anchor_sizes[level]]
 
     def forward(
         self,
@@ -653,33 +711,11 @@ class RPN(nn.Module):
         output.update(self._losses(anchors, obj_logits, boxreg_deltas, gt_boxes.to(dtype)))
         return output
 
-    def _losses(
-        self,
-        anchors: dict[str, torch.Tensor],
-        obj_logits: dict[str, torch.Tensor],
-        boxreg_deltas: dict[str, torch.Tensor],
-        gt_boxes: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Objectness BCE and box (smooth-)L1 over sampled anchors of every image at once."""
-        all_anchors = torch.cat(list(anchors.values()), dim=0)  # (N, 4)
-        logits = torch.cat(list(obj_logits.values()), dim=1).to(all_anchors)  # (B, N)
-        deltas = torch.cat(list(boxreg_deltas.values()), dim=1).to(all_anchors)  # (B, N, 4)
-        matched = rcnn_match_anchors_to_gt(
-            all_anchors,
-            gt_boxes,
-            self.anchor_iou_thresholds,
-            allow_low_quality_matches=self.allow_low_quality_matches,
-        )  # (B, N, 5)
-        gt_deltas = rcnn_get_deltas_from_anchors(all_anchors, matched)
-        fg, bg = sample_rpn_training_masks(matched, self.batch_size_per_image, fg_fraction=0.5)
-        normaliser = self.batch_size_per_image * len(logits)
-        loss_obj = F.binary_cross_entropy_with_logits(logits, fg.to(logits), reduction="none")
-        gt_deltas = torch.where(fg[..., None], gt_deltas, 0.0)
-        loss_box = F.smooth_l1_loss(deltas, gt_deltas, reduction="none", beta=self.smooth_l1_beta)
-        return {
-            "loss_rpn_obj": (loss_obj * (fg | bg)).sum() / normaliser,
-            "loss_rpn_box": (loss_box * fg[..., None]).sum() / normaliser,
-        }
+    def _losses(self, *outputs: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """``rpn_losses`` of ``outputs`` (``anchors, obj_logits, boxreg_deltas, gt_boxes``) with
+        this RPN's matching, sampling and ``smooth_l1_beta``."""
+        return rpn_losses(*outputs, self.anchor_iou_thresholds, self.allow_low_quality_matches,
+                          self.batch_size_per_image, self.smooth_l1_beta)  # fmt: skip
 
     @torch.no_grad()
     def predict_proposals(
@@ -838,15 +874,13 @@ class FasterRCNN(nn.Module):
     per image are sampled with up to 25% foreground; ``loss_cls`` is their mean cross-entropy.
     The RPN's ``loss_rpn_obj`` and ``loss_rpn_box`` are returned too.
 
-    Optional box regression (``box_regression=True``, off by default so the notebook's numbers
-    stay comparable): a linear layer predicts class-specific deltas (weights ``(10, 10, 5, 5)``
-    as in torchvision and detectron2), trained by an L1 ``loss_box`` (smooth-L1 with
-    ``smooth_l1_beta > 0``, as ``RPN``'s) over the foreground RoIs divided by the number of
-    sampled RoIs, and used at inference to refine each detection.
+    Optional box regression (``box_regression=True``; off, the notebook's numbers): class-specific
+    deltas (weights ``(10, 10, 5, 5)``, as torchvision's and detectron2's), trained by an L1
+    ``loss_box`` (smooth-L1 with ``smooth_l1_beta > 0``) over the foreground RoIs divided by
+    the sampled RoIs, refine each detection.
 
-    Inference follows torchvision and detectron2: every proposal gives one candidate per class
-    with softmax score above ``test_score_thresh``; class-specific NMS at ``test_nms_thresh``;
-    at most ``detections_per_image`` detections per image, best first.
+    Inference (``padded_detections``): one candidate per proposal and class scored above
+    ``test_score_thresh``, class-specific NMS, at most ``detections_per_image`` per image.
 
     Args:
         backbone: ``DetectorBackboneWithFPN`` (anything with ``out_channels``, ``fpn_strides``
@@ -859,14 +893,11 @@ class FasterRCNN(nn.Module):
         box_regression: add class-specific second-stage box regression.
         detections_per_image: the most detections returned per image.
         smooth_l1_beta: the second-stage box loss, as ``RPN``'s (0: L1, the default).
-        roi_align_offset: ``fpn_roi_align``'s ``offset``, where feature ``(i, j)`` of stride
-            ``s`` is taken to sit in the image: ``((j + offset) s, (i + offset) s)``. 0.5 (the
-            default, the notebook's) is the cell centre; 0 is the cell's top-left pixel, where
-            this backbone's receptive fields are centred and the RPN's anchors sit
-            (``RPN(anchor_offset=0)``); the mAP of each is in ``bench/README.md``. With 0
-            and anchors whose half sizes are whole pixels, inference and the training losses
-            equal torchvision's ``FasterRCNN`` given the same weights
-            (``tests/test_e2e_torchvision_equivalence.py``).
+        roi_align_offset: ``fpn_roi_align``'s ``offset``: feature ``(i, j)`` of stride ``s``
+            sits at ``((j + offset) s, (i + offset) s)``. 0.5 (the notebook's) is the cell
+            centre; 0 its top-left pixel, where the receptive fields and the RPN's anchors
+            sit: then inference and losses equal torchvision's ``FasterRCNN`` with the same
+            weights (``tests/test_e2e_torchvision_equivalence.py``; mAP in ``bench/``).
 
     ``config`` gives these settings as stored in checkpoints; ``from_config`` rebuilds the model.
     """
@@ -899,18 +930,11 @@ class FasterRCNN(nn.Module):
         self.roi_align_offset = float(roi_align_offset)
         self.box_weights = (10.0, 10.0, 5.0, 5.0)
 
-        self.cls_pred = nn.Sequential(
-            _conv_stem(backbone.out_channels, stem_channels, norm),
-            nn.Flatten(),
-            nn.Linear(stem_channels[-1] * self.roi_size[0] * self.roi_size[1], num_classes + 1),
+        self.cls_pred, box_pred = _second_stage_predictors(
+            backbone.out_channels, stem_channels, self.roi_size, num_classes, box_regression, norm
         )
-        nn.init.normal_(self.cls_pred[-1].weight, std=0.01)
-        nn.init.zeros_(self.cls_pred[-1].bias)
-        if box_regression:
-            # Shares the stem with the classifier: ``cls_pred[:-1]`` gives flattened features.
-            self.box_pred = nn.Linear(self.cls_pred[-1].in_features, 4 * num_classes)
-            nn.init.normal_(self.box_pred.weight, std=0.001)
-            nn.init.zeros_(self.box_pred.bias)
+        if box_pred is not None:
+            self.box_pred = box_pred
 
     @property
     def config(self) -> dict:
@@ -918,21 +942,13 @@ class FasterRCNN(nn.Module):
 
         ``"backbone"`` and ``"rpn"`` are the submodules' own ``config`` (a backbone without one
         gives ``{"out_channels": ...}``, an RPN without one ``{}``); the other keys are this
-        model's arguments, sequences as lists.
+        model's arguments (``constructor_config``), sequences as lists.
         """
         backbone = self.backbone
         return {
             "backbone": dict(getattr(backbone, "config", {"out_channels": backbone.out_channels})),
             "rpn": dict(getattr(self.rpn, "config", {})),
-            "stem_channels": list(self.stem_channels),
-            "num_classes": self.num_classes,
-            "batch_size_per_image": self.batch_size_per_image,
-            "roi_size": list(self.roi_size),
-            "box_regression": self.box_regression,
-            "detections_per_image": self.detections_per_image,
-            "smooth_l1_beta": self.smooth_l1_beta,
-            "roi_align_offset": self.roi_align_offset,
-            "norm": self.norm,
+            **constructor_config(self, skip=("backbone", "rpn")),
         }
 
     @classmethod
@@ -968,12 +984,11 @@ class FasterRCNN(nn.Module):
             images: (B, 3, H, W) normalised images.
             gt_boxes: (B, M, 5) GT rows, padded with ``-1``; required in training mode,
                 ignored in eval mode.
-            test_score_thresh: inference score threshold (default 0.05).
-            test_nms_thresh: inference class-specific NMS threshold (default 0.5).
-            image_sizes: (B, 2) integer ``(H_i, W_i)``, each image's true size when the
-                batch is padded (``eecs598.augment.PadCollate`` places image ``i`` at the
-                top-left of the ``H x W`` canvas): proposals and detections are clipped to
-                it instead of the canvas. None: every image fills the canvas.
+            test_score_thresh, test_nms_thresh: the inference score threshold and
+                class-specific NMS IoU (default ``EvalSettings``': 0.05, 0.5).
+            image_sizes: (B, 2) integer ``(H_i, W_i)``, each image's true size in a padded
+                batch (``PadCollate`` puts image ``i`` top-left on the canvas): boxes are
+                clipped to it. None: every image fills the canvas.
 
         Returns:
             Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls"}`` (and ``"loss_box"`` with
@@ -983,16 +998,13 @@ class FasterRCNN(nn.Module):
             tuples.
 
         Raises:
-            ValueError: naming the shape, dtype, device or value at fault of ``images``,
-                ``gt_boxes`` (listed at ``eecs598.checks.check_forward_inputs``) or
-                ``image_sizes``; for a training batch of a single image of at most 32x32 px
-                (BatchNorm cannot normalise its one value per channel).
-
-        Warns once per model when a training batch has fewer than 8 values per channel at the
-        coarsest backbone level (e.g. 2 images of 32x32 px): BatchNorm's gradients explode.
+            ValueError: naming what is at fault in ``images``, ``gt_boxes`` or ``image_sizes``
+                (``eecs598.checks.check_detector_forward``, which also warns once about
+                training batches too small for BatchNorm), or a training batch of one image
+                of at most 32x32 px.
         """
         gt_boxes = gt_boxes if self.training else None
-        self._check_forward_inputs(images, gt_boxes)
+        checks.check_detector_forward(self, images, gt_boxes)
         if image_sizes is not None:
             checks.check_image_sizes(image_sizes, images)
         if not self.training:
@@ -1021,18 +1033,9 @@ class FasterRCNN(nn.Module):
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Eval-mode detections in a padded layout of fixed shape: ``forward``'s inference
-        without its input checks and without a host-device sync, so that ``torch.export``
-        traces it whole for any batch size and image size (``eecs598.deploy`` exports it).
-
-        Args:
-            images, image_sizes: as ``forward``'s; score_thresh, nms_thresh: its
-                ``test_score_thresh`` and ``test_nms_thresh``.
-
-        Returns:
-            ``padded_detections``' ``(boxes (B, D, 4), classes (B, D), scores (B, D), mask
-            (B, D))``, ``D = detections_per_image``.
-        """
+        """``forward``'s inference (arguments as there) without its checks or a host-device
+        sync, so that ``torch.export`` traces it whole (``eecs598.deploy``): ``(boxes (B, D, 4),
+        classes (B, D), scores (B, D), mask (B, D))``, ``D = detections_per_image``."""
         image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
         feats = self.backbone(images)
         proposals, valid, _ = self._proposals(feats, None, image_size)
@@ -1044,38 +1047,10 @@ class FasterRCNN(nn.Module):
     def check_inputs(
         self, images: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None
     ) -> None:
-        """Raise ``ValueError`` naming the problem for malformed inputs (either may be None).
-
-        ``forward`` checks shapes always and class ids of CPU ``gt_boxes``; on an accelerator
-        the class-id check would stall every step on a host-device sync, so
-        ``a4_helper.train_detector`` calls this on each batch while it is still on the CPU.
-
-        Args:
-            images: (B, 3, H, W) floating point images.
-            gt_boxes: (B, M, 5) GT rows (``(M, 5)`` or ``(B, M, 5)`` without ``images``).
-        """
-        if images is not None:
-            checks.check_images(images)
-        if gt_boxes is not None:
-            checks.check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
-            checks.check_gt_values(gt_boxes, self.num_classes)
-
-    def _check_forward_inputs(self, images: torch.Tensor, gt_boxes: torch.Tensor | None) -> None:
-        """``forward``'s checks (``check_forward_inputs``), and the few-BatchNorm-values warning
-        once per model (``warn_few_batchnorm_values``).
-
-        Args:
-            images: (B, 3, H, W).
-            gt_boxes: (B, M, 5) in training mode, None in eval mode.
-        """
-        weight = next(self.parameters())
-        checks.check_forward_inputs(images, gt_boxes, weight, self.num_classes, self.training)
-        if not self.training:
-            return
-        if not getattr(self, "_warned_few_values", False) and self.backbone.training:
-            stride = max(getattr(self.backbone, "fpn_strides", {"p5": 32}).values())
-            if checks.warn_few_batchnorm_values(images, stride):
-                self._warned_few_values = True  # once per model
+        """Raise ``ValueError`` naming the problem for malformed (B, 3, H, W) ``images`` or
+        (B, M, 5) ``gt_boxes`` (either may be None): ``eecs598.checks.check_batch``, which
+        ``a4_helper.train_detector`` runs on each batch while it is still on the CPU."""
+        checks.check_batch(images, gt_boxes, self.num_classes)
 
     def _proposals(
         self,
@@ -1083,17 +1058,9 @@ class FasterRCNN(nn.Module):
         gt_boxes: torch.Tensor | None,
         image_size: tuple[int, int] | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The RPN's proposals in the padded layout, and its losses.
-
-        Args:
-            feats: ``{level: (B, C, H_l, W_l)}``.
-            gt_boxes: (B, M, 5) in training mode, else None.
-            image_size: ``(H, W)`` of the input images, or (B, 2) per image.
-
-        Returns:
-            ``(proposals (B, K, 4), valid (B, K), losses)``: ``losses`` holds
-            ``loss_rpn_obj`` and ``loss_rpn_box`` in training, nothing in eval mode.
-        """
+        """The RPN's proposals for ``{level: (B, C, H_l, W_l)}`` features (``image_size``:
+        ``(H, W)`` or (B, 2)), padded: ``(proposals (B, K, 4), valid (B, K), losses)``, with
+        ``loss_rpn_obj`` and ``loss_rpn_box`` in training (``gt_boxes`` (B, M, 5))."""
         output = self.rpn(
             feats, self.backbone.fpn_strides, gt_boxes, image_size=image_size, proposal_list=False
         )
@@ -1103,16 +1070,9 @@ class FasterRCNN(nn.Module):
     def _box_head(
         self, feats: dict[str, torch.Tensor], rois: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pool every RoI (``fpn_roi_align``) and predict class logits and box deltas.
-
-        Args:
-            feats: ``{level: (B, C, H_l, W_l)}``.
-            rois: (B, R, 4); valid: (B, R) (invalid slots pool zeros).
-
-        Returns:
-            ``(cls_logits (B, R, C+1), box_deltas (B, R, C, 4))``; ``box_deltas`` is None
-            without box regression.
-        """
+        """Pool every RoI (B, R, 4) from ``{level: (B, C, H_l, W_l)}`` (``fpn_roi_align``;
+        invalid slots of (B, R) ``valid`` pool zeros) and predict ``(cls_logits (B, R, C+1),
+        box_deltas (B, R, C, 4))``; ``box_deltas`` is None without box regression."""
         strides = self.backbone.fpn_strides
         roi_feats = fpn_roi_align(
             feats, strides, rois, valid, self.roi_size, offset=self.roi_align_offset
@@ -1143,47 +1103,20 @@ class FasterRCNN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Detections of every image from the second stage's outputs, padded:
         ``padded_detections`` with this model's box weights and ``detections_per_image``,
-        thresholds defaulting to 0.05 (score) and 0.5 (class-specific NMS)."""
+        thresholds defaulting to ``EvalSettings``' (score 0.05, class-specific NMS 0.5)."""
         return padded_detections(
             proposals, valid, cls_logits, box_deltas, image_size,
             box_weights=self.box_weights,
-            score_thresh=0.05 if test_score_thresh is None else test_score_thresh,
-            nms_thresh=0.5 if test_nms_thresh is None else test_nms_thresh,
+            score_thresh=_EVAL.score_thresh if test_score_thresh is None else test_score_thresh,
+            nms_thresh=_EVAL.nms_thresh if test_nms_thresh is None else test_nms_thresh,
             detections_per_image=self.detections_per_image,
         )  # fmt: skip
 
 
-@torch.no_grad()
-def fast_rcnn_detections(
-    proposals: torch.Tensor,
-    valid: torch.Tensor,
-    cls_logits: torch.Tensor,
-    box_deltas: torch.Tensor | None,
-    image_size: tuple[int, int] | torch.Tensor,
-    box_weights: Sequence[float],
-    score_thresh: float,
-    nms_thresh: float,
-    detections_per_image: int,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Detections of every image from the second stage's outputs (``FasterRCNN.inference``).
-
-    Every valid proposal gives one candidate per class: its softmax score, and its box refined
-    by that class's deltas (clipped to the image) or, without box regression, the proposal
-    itself. Candidates scoring above ``score_thresh`` and wider and taller than 0.01 px go
-    through class-specific NMS at ``nms_thresh``; the best ``detections_per_image`` survive.
-
-    Args:
-        proposals: (B, R, 4); valid: (B, R); cls_logits: (B, R, C+1), index 0 background;
-        box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)`` or (B, 2) per image;
-        box_weights: the deltas' ``(wx, wy, ww, wh)``.
-
-    Returns:
-        B tuples ``(boxes (N, 4), classes (N,) int64 in 0..C-1, scores (N,))``, best first.
-    """
-    return unpad_detections(*padded_detections(
-        proposals, valid, cls_logits, box_deltas, image_size, box_weights,
-        score_thresh, nms_thresh, detections_per_image,
-    ))  # fmt: skip
+def fast_rcnn_detections(*args: Any, **kwargs: Any) -> list[tuple[torch.Tensor, ...]]:
+    """``padded_detections`` (the same arguments) as B tuples ``(boxes (N, 4), classes (N,)
+    int64 in 0..C-1, scores (N,))``, best first (``unpad_detections``)."""
+    return unpad_detections(*padded_detections(*args, **kwargs))
 
 
 def unpad_detections(
@@ -1208,8 +1141,19 @@ def padded_detections(
     nms_thresh: float,
     detections_per_image: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fast_rcnn_detections`` in a padded layout of fixed shape, without a host-device sync
-    (what an exported model returns).
+    """Detections of every image from the second stage's outputs (``FasterRCNN.inference``),
+    in a padded layout of fixed shape, without a host-device sync (what an export returns).
+
+    Every valid proposal gives one candidate per class: its softmax score, and its box refined
+    by that class's deltas (clipped to the image) or, without box regression, the proposal
+    itself. Candidates scoring above ``score_thresh`` and wider and taller than 0.01 px go
+    through class-specific NMS at ``nms_thresh``; the best ``detections_per_image`` survive,
+    as in torchvision and detectron2.
+
+    Args:
+        proposals: (B, R, 4); valid: (B, R); cls_logits: (B, R, C+1), index 0 background;
+        box_deltas: (B, R, C, 4) or None; image_size: ``(H, W)`` or (B, 2) per image;
+        box_weights: the deltas' ``(wx, wy, ww, wh)``.
 
     Returns:
         ``(boxes (B, D, 4), classes (B, D) int64, scores (B, D), mask (B, D) bool)`` with

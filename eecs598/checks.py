@@ -26,9 +26,11 @@ __all__ = [
     "check_gt_boxes",
     "check_inputs_match_model",
     "check_gt_values",
+    "check_batch",
     "check_forward_inputs",
     "check_image_sizes",
     "warn_few_batchnorm_values",
+    "check_detector_forward",
     "run_backbone",
     "check_anchor_sizes",
     "check_smooth_l1_beta",
@@ -120,6 +122,28 @@ def check_gt_values(gt_boxes: torch.Tensor, num_classes: int) -> None:
     )
 
 
+def check_batch(
+    images: torch.Tensor | None, gt_boxes: torch.Tensor | None, num_classes: int
+) -> None:
+    """Raise a ValueError naming the problem for malformed inputs (either may be None):
+    ``FasterRCNN.check_inputs``.
+
+    ``FasterRCNN.forward`` checks shapes always and class ids of CPU ``gt_boxes``; on an
+    accelerator the class-id check would stall every step on a host-device sync, so
+    ``a4_helper.train_detector`` calls this on each batch while it is still on the CPU.
+
+    Args:
+        images: (B, 3, H, W) floating point images.
+        gt_boxes: (B, M, 5) GT rows (``(M, 5)`` or ``(B, M, 5)`` without ``images``).
+        num_classes: object classes ``C``.
+    """
+    if images is not None:
+        check_images(images)
+    if gt_boxes is not None:
+        check_gt_boxes(gt_boxes, batch_size=None if images is None else len(images))
+        check_gt_values(gt_boxes, num_classes)
+
+
 def check_forward_inputs(
     images: torch.Tensor,
     gt_boxes: torch.Tensor | None,
@@ -177,7 +201,7 @@ def warn_few_batchnorm_values(images: torch.Tensor, stride: int) -> bool:
     Normalising so few values makes BatchNorm's gradients explode and the next step turns the
     weights to NaN (the measured gradient norms are in ``bench/README.md``).
     ``stacklevel=4`` names the frame that called ``FasterRCNN.forward`` (this function and
-    ``FasterRCNN._check_forward_inputs`` lie between).
+    ``check_detector_forward`` lie between).
     """
     height, width = images.shape[-2:]
     values = len(images) * math.ceil(height / stride) * math.ceil(width / stride)
@@ -190,6 +214,23 @@ def warn_few_batchnorm_values(images: torch.Tensor, stride: int) -> bool:
         stacklevel=4,
     )
     return True
+
+
+def check_detector_forward(
+    detector: torch.nn.Module, images: torch.Tensor, gt_boxes: torch.Tensor | None
+) -> None:
+    """``FasterRCNN.forward``'s checks (``check_forward_inputs``) of (B, 3, H, W) ``images``
+    and (B, M, 5) ``gt_boxes`` (None in eval mode), and, in training, the
+    few-BatchNorm-values warning once per model (``warn_few_batchnorm_values``)."""
+    weight = next(detector.parameters())
+    training = detector.training
+    check_forward_inputs(images, gt_boxes, weight, detector.num_classes, training)
+    if not training:
+        return
+    if not getattr(detector, "_warned_few_values", False) and detector.backbone.training:
+        stride = max(getattr(detector.backbone, "fpn_strides", {"p5": 32}).values())
+        if warn_few_batchnorm_values(images, stride):
+            detector._warned_few_values = True  # once per model
 
 
 def run_backbone(backbone: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
