@@ -20,11 +20,10 @@ The module reads top-down in the order the notebook teaches (sections 3.5 to 4.2
 Below this module, and re-exported here where the notebook or tests import them:
 
 - ``common``: the box operations the model runs on: ``assign_fpn_levels`` and
-  ``fpn_roi_align`` (which FPN level pools each box, and RoI Align of every box from its level
-  in one call; ``reassign_proposals_to_fpn_levels`` is the assignment's per-level form of the
-  same step, which the model does not call), ``class_spec_nms``, and the engine of the padded
-  layout: ``batched_nms_topk`` (with its ``FIXED_SHAPE_NMS`` switch), ``clip_boxes``,
-  ``gather_rows``, ``unpad``.
+  ``fpn_roi_align`` (each box's FPN level, and RoI Align of every box from its level in one
+  call; ``reassign_proposals_to_fpn_levels`` is the assignment's per-level form, unused by the
+  model), ``class_spec_nms``, the padded layout's engine (``batched_nms_topk``, ``clip_boxes``,
+  ``gather_rows``, ``unpad``) and ``constructor_config``.
 - ``eecs598.checks``: the input validators, and the GT-row markers ``BACKGROUND`` and
   ``NEUTRAL``.
 
@@ -66,13 +65,7 @@ from common import (
 )
 from eecs598 import checks
 from eecs598.checks import BACKGROUND, NEUTRAL
-from eecs598.settings import (
-    EvalSettings,
-    HeadSettings,
-    ModelSettings,
-    RPNSettings,
-    complete_config,
-)
+from eecs598.settings import EvalSettings, HeadSettings, ModelSettings, RPNSettings, complete_config
 
 __all__ = [
     "hello_two_stage_detector",
@@ -953,11 +946,9 @@ class FasterRCNN(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, pretrained: bool = False) -> FasterRCNN:
-        """Build an (untrained) model from ``FasterRCNN.config``, e.g. a checkpoint's.
-
-        ``pretrained`` only matters before loading weights; checkpoints carry all of them.
-        Settings added since are filled in as ``complete_config`` says.
-        """
+        """Build an (untrained) model from ``FasterRCNN.config``, e.g. a checkpoint's, with the
+        settings added since filled in (``complete_config``). ``pretrained`` only matters
+        before loading weights; checkpoints carry all of them."""
         config = cls.complete_config(config)
         backbone = DetectorBackboneWithFPN(pretrained=pretrained, **config["backbone"])
         rpn = RPN(**config["rpn"])
@@ -967,8 +958,7 @@ class FasterRCNN(nn.Module):
 
     @staticmethod
     def complete_config(config: dict) -> dict:
-        """``config`` (a checkpoint's) with the settings added after it was written filled in
-        with the values that model trained with (``eecs598.settings.complete_config``)."""
+        """``config`` with the settings added since filled in (``settings.complete_config``)."""
         return complete_config(config)
 
     def forward(

@@ -182,3 +182,17 @@ def test_imports_point_down_the_documented_layers():
         for imported in _imported_modules(RECIPE_DIR / f"{stage}.py"):
             if imported.startswith("recipe"):
                 assert imported.split(".")[1] in stages[:rank], f"recipe.{stage} imports {imported}"
+
+
+def test_modules_stay_a_size_one_can_read():
+    """The recipe's stages at most 400 lines each, the evaluator's mAP module at most 700,
+    ``two_stage_detector.py`` at most 1,200 with no class over 250 lines."""
+    for path in RECIPE_DIR.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path.name
+    assert len((PACKAGE_DIR / "mean_ap.py").read_text().splitlines()) <= 700
+    source = (REPO_ROOT / "two_stage_detector.py").read_text()
+    assert len(source.splitlines()) <= 1200
+    classes = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
+    assert {"RPN", "FasterRCNN"} <= {c.name for c in classes}
+    for node in classes:
+        assert node.end_lineno - node.lineno + 1 <= 250, node.name

@@ -512,6 +512,4 @@ def test_a_checkpoint_without_meta_takes_the_datas_class_names(tmp_path, capsys)
         recipe.load_trained_detector(tmp_path / "old_training.pt")
     voc = recipe.build_detector(20, fpn_channels=16, pretrained=False)
     torch.save({"model": voc.state_dict(), "config": voc.config}, tmp_path / "voc.pt")
-    assert recipe.read_checkpoint(tmp_path / "voc.pt")["meta"]["class_names"][0] == (
-        "aeroplane"
-    )
+    assert recipe.read_checkpoint(tmp_path / "voc.pt")["meta"]["class_names"][0] == ("aeroplane")

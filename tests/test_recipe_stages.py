@@ -116,3 +116,43 @@ def test_the_plan_settles_every_auto_once(tmp_path):
     assert epochs in text and "initialisation: random" in text
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.scales = None  # type: ignore[misc]
+
+
+def test_train_loader_needs_a_settled_train_crop(tmp_path):
+    settings = OWN_DATA.replace(batch_size=2, workers=0)
+    assert settings.train.train_crop == "auto"
+    with pytest.raises(ValueError, match="train_crop is 'auto': settle it first"):
+        recipe.train_loader(settings, [], None)
+
+
+def test_export_writes_beside_the_checkpoint_unless_out_names_a_file(tmp_path, monkeypatch):
+    """``export(checkpoint, settings)``: ``settings.out`` names the file or its folder; the
+    preset's empty ``out`` puts ``model.onnx`` beside the checkpoint (the ONNX conversion itself
+    is tested in test_eecs598_deploy; here it writes a marker)."""
+    import recipe.exporting
+    from eecs598.checkpoint import save_checkpoint
+
+    model = recipe.build_detector(2, fpn_channels=8, pretrained=False)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    meta = {"class_names": ["a", "b"], "image_size": 64, "test_image_size": 80}
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "config": model.config, "meta": meta})
+    written = []
+
+    def fake_export(model, path, metadata, score_thresh, nms_thresh):
+        written.append((path, metadata, score_thresh, nms_thresh))
+        path.write_bytes(b"onnx")
+
+    monkeypatch.setattr(recipe.exporting, "export_onnx", fake_export)
+    monkeypatch.setattr(recipe.exporting, "require_exporter", lambda: None)
+    assert recipe.export(checkpoint) == checkpoint.with_name("model.onnx")
+    assert written[-1][1] == {"class_names": ["a", "b"], "image_size": 80}
+    assert written[-1][2:] == (0.05, 0.5)  # EvalSettings'
+    into = preset_for(command="export").replace(out=str(tmp_path / "other"), score_thresh=0.3)
+    (tmp_path / "other").mkdir()
+    assert recipe.export(checkpoint, into) == tmp_path / "other" / "model.onnx"
+    assert written[-1][2] == 0.3
+    named = into.replace(out=str(tmp_path / "mine.onnx"))
+    assert recipe.export(checkpoint, named) == tmp_path / "mine.onnx"
+    with pytest.raises(ValueError, match="must name a .onnx file"):
+        recipe.export(checkpoint, into.replace(out=str(tmp_path / "mine.txt")))
