@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .images import image_file_size
-from .voc import AnnotatedImages, ImageAnnotation, _missing_files_error, clip_boxes
+from .voc import AnnotatedImages, ImageAnnotation, clip_boxes, missing_files_error
 
 __all__ = ["COCODetection", "read_coco_instances"]
 
@@ -197,7 +197,7 @@ class COCODetection(AnnotatedImages):
         self._check_stems()
         missing = self._set_records(list(self._images), self._parse_image, skip_empty, skip_corrupt)
         if missing:
-            raise _missing_files_error(missing, len(self._images), path)
+            raise missing_files_error(missing, len(self._images), path)
 
     def _group_annotations(self, annotations: list[Any]) -> dict[Any, list[tuple[int, Any]]]:
         """``{image id: [(position in 'annotations', annotation), ...]}``, every reference

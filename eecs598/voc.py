@@ -82,6 +82,7 @@ __all__ = [
     "VOCLayoutDetection",
     "find_image",
     "held_out_split",
+    "missing_files_error",
     "parse_voc_annotation",
     "read_voc_xml",
     "voc_folders",
@@ -347,7 +348,9 @@ def read_split_ids(root: Path, split: str, hint: str = "") -> tuple[Path, list[s
     return split_file, [line.split()[0] for line in lines if line.strip()]
 
 
-def _missing_files_error(missing: list[str], total: int, split_file: Path) -> FileNotFoundError:
+def missing_files_error(missing: list[str], total: int, split_file: Path) -> FileNotFoundError:
+    """The error for ids of ``split_file`` (a split list or a COCO JSON) whose annotation or
+    image is missing: it counts them and names the first five (the VOC and COCO readers)."""
     shown = "\n  ".join(missing[:5])
     more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
     return FileNotFoundError(
@@ -703,4 +706,4 @@ class VOCLayoutDetection(AnnotatedImages):
                                   split=split, folders=folders)  # fmt: skip
         missing = self._set_records(ids, parse, skip_empty, skip_corrupt)
         if missing:
-            raise _missing_files_error(missing, len(ids), split_file)
+            raise missing_files_error(missing, len(ids), split_file)
