@@ -36,6 +36,7 @@ if (_UNSUPPORTED := unsupported_torch()) is not None:
 
 import recipe
 from eecs598.settings import (
+    AUDIT_OUT,
     DATA_DEPENDENT,
     DEMO,
     EVALUATE_OUT,
@@ -43,6 +44,7 @@ from eecs598.settings import (
     NOTEBOOK,
     OWN_DATA,
     PREDICT_OUT,
+    AuditSettings,
     DataSettings,
     EvalSettings,
     ExportSettings,
@@ -62,6 +64,7 @@ GROUPS = {
     "eval": (EvalSettings, "evaluation: how detections are made and kept"),
     "predict": (PredictSettings, "prediction: what is kept and written"),
     "export": (ExportSettings, "export: the file written"),
+    "audit": (AuditSettings, "audit: how label errors are found and listed"),
 }
 # Settings of another group that a command also takes, by flat name: the class names of a
 # checkpoint that does not record them (the notebook's, from before it saved them).
@@ -73,6 +76,7 @@ COMMANDS = {
     "evaluate": (("data", "eval"), EVALUATE_OUT),
     "predict": (("eval", "predict"), PREDICT_OUT),
     "export": (("eval", "export"), f"{EXPORT_NAME} beside the checkpoint"),
+    "audit": (("data", "train", "model", "eval", "audit"), AUDIT_OUT),
 }
 DATA_KINDS = "a VOC-layout folder, a COCO .json or shapes"
 
@@ -192,6 +196,11 @@ def cmd_predict(args: argparse.Namespace) -> list[dict]:
     return recipe.predict(args.checkpoint, args.images, settings_from_args(args))
 
 
+def cmd_audit(args: argparse.Namespace) -> list[dict]:
+    """``recipe.audit``: the labels most likely wrong, from out-of-sample detections."""
+    return recipe.audit(settings_from_args(args))
+
+
 def cmd_export(args: argparse.Namespace) -> Path:
     """``recipe.export``: the checkpoint's detector as one ONNX graph."""
     return recipe.export(args.checkpoint, settings_from_args(args))
@@ -203,6 +212,7 @@ RUNS: dict[str, Callable] = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "export": cmd_export,
+    "audit": cmd_audit,
 }
 HELP = {
     "demo": (
@@ -240,6 +250,14 @@ HELP = {
         "num_detections out; the class names, image size and normalisation in its metadata. "
         "--score-thresh and --nms-thresh are fixed in the graph. Needs onnx, onnxscript and "
         "onnxruntime.",
+    ),
+    "audit": (
+        "find the labels most likely wrong: missing, of the wrong class, badly placed",
+        "Trains --folds models, each on all but one part of the training images, and compares "
+        "each image's labels with the detections of the model that did not see it (or, with "
+        "--checkpoint, that checkpoint's). Writes audit.csv (suspects, most likely wrong "
+        "first), audit.png (the worst drawn) and the suggested corrections in the data's own "
+        "format (corrections.json, or corrections/Annotations/*.xml); the data is not changed.",
     ),
 }
 

@@ -29,6 +29,8 @@ Submodules, each one concern, listed bottom-up (a module imports only those abov
 - :mod:`eecs598.mean_ap`: the built-in PASCAL VOC mean Average Precision evaluator
   (accumulator, the mAP tool's folder format, the plot, ``python -m eecs598.mean_ap``, whose
   ``--errors`` loads :mod:`eecs598.errors`).
+- :mod:`eecs598.audit`: the label audit's scores: which labels are likely missing, of the wrong
+  class or badly placed, from a model's out-of-sample detections.
 - :mod:`eecs598.checkpoint`: the checkpoint format and its loading.
 - :mod:`eecs598.training`: ``train_detector`` and its parts.
 - :mod:`eecs598.inference`: ``inference_with_detector``; ``score_detector`` (quiet, batched).
@@ -62,6 +64,7 @@ __all__ = ["grad", "mean_ap", "reset_seed", "submit", "utils"]
 _SUBMODULES = frozenset(
     {
         "anchor_fit",
+        "audit",
         "augment",
         "cache",
         "checkpoint",

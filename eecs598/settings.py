@@ -46,6 +46,7 @@ __all__ = [
     "EvalSettings",
     "PredictSettings",
     "ExportSettings",
+    "AuditSettings",
     "Settings",
     "NOTEBOOK",
     "OWN_DATA",
@@ -55,6 +56,7 @@ __all__ = [
     "EVALUATE_OUT",
     "PREDICT_OUT",
     "EXPORT_NAME",
+    "AUDIT_OUT",
     "AUTO_IMAGE_SIZES",
     "AUTO_MIN_BOX_SIDE",
     "AUTO_GRID_RECALL",
@@ -611,14 +613,36 @@ class ExportSettings(SettingsGroup):
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class AuditSettings(SettingsGroup):
+    """How ``audit`` finds label errors (``recipe.audit``; the scores: ``eecs598.audit``)."""
+
+    folds: int = setting(
+        2, "audit: train this many models, each on all but one part of the training images, "
+        "and detect on the part it did not see (out-of-sample detections)",
+        parse=count_value("--folds"),
+    )  # fmt: skip
+    checkpoint: str | None = setting(
+        None, "audit: take the detections of this checkpoint instead of training folds (for "
+        "data it never trained on: a val or test split)", parse=str,
+    )  # fmt: skip
+    min_score: float = setting(
+        0.1, "audit: list suspects scored at least this in audit.csv",
+        parse=unit_interval_value("--min-score"),
+    )  # fmt: skip
+    fix_score: float = setting(
+        0.5, "audit: suggest a correction (in the corrections file) for suspects scored at "
+        "least this", parse=unit_interval_value("--fix-score"),
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- the tree
 
 
 @dataclass(frozen=True)
 class Settings(SettingsGroup):
     """Everything one run needs: ``model``, ``data``, ``train``, ``eval``, ``predict``,
-    ``export`` and the
-    output folder.
+    ``export``, ``audit`` and the output folder.
 
     Frozen: ``replace`` returns a changed copy, so a preset is never modified by a run.
     """
@@ -629,6 +653,7 @@ class Settings(SettingsGroup):
     eval: EvalSettings = field(default_factory=EvalSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     out: str = setting("runs/train", "output folder")
 
 
@@ -652,6 +677,7 @@ _GROUP_TYPES = {
     "eval": EvalSettings,
     "predict": PredictSettings,
     "export": ExportSettings,
+    "audit": AuditSettings,
 }
 
 
@@ -718,7 +744,8 @@ DATA_DEPENDENT = tuple(
 EVALUATE_OUT = "runs/evaluate"
 PREDICT_OUT = "runs/predict"
 EXPORT_NAME = "model.onnx"
-COMMAND_OUT = {"evaluate": EVALUATE_OUT, "predict": PREDICT_OUT, "export": ""}
+AUDIT_OUT = "runs/audit"
+COMMAND_OUT = {"evaluate": EVALUATE_OUT, "predict": PREDICT_OUT, "export": "", "audit": AUDIT_OUT}
 
 
 def preset_for(dataset: str | None = None, command: str = "train") -> Settings:

@@ -1,7 +1,8 @@
 """The training recipe as functions a notebook can call, one module per stage.
 
 ``train(settings)``, ``evaluate(checkpoint, data, settings)``, ``predict(checkpoint, images,
-settings)`` and ``export(checkpoint, settings)`` are what ``detector_cli.py``'s commands run.
+settings)``, ``export(checkpoint, settings)`` and ``audit(settings)`` are what
+``detector_cli.py``'s commands run.
 The stages, bottom up (each imports only those above it in this list):
 
 1. ``recipe.data``: datasets, splits and loaders (``make_datasets``, ``hold_out``,
@@ -12,7 +13,9 @@ The stages, bottom up (each imports only those above it in this list):
 4. ``recipe.evaluation``: ``evaluate`` and ``evaluate_and_report``;
 5. ``recipe.prediction``: ``predict``;
 6. ``recipe.exporting``: ``export`` (ONNX);
-7. ``recipe.training``: ``train``, on top of them all.
+7. ``recipe.training``: ``train``;
+8. ``recipe.auditing``: ``audit``, the labels most likely wrong, from detections of every
+   training image by a model that did not train on it (``out_of_sample_detections``).
 
 Settings come from ``eecs598.settings`` (every default and tuning constant, and the presets
 ``NOTEBOOK``, ``OWN_DATA`` and ``DEMO``)::
@@ -39,7 +42,7 @@ import warnings
 from typing import Any
 
 # The stages, bottom up: each imports only stages before it (tests/test_eecs598_package.py).
-STAGES = ("data", "model", "plan", "evaluation", "prediction", "exporting", "training")
+STAGES = ("data", "model", "plan", "evaluation", "prediction", "exporting", "training", "auditing")
 
 # Each public name and the stage that defines it (``eecs598.settings`` for the constants
 # that used to live here).
@@ -60,6 +63,7 @@ _WHERE = {
     **dict.fromkeys(("predict", "image_files", "predictions_as_coco"), "prediction"),
     "export": "exporting",
     **dict.fromkeys(("train", "init_distributed"), "training"),
+    **dict.fromkeys(("audit", "out_of_sample_detections", "fold_of_images"), "auditing"),
 }  # fmt: skip
 _SETTINGS = (
     "AUTO_IMAGE_SIZES", "AUTO_MIN_BOX_SIDE", "AUTO_GRID_RECALL", "AUTO_TRAIN_CROP",

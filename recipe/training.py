@@ -105,7 +105,7 @@ def train(settings: Settings) -> dict | None:
         _describe_data(train_data, val, classes, out)
         if plan.anchors is not None:
             print(plan.anchors.report())
-    model = _training_model(plan, classes)
+    model = training_model(plan, classes)
     initialisation = (
         describe_initialisation(model, plan.settings) if init_checkpoint is None
         else start_from_weights(model, init_checkpoint, classes, str(weights))
@@ -114,7 +114,7 @@ def train(settings: Settings) -> dict | None:
         print(plan.describe(initialisation))
     validation = _validation(plan, val, classes, device)
     start = time.time()
-    history = _run_training(plan, model, train_data, world, rank, device, validation)
+    history = run_training(plan, model, train_data, world, rank, device, validation)
     train_seconds = time.time() - start
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -126,7 +126,7 @@ def train(settings: Settings) -> dict | None:
     return _finish_report(metrics, validation, out)
 
 
-def _training_model(plan: Plan, classes: list[str]) -> FasterRCNN:
+def training_model(plan: Plan, classes: list[str]) -> FasterRCNN:
     """``build_detector`` for a training run, its ``meta`` naming the classes, the sizes, how
     the images were fed (``SETUP_KEYS``) and the plan (``Plan.record``)."""
     settings = plan.settings
@@ -210,7 +210,7 @@ def _validation(
     )  # fmt: skip
 
 
-def _run_training(
+def run_training(
     plan: Plan, model: FasterRCNN, train_data: Any, world: int, rank: int, device: str,
     validation: PeriodicValidation | None = None,
 ) -> LossHistory:  # fmt: skip

@@ -155,8 +155,8 @@ def test_imports_point_down_the_documented_layers():
     # eecs598's own order, bottom-up, as its package docstring lists it.
     order = ["versions", "files", "settings", "utils", "grad", "checks", "images", "augment", "voc",
              "anchor_fit", "coco", "voc2007", "shapes", "cache", "matching", "coco_metrics",
-             "errors", "mean_ap", "checkpoint", "training", "inference", "validation", "deploy",
-             "submit"]  # fmt: skip
+             "errors", "mean_ap", "audit", "checkpoint", "training", "inference", "validation",
+             "deploy", "submit"]  # fmt: skip
     assert sorted(order) == sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem[0] != "_")
     for rank, name in enumerate(order):
         for imported in _imported_modules(PACKAGE_DIR / f"{name}.py"):

@@ -79,7 +79,7 @@ def test_installed_modules_and_command_work_from_another_folder(tmp_path, editab
     assert "detector_cli" in script.read_text()
     help_text = run_installed(site, "import sys, detector_cli; sys.exit(detector_cli.main([]))",
                               elsewhere)  # fmt: skip
-    assert "usage:" in help_text and "{demo,train,evaluate,predict,export}" in help_text
+    assert "usage:" in help_text and "{demo,train,evaluate,predict,export,audit}" in help_text
     assert sorted(p.name for p in elsewhere.iterdir()) == []  # and it trained nothing
     # The `onnx` extra (pip install .[onnx]) lists requirements-onnx.txt.
     (metadata,) = site.glob("two_stage_detector-*.dist-info/METADATA")
