@@ -285,3 +285,14 @@ def test_corrections_in_the_datas_own_format(tmp_path):
     assert [(a["id"], a["category_id"], a["bbox"]) for a in fixed] == [
         (3, 2, [1, 1, 9, 9]), (4, 1, [24.0, 20.0, 10.0, 10.0]), (5, 2, [50.0, 50.0, 10.0, 12.0]),
     ]  # fmt: skip
+
+
+def test_audit_of_a_single_image_says_it_cannot_be_split(tmp_path, capsys):
+    import detector_cli
+    from eecs598.shapes import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "one", num_train=1, num_val=1, image_size=64, seed=1)
+    argv = ["audit", "--dataset", str(root), "--out", str(tmp_path / "a"), *TINY]
+    assert detector_cli.main(argv) == 1
+    assert "1 image(s) cannot be split into 2 folds" in capsys.readouterr().err
+    assert not list((tmp_path / "a").glob("fold*/checkpoint.pt"))  # nothing trained
