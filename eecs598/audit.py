@@ -6,12 +6,16 @@ of label error are scored, each in ``[0, 1]``, higher meaning more likely wrong:
 
 * ``missing``: a confident detection where no label is (an overlooked object). Score: the
   detection's score times ``1 - IoU`` with the label it overlaps most (any class).
-* ``class``: a label that the model confidently calls another class (a swapped label). Score:
-  the best score of another class among detections overlapping the label at
-  ``MATCH_IOU`` or more, times one minus the best score of the label's own class there.
+* ``class``: a label that the model calls another class (a swapped label). A detection
+  supports a label by ``score * IoU``; the score is the best support of another class minus
+  the best support of the label's own class, at least 0.
 * ``location``: a label whose own-class detection sits clearly elsewhere (a badly placed box).
   Score: that detection's score times ``1 - IoU``, for the own-class detection of largest
-  ``score * IoU`` among those overlapping the label by more than ``LOCATION_MIN_IOU``.
+  support among those overlapping the label by more than ``LOCATION_MIN_IOU``.
+
+The rules were chosen on injected errors (``bench/bench_audit.py``): supports weighted by IoU
+rank swapped classes better than a fixed match threshold, and ungated detection scores rank
+overlooked objects better than scores cut at a confidence.
 
 An image's score is the largest score of its suspects. The model's detections are the evidence,
 so they must be out of sample: a model that trained on an image has learnt its labels, errors
@@ -42,9 +46,7 @@ from .files import atomic_write
 
 __all__ = [
     "ISSUES",
-    "MATCH_IOU",
     "LOCATION_MIN_IOU",
-    "MISSING_MIN_SCORE",
     "ImageScores",
     "score_image",
     "Suspect",
@@ -58,12 +60,8 @@ __all__ = [
 
 # The kinds of label error, in the order the outputs list them.
 ISSUES = ("missing", "class", "location")
-# A detection and a label of the same object overlap at least this much (the mAP's IoU).
-MATCH_IOU = 0.5
 # A location suspect's detection overlaps its label by more than this (the same object).
 LOCATION_MIN_IOU = 0.1
-# Detections scored below this are not proposed as missing labels.
-MISSING_MIN_SCORE = 0.3
 
 
 @dataclass(frozen=True)
@@ -118,33 +116,42 @@ def score_image(
     det_scores = np.asarray(det_scores, dtype=np.float64)
     iou = _iou(np.asarray(label_boxes).reshape(-1, 4), np.asarray(det_boxes).reshape(-1, 4))
     same = label_classes[:, None] == det_classes[None, :]  # (L, D)
+    support = det_scores[None, :] * iou  # (L, D): how much each detection backs each label
+    missing = det_scores * (1.0 - iou.max(axis=0, initial=0.0))
+    label_class, suggestion = _class_scores(support, same, label_classes, det_classes)
+    location, pick = _location_scores(support, same, iou, det_scores)
+    return ImageScores(missing, label_class, suggestion, location, pick)
 
-    best_label_iou = iou.max(axis=0, initial=0.0)  # (D,)
-    confident = det_scores >= MISSING_MIN_SCORE
-    missing = np.where(confident, det_scores * (1.0 - best_label_iou), 0.0)
 
-    overlapping = iou >= MATCH_IOU
-    scores = np.broadcast_to(det_scores, iou.shape)
-    own = np.where(overlapping & same, scores, 0.0).max(axis=1, initial=0.0)
-    other = np.where(overlapping & ~same, scores, 0.0)
-    label_class = other.max(axis=1, initial=0.0) * (1.0 - own)
-    other_best = other.argmax(axis=1) if other.size else np.zeros(len(iou), np.int64)
-    has_other = other.max(axis=1, initial=0.0) > 0
-    suggestion = np.where(has_other, det_classes[other_best] if len(det_classes) else 0,
-                          label_classes)  # fmt: skip
+def _class_scores(
+    support: np.ndarray, same: np.ndarray, label_classes: np.ndarray, det_classes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(L,)`` class-error scores (best other-class support minus best own-class support, at
+    least 0) and ``(L,)`` suggested classes (the best other-class detection's where the score
+    is above 0, else the label's own), from ``(L, D)`` supports and same-class flags."""
+    other = np.where(same, 0.0, support)
+    own = np.where(same, support, 0.0).max(axis=1, initial=0.0)
+    score = np.clip(other.max(axis=1, initial=0.0) - own, 0.0, None)
+    if not other.size:
+        return score, label_classes.copy()
+    suggestion = np.where(score > 0, det_classes[other.argmax(axis=1)], label_classes)
+    return score, suggestion.astype(np.int64)
 
-    near = same & (iou > LOCATION_MIN_IOU)
-    support = np.where(near, scores * iou, -1.0)
-    pick = support.argmax(axis=1) if support.size else np.zeros(len(iou), np.int64)
-    found = support.max(axis=1, initial=-1.0) >= 0
+
+def _location_scores(
+    support: np.ndarray, same: np.ndarray, iou: np.ndarray, det_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(L,)`` location-error scores and ``(L,)`` the detection each is measured against
+    (-1: none): the own-class detection of largest support among those overlapping the label
+    by more than ``LOCATION_MIN_IOU``, its score times ``1 - IoU``."""
+    candidates = np.where(same & (iou > LOCATION_MIN_IOU), support, -1.0)
+    if not candidates.size:
+        return np.zeros(len(iou)), np.full(len(iou), -1, np.int64)
+    pick = candidates.argmax(axis=1)
+    found = candidates.max(axis=1) >= 0
     rows = np.arange(len(iou))
-    picked_iou = iou[rows, pick] if iou.size else np.zeros(len(iou))
-    picked_score = det_scores[pick] if len(det_scores) else np.zeros(len(iou))
-    location = np.where(found, picked_score * (1.0 - picked_iou), 0.0)
-    return ImageScores(
-        missing=missing, label_class=label_class, class_suggestion=suggestion.astype(np.int64),
-        location=location, location_suggestion=np.where(found, pick, -1).astype(np.int64),
-    )  # fmt: skip
+    score = np.where(found, det_scores[pick] * (1.0 - iou[rows, pick]), 0.0)
+    return score, np.where(found, pick, -1).astype(np.int64)
 
 
 @dataclass(frozen=True)

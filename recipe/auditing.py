@@ -11,6 +11,7 @@ finished fold is not trained again. ``audit`` writes what was found (``audit.csv
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def out_of_sample_detections(
     """
     reset_seed(settings.train.seed)
     plan, train_data, _, classes = plan_training(settings)
+    print(plan.describe(f"random for each fold's model; {folds} folds"))
     records = train_data.records
     fold = fold_of_images(len(records), folds, settings.train.seed)
     detections: list[Detections | None] = [None] * len(records)
@@ -104,12 +106,16 @@ def out_of_sample_detections(
         print(f"Fold {k + 1} of {folds}: training on {len(kept)} images, detecting on "
               f"{len(records) - len(kept)}")  # fmt: skip
         fold_plan = _fold_plan(plan, k, resume)
+        start = time.perf_counter()
         model = _fold_model(fold_plan, train_data.subset(kept, f"fold {k} out"), classes, device)
+        trained = time.perf_counter()
         for index in np.flatnonzero(fold == k):
             detections[index] = detect_file(
                 model, records[index].image_path, size, score_thresh,
                 plan.settings.eval.nms_thresh, device,
             )  # fmt: skip
+        print(f"Fold {k + 1}: model in {trained - start:.0f} s, detections in "
+              f"{time.perf_counter() - trained:.0f} s")  # fmt: skip
     return plan, train_data, classes, detections  # type: ignore[return-value]
 
 
@@ -221,7 +227,8 @@ def _write_corrections(
 
 def _draw(suspects: Sequence[Suspect], records: Sequence[Any], classes: Sequence[str],
           path: Path, count: int = 8) -> None:  # fmt: skip
-    """``audit.png``: the ``count`` worst suspects, each on its image."""
+    """``audit.png``: the ``count`` worst suspects, each on its image: the suspect label in
+    red, the model's box in green, the image's other labels thin and dashed."""
     plt = pyplot()
     shown = suspects[:count]
     cols = min(4, max(1, len(shown)))
@@ -231,6 +238,9 @@ def _draw(suspects: Sequence[Suspect], records: Sequence[Any], classes: Sequence
         ax.axis("off")
     for ax, s in zip(axes.flat, shown, strict=False):
         ax.imshow(read_rgb_image(records[s.image].image_path))
+        for x1, y1, x2, y2 in records[s.image].boxes:  # the image's other labels, thin
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=0.6,
+                                       edgecolor="red", linestyle="--"))  # fmt: skip
         label = None if s.issue == "missing" else s.box
         model_box = s.box if s.issue == "missing" else s.suggested_box
         for box, colour in ((label, "red"), (model_box, "lime")):

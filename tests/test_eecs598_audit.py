@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eecs598.audit import ISSUES, MISSING_MIN_SCORE, rank_suspects, score_image
+from eecs598.audit import ISSUES, rank_suspects, score_image
 from recipe.auditing import fold_of_images
 
 
@@ -25,10 +25,9 @@ def test_each_kind_of_error_by_hand():
     det_scores = np.array([0.9, 0.8, 0.2, 0.7, 0.6])
     scores = score_image(labels, label_classes, dets, det_classes, det_scores)
     # missing: score * (1 - best IoU with any label); the last detection overlaps label 2 by
-    # 1/3, the third not at all but is below MISSING_MIN_SCORE.
-    assert 0.2 < MISSING_MIN_SCORE
-    np.testing.assert_allclose(scores.missing, [0.0, 0.0, 0.0, 0.7, 0.6 * (1 - 1 / 3)])
-    # class: another class at IoU >= 0.5 (0.8) times (1 - own class there (none)).
+    # 1/3, the third touches it (IoU 0).
+    np.testing.assert_allclose(scores.missing, [0.0, 0.0, 0.2, 0.7, 0.6 * (1 - 1 / 3)])
+    # class: another class's best support (score * IoU: 0.8 * 1) minus the own class's (0).
     np.testing.assert_allclose(scores.label_class, [0.0, 0.8, 0.0])
     assert scores.class_suggestion.tolist() == [0, 1, 0]
     # location: label 2's own-class detections: IoU 0 (det 2) and 1/3 (det 4, score 0.6).
@@ -39,10 +38,14 @@ def test_each_kind_of_error_by_hand():
     image_labels, image_detections = [(labels, label_classes)], [(dets, det_classes, det_scores)]
     suspects, per_image = rank_suspects(image_labels, image_detections, min_score=0.1)
     assert [(s.issue, round(s.score, 4)) for s in suspects] == [
-        ("class", 0.8), ("missing", 0.7), ("missing", 0.4), ("location", 0.4),
+        ("class", 0.8), ("missing", 0.7), ("missing", 0.4), ("location", 0.4), ("missing", 0.2),
     ]  # fmt: skip
     assert suspects[0].label == 1 and suspects[0].suggested_class == 1
     assert suspects[3].suggested_box == (45.0, 0.0, 55.0, 10.0)
+    # A label backed by its own class as much as by another is no class suspect.
+    both = _boxes([0, 0, 10, 10], [0, 0, 10, 10])
+    tie = score_image(labels[:1], [0], both, [0, 1], [0.5, 0.5])
+    assert tie.label_class.tolist() == [0.0] and tie.class_suggestion.tolist() == [0]
     assert suspects[1].box == (80.0, 80.0, 90.0, 90.0) and suspects[1].label == -1
     assert len(per_image) == 1 and set(ISSUES) == {s.issue for s in suspects}
 
