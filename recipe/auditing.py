@@ -89,11 +89,20 @@ def out_of_sample_detections(
         resume: reuse a fold's finished checkpoint in ``OUT/fold<k>/checkpoint.pt``.
         score_thresh: the lowest score kept (the evidence for every kind of error).
 
+    Data without a val split is audited whole (``train`` would hold a part out for
+    validation).
+
     Returns:
         ``(plan, training images (a reader), class names, detections per image)``.
     """
+    data = settings.data
+    if not data.val_dataset and data.dataset not in ("voc2007", "shapes"):
+        # Data without a val split: every image is audited, none held out for validation.
+        settings = settings.replace(val_dataset=data.dataset, val_images=data.images)
     reset_seed(settings.train.seed)
     plan, train_data, _, classes = plan_training(settings)
+    if plan.anchors is not None:
+        print(plan.anchors.report())
     print(plan.describe(f"random for each fold's model; {folds} folds"))
     records = train_data.records
     fold = fold_of_images(len(records), folds, settings.train.seed)

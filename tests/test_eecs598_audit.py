@@ -299,3 +299,19 @@ def test_audit_of_a_single_image_says_it_cannot_be_split(tmp_path, capsys):
     assert detector_cli.main(argv) == 1
     assert "1 image(s) cannot be split into 2 folds" in capsys.readouterr().err
     assert not list((tmp_path / "a").glob("fold*/checkpoint.pt"))  # nothing trained
+
+
+def test_data_without_a_val_split_is_audited_whole(folder, tmp_path, capsys):
+    """A VOC folder without ImageSets: ``train`` would hold 10% out for validation; the audit
+    scores every image."""
+    import shutil
+
+    import detector_cli
+
+    plain = tmp_path / "plain"
+    for part in ("Annotations", "JPEGImages"):
+        shutil.copytree(folder / part, plain / part)
+    argv = ["audit", "--dataset", str(plain), "--out", str(tmp_path / "a"), *TINY]
+    assert detector_cli.main(argv) == 0
+    count = len(list((plain / "Annotations").glob("*.xml")))
+    assert count == 16 and f"Audit of {count} images" in capsys.readouterr().out
