@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eecs598.audit import score_image  # noqa: E402
+from eecs598.audit import pairwise_iou, score_image  # noqa: E402
 from eecs598.settings import DEMO, preset_for  # noqa: E402
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset  # noqa: E402
 from eecs598.voc import voc_folders  # noqa: E402
@@ -152,9 +152,7 @@ def precision_at(scores: np.ndarray, positive: np.ndarray, n: int) -> float:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from eecs598.audit import _iou as iou
-
-    return iou(np.asarray(a).reshape(-1, 4), np.asarray(b).reshape(-1, 4))
+    return pairwise_iou(np.asarray(a).reshape(-1, 4), np.asarray(b).reshape(-1, 4))
 
 
 def evaluate(records, detections, truth, num_classes: int) -> dict:

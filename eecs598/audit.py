@@ -48,6 +48,7 @@ __all__ = [
     "ISSUES",
     "LOCATION_MIN_IOU",
     "ImageScores",
+    "pairwise_iou",
     "score_image",
     "Suspect",
     "rank_suspects",
@@ -89,8 +90,8 @@ class ImageScores:
         return float(max((p.max() for p in parts if len(p)), default=0.0))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(len(a), len(b))`` IoU of two box arrays (float64)."""
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(len(a), len(b))`` IoU of two ``(N, 4)`` box arrays (float64; empty gives zeros)."""
     if not len(a) or not len(b):
         return np.zeros((len(a), len(b)))
     return box_iou(
@@ -114,7 +115,7 @@ def score_image(
     label_classes = np.asarray(label_classes, dtype=np.int64)
     det_classes = np.asarray(det_classes, dtype=np.int64)
     det_scores = np.asarray(det_scores, dtype=np.float64)
-    iou = _iou(np.asarray(label_boxes).reshape(-1, 4), np.asarray(det_boxes).reshape(-1, 4))
+    iou = pairwise_iou(np.asarray(label_boxes).reshape(-1, 4), np.asarray(det_boxes).reshape(-1, 4))
     same = label_classes[:, None] == det_classes[None, :]  # (L, D)
     support = det_scores[None, :] * iou  # (L, D): how much each detection backs each label
     missing = det_scores * (1.0 - iou.max(axis=0, initial=0.0))
@@ -255,7 +256,7 @@ def _closest(boxes: np.ndarray, box: Sequence[float]) -> int:
     """Index of the row of ``boxes`` (K, 4) of largest IoU with ``box`` (-1: none overlaps)."""
     if not len(boxes):
         return -1
-    overlap = _iou(np.asarray(boxes, np.float64), np.asarray([box], np.float64))[:, 0]
+    overlap = pairwise_iou(np.asarray(boxes, np.float64), np.asarray([box], np.float64))[:, 0]
     return int(overlap.argmax()) if overlap.max() > 0 else -1
 
 

@@ -34,8 +34,8 @@ from eecs598.images import preprocess_image, read_rgb_image
 from eecs598.settings import Settings
 from eecs598.utils import reset_seed
 from eecs598.voc import voc_folders
-from recipe.data import make_datasets
-from recipe.evaluation import output_dir, pyplot, test_image_size
+from recipe.data import make_datasets, scored_as_named
+from recipe.evaluation import detect_image, output_dir, pyplot, test_image_size
 from recipe.model import load_detector
 from recipe.plan import Plan, plan_training
 from recipe.training import run_training, training_model
@@ -63,17 +63,14 @@ def fold_of_images(count: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-@torch.no_grad()
 def detect_file(
-    model: FasterRCNN, path: str, image_size: int, score_thresh: float, nms_thresh: float,
-    device: str,
-) -> Detections:  # fmt: skip
-    """``(boxes (D, 4) in the image's own pixels, classes (D,), scores (D,))`` of one file."""
-    image = read_rgb_image(path)
-    tensor, (sx, sy) = preprocess_image(image, image_size)
-    boxes, classes, scores = model(
-        tensor[None].to(device), test_score_thresh=score_thresh, test_nms_thresh=nms_thresh
-    )
+    model: FasterRCNN, path: str, image_size: int, settings: Settings, score_thresh: float
+) -> Detections:
+    """``(boxes (D, 4) in the image's own pixels, classes (D,), scores (D,))`` of one file, at
+    ``score_thresh`` and the settings' NMS threshold and device (``detect_image``)."""
+    tensor, (sx, sy) = preprocess_image(read_rgb_image(path), image_size)
+    boxes, classes, scores = detect_image(model, tensor, settings, settings.eval.device,
+                                          score_thresh)  # fmt: skip
     scale = torch.tensor([sx, sy, sx, sy])
     return (boxes.cpu() / scale).numpy(), classes.cpu().numpy(), scores.cpu().numpy()
 
@@ -95,10 +92,7 @@ def out_of_sample_detections(
     Returns:
         ``(plan, training images (a reader), class names, detections per image)``.
     """
-    data = settings.data
-    if not data.val_dataset and data.dataset not in ("voc2007", "shapes"):
-        # Data without a val split: every image is audited, none held out for validation.
-        settings = settings.replace(val_dataset=data.dataset, val_images=data.images)
+    settings = scored_as_named(settings)  # data without a val split: audit every image
     reset_seed(settings.train.seed)
     plan, train_data, _, classes = plan_training(settings)
     if plan.anchors is not None:
@@ -120,8 +114,7 @@ def out_of_sample_detections(
         trained = time.perf_counter()
         for index in np.flatnonzero(fold == k):
             detections[index] = detect_file(
-                model, records[index].image_path, size, score_thresh,
-                plan.settings.eval.nms_thresh, device,
+                model, records[index].image_path, size, plan.settings, score_thresh
             )  # fmt: skip
         print(f"Fold {k + 1}: model in {trained - start:.0f} s, detections in "
               f"{time.perf_counter() - trained:.0f} s")  # fmt: skip
@@ -197,7 +190,7 @@ def _checkpoint_detections(settings: Settings) -> tuple[list, list[str], list[De
     device = settings.eval.device
     model, saved = load_detector(settings.audit.checkpoint, device)
     classes = list(saved["meta"]["class_names"])
-    data = settings.replace(val_dataset=settings.data.dataset, val_images=settings.data.images)
+    data = scored_as_named(settings)
     _, images, data_classes = make_datasets(data, image_size=saved["meta"]["image_size"])
     if list(data_classes) != classes:
         raise ValueError(
@@ -206,8 +199,8 @@ def _checkpoint_detections(settings: Settings) -> tuple[list, list[str], list[De
             "this data, or give --classes in the checkpoint's order"
         )
     size = test_image_size(settings, saved["meta"])
-    thresh, nms = settings.eval.score_thresh, settings.eval.nms_thresh
-    detections = [detect_file(model, r.image_path, size, thresh, nms, device)
+    thresh = settings.eval.score_thresh
+    detections = [detect_file(model, r.image_path, size, settings, thresh)
                   for r in images.records]  # fmt: skip
     return images.records, classes, detections
 

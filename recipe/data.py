@@ -42,6 +42,7 @@ __all__ = [
     "make_datasets",
     "hold_out",
     "room_for_every_box",
+    "scored_as_named",
     "datasets_rank_zero_first",
     "warn_classes_without_boxes",
     "train_loader",
@@ -177,6 +178,17 @@ def _coco_datasets(
     if not data.val_dataset:
         train, val = hold_out(train, val, str(data.dataset), warn="No --val-dataset")
     return room_for_every_box(train), room_for_every_box(val), list(train.class_names)
+
+
+def scored_as_named(settings: Settings) -> Settings:
+    """``settings`` whose val split is the data named, for scoring it rather than training on
+    it (``evaluate``, ``audit``): a whole COCO JSON, a folder's ``val_split`` list, or every
+    image of a folder without lists, nothing held out. A ``val_dataset`` given, voc2007 and
+    shapes (which have their own splits) are kept."""
+    data = settings.data
+    if data.val_dataset or data.dataset in ("voc2007", "shapes"):
+        return settings
+    return settings.replace(val_dataset=data.dataset, val_images=data.images)
 
 
 def room_for_every_box(dataset: Any) -> Any:

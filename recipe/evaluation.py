@@ -20,7 +20,7 @@ from eecs598.inference import inference_with_detector
 from eecs598.mean_ap import plot_ap
 from eecs598.settings import Settings, preset_for
 from eecs598.utils import detection_grid
-from recipe.data import eval_loader, make_datasets
+from recipe.data import eval_loader, make_datasets, scored_as_named
 from recipe.model import load_detector
 from two_stage_detector import FasterRCNN
 
@@ -141,11 +141,7 @@ def evaluate(
         settings = preset_for(data, "evaluate")
     elif data is not None:
         settings = settings.replace(dataset=data)
-    named = settings.data
-    if not named.val_dataset and named.dataset not in ("voc2007", "shapes"):
-        # The data named is the data scored: a whole COCO JSON, a folder's val list, or all
-        # of a folder without lists (nothing is held out, as for training).
-        settings = settings.replace(val_dataset=named.dataset, val_images=named.images)
+    settings = scored_as_named(settings)
     model, saved = load_detector(checkpoint, settings.eval.device, settings.data.classes)
     meta = saved["meta"]
     classes = list(meta["class_names"])
