@@ -32,6 +32,7 @@ from eecs598.settings import DEMO, preset_for  # noqa: E402
 from eecs598.shapes import SHAPES_CLASSES, make_shapes_dataset  # noqa: E402
 from eecs598.voc import voc_folders  # noqa: E402
 from recipe.auditing import out_of_sample_detections  # noqa: E402
+from recipe.plan import plan_training  # noqa: E402
 
 DROP, SWAP, MOVE = 0.10, 0.05, 0.05
 
@@ -155,12 +156,18 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pairwise_iou(np.asarray(a).reshape(-1, 4), np.asarray(b).reshape(-1, 4))
 
 
-def evaluate(records, detections, truth, num_classes: int) -> dict:
-    """Both methods' scores with the injected truth, per issue type."""
+def evaluate(records, detections, truth, num_classes: int, source: dict | None = None) -> dict:
+    """Both methods' scores with the injected truth, per issue type.
+
+    With ``source`` (image id: the clean copy's ``(L, 4)`` boxes) a fourth row,
+    ``missing_labelled``, scores only the detections on objects the source labels (IoU >= 0.5
+    with one of its boxes): the source's own unlabelled objects (BCCD leaves many red cells
+    unboxed) are real overlooked boxes, but not injected ones."""
     from cleanlab.object_detection import rank
 
     ours = {k: [] for k in ("missing", "class", "location")}
     positive = {k: [] for k in ours}
+    labelled = []
     labels, predictions, order = [], [], []
     for record, (db, dc, ds) in zip(records, detections, strict=True):
         t = truth.get(record.image_id, {"dropped": [], "swapped": [], "moved": []})
@@ -172,6 +179,8 @@ def evaluate(records, detections, truth, num_classes: int) -> dict:
         ours["missing"].append(scores.missing[flat])
         dropped = _iou(db[flat], t["dropped"]).max(axis=1, initial=0.0) >= 0.5
         positive["missing"].append(dropped)
+        if source is not None:
+            labelled.append(_iou(db[flat], source[record.image_id]).max(axis=1, initial=0.0) >= 0.5)
         ours["class"].append(scores.label_class)
         ours["location"].append(scores.location)
         positive["class"].append(_matches(record.boxes, t["swapped"]))
@@ -183,8 +192,11 @@ def evaluate(records, detections, truth, num_classes: int) -> dict:
         predictions.append(prediction)
     data = {"labels": labels, "predictions": predictions}
     theirs = {"cleanlab": _cleanlab(rank, data, {}), "cleanlab_0.5": _cleanlab(rank, data, LOWER)}
+    rows = {issue: (issue, None) for issue in ours}
+    if source is not None:
+        rows["missing_labelled"] = ("missing", np.concatenate(labelled).astype(bool))
     table = {}
-    for issue in ours:
+    for row_name, (issue, keep) in rows.items():
         truth_flags = np.concatenate(positive[issue]).astype(bool)
         n = int(truth_flags.sum())
         row = {"injected_found": n, "candidates": int(len(truth_flags))}
@@ -194,10 +206,15 @@ def evaluate(records, detections, truth, num_classes: int) -> dict:
                                       nan=1.0)
             for name, s in theirs.items()
         }  # fmt: skip
+        if keep is not None:
+            truth_flags = truth_flags[keep]
+            methods = {name: scores[keep] for name, scores in methods.items()}
+            row = {"injected_found": int(truth_flags.sum()), "candidates": int(keep.sum())}
+        n = int(truth_flags.sum())
         for name, scores in methods.items():
             row[f"{name}_auroc"] = auroc(scores, truth_flags)
             row[f"{name}_p_at_n"] = precision_at(scores, truth_flags, n)
-        table[issue] = row
+        table[row_name] = row
     return table
 
 
@@ -270,7 +287,9 @@ def main() -> None:
     start = time.perf_counter()
     plan, train, names, detections = out_of_sample_detections(settings, args.folds, args.resume)
     seconds = time.perf_counter() - start
-    table = evaluate(train.records, detections, truth, len(names))
+    _, source_data, _, _ = plan_training(settings.replace(dataset=str(source)))
+    source_boxes = {r.image_id: r.boxes for r in source_data.records}
+    table = evaluate(train.records, detections, truth, len(names), source_boxes)
     print(f"{args.data}: {len(train)} training images, {args.folds} folds of {args.max_iters} "
           f"iterations, {seconds:.0f} s")  # fmt: skip
     methods = ("ours", "cleanlab", "cleanlab_0.5")
