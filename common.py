@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torch.fx.experimental import optimization
 from torch.nn import functional as F
 from torchvision.models import feature_extraction
 
@@ -259,6 +260,29 @@ class DetectorBackboneWithFPN(nn.Module):
             config["norm"] = self.norm
         return config
 
+    def train(self, mode: bool = True) -> DetectorBackboneWithFPN:
+        """``nn.Module.train``; also drops the inference trunk (``_inference_trunk``)."""
+        self.__dict__.pop("_inference_cache", None)
+        return super().train(mode)
+
+    def _inference_trunk(self) -> nn.Module:
+        """The trunk as CPU inference runs it: a copy with each BatchNorm folded into the
+        convolution before it (``torch.fx.experimental.optimization.fuse``) and its weights in
+        channels-last layout, the layout oneDNN's CPU convolutions work in (an NCHW
+        convolution reorders its input and output on every call). Same values up to float
+        rounding; on a CPU it is much faster at every batch size (``bench/README.md``).
+
+        Built on first use and again when any trunk weight or statistic changes (in place,
+        replaced, or moved); kept outside the module's state (no ``state_dict`` entry) and
+        dropped by ``train()``."""
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            trunk = optimization.fuse(self.backbone).to(memory_format=torch.channels_last)
+            cached = self.__dict__["_inference_cache"] = (key, trunk.requires_grad_(False))
+        return cached[1]
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -271,7 +295,27 @@ class DetectorBackboneWithFPN(nn.Module):
             (..., /16), ``"p5"`` (..., /32).
         """
         check_images(images)
-        trunk = self.backbone(images)
+        return self._pyramid(self.backbone(images))
+
+    def inference_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward``'s features as inference takes them (``FasterRCNN.detect``): the same
+        values up to float rounding, and on a CPU in eval mode without gradients much faster
+        (``bench/README.md``): the trunk runs as ``_inference_trunk``, and the features come
+        in channels-last layout. Elsewhere (training, an accelerator, ``torch.compile`` or
+        ``torch.export``, which optimise the graph themselves) it is ``forward``."""
+        on_cpu = (
+            not self.training and not self.backbone.training and not torch.is_grad_enabled()
+            and images.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not exporting()
+        )  # fmt: skip
+        if not on_cpu:
+            return self(images)
+        check_images(images)
+        channels_last = images.contiguous(memory_format=torch.channels_last)
+        return self._pyramid(self._inference_trunk()(channels_last))
+
+    def _pyramid(self, trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The FPN levels ``{level: (B, C, H_l, W_l)}`` from the trunk's ``{"c3": ..., ...}``."""
         fpn = self.fpn_params
         merged: dict[str, torch.Tensor] = {}
         above = None
@@ -906,8 +950,9 @@ def _pool_bins(
     taps = grid * grid * 4
     index, weight = index.reshape(-1, taps), weight.reshape(-1, taps).to(table.dtype)
     if exporting():
-        # ONNX has no weighted bag sum (exporters loop over the bags): one gather and a sum.
-        pooled = (table[index] * weight[..., None]).sum(dim=1)
+        # ONNX has no weighted bag sum (exporters loop over the bags): one gather, and the
+        # weighted sum as a batched matrix product (no (bins, taps, C) product in memory).
+        pooled = torch.bmm(weight[:, None, :], table[index]).squeeze(1)
     else:
         pooled = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
     return pooled.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)

@@ -1027,7 +1027,7 @@ class FasterRCNN(nn.Module):
         sync, so that ``torch.export`` traces it whole (``eecs598.deploy``): ``(boxes (B, D, 4),
         classes (B, D), scores (B, D), mask (B, D))``, ``D = detections_per_image``."""
         image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
-        feats = self.backbone(images)
+        feats = self.backbone.inference_features(images)
         proposals, valid, _ = self._proposals(feats, None, image_size)
         cls_logits, box_deltas = self._box_head(feats, proposals, valid)
         return self.inference(

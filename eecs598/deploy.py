@@ -27,8 +27,9 @@ a stable sort). The legacy TorchScript exporter is not used.
 Metadata. The ONNX file's ``metadata_props`` carry everything needed to use it:
 ``format`` (``FORMAT``), ``class_names`` (JSON list), ``image_size`` (the short side the model
 expects), ``mean`` and ``std`` (JSON lists, applied to RGB values divided by 255),
-``score_thresh``, ``nms_thresh``, ``detections_per_image``, ``min_side``, and ``config`` (the
-model's configuration, JSON).
+``score_thresh``, ``nms_thresh``, ``detections_per_image``, ``min_side``, ``config`` (the
+model's configuration, JSON) and ``precision`` (``float32``, or ``int8`` for a graph
+``quantize_onnx`` wrote, which also records ``calibration_images``).
 
 ``onnx``, ``onnxscript`` (exporting) and ``onnxruntime`` (running) are optional: without them
 these functions stop with one line saying what to install.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,10 +61,14 @@ __all__ = [
     "OPSET",
     "DetectionGraph",
     "OnnxDetector",
+    "FEATURE_OPS",
+    "QUANTIZED_OPS",
     "export_onnx",
     "export_program",
+    "quantize_onnx",
     "require",
     "require_exporter",
+    "require_quantizer",
 ]
 
 FORMAT = "two_stage_detector.onnx/1"
@@ -220,6 +226,7 @@ def export_onnx(
     model = onnx_program.model_proto
     properties = {
         "format": FORMAT,
+        "precision": "float32",
         "class_names": json.dumps(list(metadata["class_names"])),
         "image_size": str(int(metadata["image_size"])),
         "mean": json.dumps(list(IMAGENET_MEAN)),
@@ -237,6 +244,155 @@ def export_onnx(
     with atomic_write(path) as handle:
         handle.write(model.SerializeToString())
     return path
+
+
+# ------------------------------------------------------------------------------- int8 graphs
+
+#: The operators whose arithmetic the int8 graph does in 8 bits: convolutions and matrix
+#: products with weights, nearly all of the time. NMS, RoI sampling and box decoding stay
+#: float32.
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+#: Also in 8 bits where they only see image features (the backbone, FPN and RPN head: not
+#: fed by the proposals' top-k or the image sizes), so that consecutive integer operators
+#: need no dequantize/quantize pair between them: residual and top-down additions, ReLUs,
+#: the FPN's upsampling, pooling.
+FEATURE_OPS = ("Add", "Relu", "Resize", "MaxPool")
+_QUANTIZE_INSTALL = "pip install onnx onnxruntime"
+
+
+def require_quantizer() -> None:
+    """Raise one RuntimeError line unless onnxruntime's quantization tools (and ``onnx``,
+    which they use) can be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            f"int8 export needs onnxruntime's quantization tools ({err.name or err} is "
+            f"missing): {_QUANTIZE_INSTALL}"
+        ) from err
+
+
+def quantize_onnx(
+    source: str | os.PathLike,
+    path: str | os.PathLike,
+    calibration: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> Path:
+    """Write an int8 copy of the float32 graph ``source`` (``export_onnx``'s) to ``path``.
+
+    Static quantization by onnxruntime's tools, QDQ format: the graph is first optimised
+    (``quant_pre_process``: batch norms folded into their convolutions), then every input
+    of ``QUANTIZED_OPS`` gets a quantize/dequantize pair, activations as uint8 with ranges
+    taken from running ``calibration`` (min and max seen), weights as int8 per output
+    channel. onnxruntime's CPU session fuses each pair with its operator into an integer
+    kernel (VNNI where the CPU has it). The rest of the graph stays float32.
+
+    Args:
+        source: a float32 .onnx written by ``export_onnx``.
+        path: the int8 .onnx file; written atomically: a failed quantization leaves no file
+            and the previous one intact.
+        calibration: ``(images (1, 3, H, W) float32 normalised, image_sizes (1, 2) int64)``
+            batches, e.g. a few hundred training images preprocessed as ``predict`` does.
+            One image gives poor ranges (a warning says so).
+
+    Returns:
+        ``path``. Its metadata is ``source``'s plus ``precision`` ``int8`` and
+        ``calibration_images``.
+
+    Raises:
+        RuntimeError: the quantization tools missing, or the quantization failed.
+        ValueError: no calibration batches.
+    """
+    require_quantizer()
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    calibration = list(calibration)
+    if not calibration:
+        raise ValueError("int8 quantization needs at least one calibration image, got none")
+    if len(calibration) == 1:
+        warnings.warn(
+            "int8 calibration on one image: the activation ranges will be poor (use a few "
+            "hundred training images)", stacklevel=2,
+        )  # fmt: skip
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else dict(zip(INPUT_NAMES, batch, strict=True))
+
+    source, path = Path(source), Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as work:
+        optimised, quantized = Path(work) / "optimised.onnx", Path(work) / "int8.onnx"
+        try:
+            metadata = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(source), str(optimised), skip_symbolic_shape=True)
+                quantize_static(
+                    str(optimised), str(quantized), Batches(),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=[*QUANTIZED_OPS, *FEATURE_OPS],
+                    nodes_to_quantize=_quantized_nodes(onnx.load(str(optimised))),
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )  # fmt: skip
+        except Exception as err:  # onnxruntime's tools raise many types
+            raise RuntimeError(
+                f"int8 quantization of {source} failed: {first_line(err, 200)}"
+            ) from err
+        model = onnx.load(str(quantized))
+        metadata |= {"precision": "int8", "calibration_images": str(len(calibration))}
+        del model.metadata_props[:]
+        for key, value in metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        with atomic_write(path) as handle:
+            handle.write(model.SerializeToString())
+    return path
+
+
+# Operators whose inputs after the first are target shapes (GroupNorm's reshapes, the FPN's
+# upsampling): their output is a feature when their first input is.
+_SHAPED_OPS = ("Resize", "Reshape", "Expand", "Pad", "Slice", "Unsqueeze", "Squeeze")
+
+
+def _quantized_nodes(model: Any) -> list[str]:
+    """The names of the nodes ``quantize_onnx`` quantizes: every ``QUANTIZED_OPS`` node with
+    a weight (a constant second input: not the RoI Align's weighted sum), and
+    the ``FEATURE_OPS`` nodes whose inputs are image features or constants. A feature is
+    computed from ``images`` and constants alone (the target shapes of ``_SHAPED_OPS``
+    aside), not through a ``Shape``: the anchors (from the feature maps' shapes), the
+    proposals (from a ``TopK``) and anything clipped to ``image_sizes`` are not features,
+    and keep their float arithmetic."""
+    graph = model.graph
+    constants = {tensor.name for tensor in graph.initializer}
+    constants.update(
+        out for node in graph.node if node.op_type == "Constant" for out in node.output
+    )
+    features, names = {"images"}, []
+    for node in graph.node:  # ONNX lists nodes in topological order
+        inputs = [name for name in node.input if name]
+        if node.op_type in _SHAPED_OPS:  # their other inputs are sizes, taken from shapes
+            inputs = inputs[:1]
+        on_features = (
+            node.op_type != "Shape" and any(name in features for name in inputs)
+            and all(name in features or name in constants for name in inputs)
+        )  # fmt: skip
+        if on_features:
+            features.update(node.output)
+        weighted = node.op_type in QUANTIZED_OPS and node.input[1] in constants
+        if weighted or (node.op_type in FEATURE_OPS and on_features):
+            names.append(node.name)
+    return names
 
 
 # ---------------------------------------------------------------------------------- inference
@@ -290,6 +446,7 @@ class OnnxDetector:
         self.nms_thresh = float(meta["nms_thresh"])
         self.detections_per_image = int(meta["detections_per_image"])
         self.min_side = int(meta["min_side"])
+        self.precision = meta.get("precision", "float32")
 
     def __call__(
         self,

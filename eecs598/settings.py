@@ -56,6 +56,7 @@ __all__ = [
     "EVALUATE_OUT",
     "PREDICT_OUT",
     "EXPORT_NAME",
+    "EXPORT_INT8_NAME",
     "AUDIT_OUT",
     "AUTO_IMAGE_SIZES",
     "AUTO_MIN_BOX_SIDE",
@@ -241,6 +242,17 @@ def setting(
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+# Where the entry points write when no output is named: `evaluate` and `predict` into these
+# folders (`train` into the preset's `out`); `export` writes EXPORT_NAME beside the checkpoint,
+# which its empty `out` stands for.
+EVALUATE_OUT = "runs/evaluate"
+PREDICT_OUT = "runs/predict"
+EXPORT_NAME = "model.onnx"
+EXPORT_INT8_NAME = "model-int8.onnx"
+AUDIT_OUT = "runs/audit"
+COMMAND_OUT = {"evaluate": EVALUATE_OUT, "predict": PREDICT_OUT, "export": "", "audit": AUDIT_OUT}
 
 
 # ---------------------------------------------------------------------------------- groups
@@ -611,6 +623,20 @@ class ExportSettings(SettingsGroup):
         "onnx", "export: the file format (ONNX: one graph from normalised images to padded "
         "detections, run by onnxruntime)", choices=("onnx",),
     )  # fmt: skip
+    int8: bool = setting(
+        False, "export: quantize the graph to int8 for CPUs (onnxruntime static quantization: "
+        "convolutions and matrix products in 8 bits, NMS and box decoding in float; "
+        f"written as {EXPORT_INT8_NAME!r}); needs onnxruntime",
+    )  # fmt: skip
+    calibration: str | None = setting(
+        None, "export --int8: the images that set the int8 ranges: a data set (its training "
+        "images) or a folder of images (default: the data the checkpoint trained on)",
+        parse=str,
+    )  # fmt: skip
+    calibration_images: int = setting(
+        200, "export --int8: calibrate on at most this many images, spread over the data",
+        parse=count_value("--calibration-images"),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -736,16 +762,6 @@ DEMO = OWN_DATA.replace(
 DATA_DEPENDENT = tuple(
     name for name, (mine, theirs) in NOTEBOOK.differences(OWN_DATA).items() if name != "dataset"
 )
-
-
-# Where the entry points write when no output is named: `evaluate` and `predict` into these
-# folders (`train` into the preset's `out`); `export` writes EXPORT_NAME beside the checkpoint,
-# which its empty `out` stands for.
-EVALUATE_OUT = "runs/evaluate"
-PREDICT_OUT = "runs/predict"
-EXPORT_NAME = "model.onnx"
-AUDIT_OUT = "runs/audit"
-COMMAND_OUT = {"evaluate": EVALUATE_OUT, "predict": PREDICT_OUT, "export": "", "audit": AUDIT_OUT}
 
 
 def preset_for(dataset: str | None = None, command: str = "train") -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,12 +91,25 @@ class Plan:
             "anchor_aspect_ratios": None if anchors is None else [
                 float(r) for r in anchors.aspect_ratios
             ],
+            "data": {  # what it trained on (export --int8 calibrates on it): absolute paths
+                "dataset": _absolute(data.dataset, named=("voc2007", "shapes")),
+                "images": _absolute(data.images), "data_dir": _absolute(data.data_dir),
+                "train_split": data.train_split,
+            },
         }  # fmt: skip
 
     def describe(self, initialisation: str | None = None) -> str:
         """The setup printout (``describe_setup``) of this plan."""
         return describe_setup(self.settings, self.scales, self.requested,
                               self.iterations_per_epoch, initialisation)  # fmt: skip
+
+
+def _absolute(path: str | None, named: Sequence[str] = ()) -> str | None:
+    """``path`` made absolute (a recorded path must not depend on the working folder); a
+    built-in data set's name, or None, as it is."""
+    if path is None or path in named:
+        return path
+    return str(Path(path).resolve())
 
 
 def plan_training(

@@ -234,3 +234,54 @@ def test_the_trunk_is_one_graph_that_deep_copies():
     with torch.no_grad():
         ours, theirs = backbone.eval()(image), twin(image)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _trained_statistics(backbone: DetectorBackboneWithFPN) -> DetectorBackboneWithFPN:
+    """``backbone`` with BatchNorm statistics and affine weights away from their initial 0/1,
+    so that folding them into the convolutions changes the weights."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for tensor in (module.running_mean, module.weight, module.bias):
+                    tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
+                module.running_var.mul_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return backbone
+
+
+def test_inference_features_equal_forward_and_follow_weight_changes():
+    """``inference_features`` (BatchNorm folded, channels-last trunk) gives ``forward``'s
+    features to float rounding; it follows in-place weight changes and a new ``state_dict``,
+    adds nothing to the ``state_dict``, and is ``forward`` itself in training or with
+    gradients."""
+    torch.manual_seed(0)
+    backbone = _trained_statistics(DetectorBackboneWithFPN(16, pretrained=False)).eval()
+    keys = list(backbone.state_dict())
+    image = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+
+    def both() -> tuple[dict, dict]:
+        with torch.no_grad():
+            return backbone(image), backbone.inference_features(image)
+
+    plain, fast = both()
+    assert fast["p3"].is_contiguous(memory_format=torch.channels_last)
+    for level in plain:
+        torch.testing.assert_close(fast[level], plain[level], atol=1e-4, rtol=1e-4)
+    assert list(backbone.state_dict()) == keys
+    # An in-place change of a statistic and a whole new state_dict are both seen.
+    bn = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    changed, changed_fast = both()
+    assert not torch.allclose(changed["p5"], plain["p5"])
+    torch.testing.assert_close(changed_fast["p5"], changed["p5"], atol=1e-4, rtol=1e-4)
+    torch.manual_seed(3)
+    other = _trained_statistics(DetectorBackboneWithFPN(16, pretrained=False))
+    backbone.load_state_dict(other.state_dict())
+    loaded, loaded_fast = both()
+    torch.testing.assert_close(loaded_fast["p4"], loaded["p4"], atol=1e-4, rtol=1e-4)
+    # With gradients, or in training mode: forward itself, bit for bit, gradients flowing.
+    out = backbone.inference_features(image)
+    assert all(torch.equal(out[k], loaded[k]) for k in out) and out["p3"].requires_grad
+    backbone.train()
+    assert "_inference_cache" not in backbone.__dict__

@@ -12,6 +12,7 @@ import pytest
 
 import recipe
 from eecs598.settings import DEMO, HELD_OUT_FRACTION, OWN_DATA, preset_for
+from recipe.exporting import calibration_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,12 @@ def test_the_plan_settles_every_auto_once(tmp_path):
     assert record["anchor_sizes"] == {k: [float(v) for v in s]
                                       for k, s in plan.anchors.sizes.items()}  # fmt: skip
     assert record["scales"] == list(plan.scales)
+    # What it trained on, with absolute paths: export --int8 calibrates on those images.
+    expected = {"dataset": "shapes", "images": None, "data_dir": str(tmp_path.resolve())}
+    assert record["data"] == {**expected, "train_split": "train"}
+    data = record["data"]
+    files = calibration_files(data["dataset"], data["images"], data["data_dir"])
+    assert sorted(files) == sorted(train.image_paths) and len(files) == len(train)
     text = plan.describe("random")
     assert "image size*: short side 224, multi-scale* 192/224/256 per batch" in text
     epochs = f"{run.max_iters} iterations (3 epochs of {plan.iterations_per_epoch} iterations)"
