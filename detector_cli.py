@@ -8,6 +8,7 @@
     python detector_cli.py evaluate runs/bccd/checkpoint.pt --dataset ../shared/datasets/bccd
     python detector_cli.py predict runs/bccd/checkpoint.pt images/ --out predictions/
     python detector_cli.py export runs/bccd/checkpoint.pt --format onnx --out bccd.onnx
+    python detector_cli.py export runs/bccd/checkpoint.pt --int8
     python detector_cli.py predict bccd.onnx images/    # onnxruntime, no torch model
 
 Each command resolves its settings and calls the recipe (``recipe.train``, ``recipe.evaluate``,
@@ -248,8 +249,9 @@ HELP = {
         "Writes the whole detector as one ONNX graph (opset 18, via torch.export): normalised "
         "images of any batch size and size in; padded boxes, scores, classes and "
         "num_detections out; the class names, image size and normalisation in its metadata. "
-        "--score-thresh and --nms-thresh are fixed in the graph. Needs onnx, onnxscript and "
-        "onnxruntime.",
+        "--score-thresh and --nms-thresh are fixed in the graph. --int8 writes it quantized "
+        "for CPUs (model-int8.onnx: convolutions in 8 bits, calibrated on --calibration). "
+        "Needs onnx, onnxscript and onnxruntime.",
     ),
     "audit": (
         "find the labels most likely wrong: missing, of the wrong class, badly placed",

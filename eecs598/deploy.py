@@ -31,8 +31,13 @@ expects), ``mean`` and ``std`` (JSON lists, applied to RGB values divided by 255
 model's configuration, JSON) and ``precision`` (``float32``, or ``int8`` for a graph
 ``quantize_onnx`` wrote, which also records ``calibration_images``).
 
-``onnx``, ``onnxscript`` (exporting) and ``onnxruntime`` (running) are optional: without them
-these functions stop with one line saying what to install.
+int8. ``quantize_onnx`` turns an exported float32 graph into an int8 one for CPUs
+(onnxruntime's static quantization, QDQ format, calibrated on images): convolutions and matrix
+products with weights, and the additions, ReLUs and upsampling that see image features only
+(``_quantized_nodes``); the anchors, top-k, NMS, RoI sampling and box decoding stay float32.
+
+``onnx``, ``onnxscript`` (exporting) and ``onnxruntime`` (running, quantizing) are optional:
+without them these functions stop with one line saying what to install.
 """
 
 from __future__ import annotations
