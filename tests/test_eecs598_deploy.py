@@ -377,7 +377,7 @@ def test_int8_bad_calibration_and_a_failed_quantization_keep_the_previous_file(t
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     with pytest.raises(RuntimeError, match=r"^int8 quantization of .*broken.onnx failed"):
-        deploy.quantize_onnx(broken, target, _calibration(1))
+        deploy.quantize_onnx(broken, target, _calibration(2))
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx", "model-int8.onnx"]
 
