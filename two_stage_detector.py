@@ -1025,9 +1025,8 @@ class FasterRCNN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward``'s inference (arguments as there) without its checks or a host-device
         sync, so that ``torch.export`` traces it whole (``eecs598.deploy``): ``(boxes (B, D, 4),
-        classes (B, D), scores (B, D), mask (B, D))``, ``D = detections_per_image``. The
-        features come from ``backbone.inference_features`` (on a CPU: BatchNorm folded,
-        channels-last)."""
+        classes (B, D), scores (B, D), mask (B, D))``, ``D = detections_per_image``; features
+        from ``backbone.inference_features`` (fast on a CPU)."""
         image_size = tuple(images.shape[-2:]) if image_sizes is None else image_sizes
         feats = self.backbone.inference_features(images)
         proposals, valid, _ = self._proposals(feats, None, image_size)
