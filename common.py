@@ -954,7 +954,8 @@ def _pool_bins(
     if exporting():
         # ONNX has no weighted bag sum (exporters loop over the bags): one gather, and the
         # weighted sum as a batched matrix product (no (bins, taps, C) product in memory).
-        pooled = torch.bmm(weight[:, None, :], table[index]).squeeze(1)
+        gathered = table.index_select(0, index.reshape(-1)).view(*index.shape, channels)
+        pooled = torch.bmm(weight[:, None, :], gathered).squeeze(1)
     else:
         pooled = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
     return pooled.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)
