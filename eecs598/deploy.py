@@ -297,7 +297,8 @@ def quantize_onnx(
         path: the int8 .onnx file; written atomically: a failed quantization leaves no file
             and the previous one intact.
         calibration: ``(images (1, 3, H, W) float32 normalised, image_sizes (1, 2) int64)``
-            batches, e.g. a few hundred training images preprocessed as ``predict`` does.
+            batches, e.g. a few hundred training images preprocessed as ``predict`` does;
+            taken one at a time, so a sequence that reads each when asked keeps memory low.
             One image gives poor ranges (a warning says so).
 
     Returns:
@@ -318,8 +319,7 @@ def quantize_onnx(
         quantize_static,
     )
 
-    calibration = list(calibration)
-    if not calibration:
+    if not len(calibration):
         raise ValueError("int8 quantization needs at least one calibration image, got none")
     if len(calibration) == 1:
         warnings.warn(

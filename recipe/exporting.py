@@ -21,7 +21,7 @@ from recipe.evaluation import test_image_size
 from recipe.model import load_detector
 from recipe.prediction import image_files
 
-__all__ = ["calibration_batches", "calibration_files", "export"]
+__all__ = ["CalibrationImages", "calibration_batches", "calibration_files", "export"]
 
 # Data sets the package builds itself rather than reads from a path.
 _NAMED = ("voc2007", "shapes")
@@ -81,16 +81,16 @@ def export(checkpoint: str | os.PathLike, settings: Settings | None = None) -> P
 
 def calibration_batches(
     settings: Settings, meta: Mapping[str, Any], size: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
+) -> CalibrationImages:
     """The int8 calibration's inputs: up to ``export.calibration_images`` images of
     ``export.calibration`` (default: the data the checkpoint's ``meta`` records it trained
     on), spread evenly over ``calibration_files``, each preprocessed as ``predict`` does at
     short side ``size``: ``(images (1, 3, H, W) float32, image_sizes (1, 2) int64)`` each.
 
     Raises:
-        ValueError: no calibration data named or recorded, data without images, or an image
-            that cannot be read (its path named).
-        FileNotFoundError: calibration data that does not exist.
+        ValueError: no calibration data named or recorded (an image that cannot be read is
+            named when it is read, by ``quantize_onnx``).
+        FileNotFoundError: calibration data that does not exist or holds no image.
     """
     options = settings.export
     recorded = dict((meta.get("plan") or {}).get("data") or {})
@@ -108,15 +108,28 @@ def calibration_batches(
     )  # fmt: skip
     count = min(len(files), options.calibration_images)
     picked = np.linspace(0, len(files) - 1, count).round().astype(int)
-    batches = []
-    for index in picked:
+    return CalibrationImages([files[i] for i in picked], size)
+
+
+class CalibrationImages(Sequence):
+    """``calibration_batches``' images, read and preprocessed when used (a few hundred
+    preprocessed photos would take hundreds of MiB at once)."""
+
+    def __init__(self, files: Sequence[str], size: int):
+        self.files, self.size = list(files), size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (1, 3, H, W) float32, image_sizes (1, 2) int64)`` of file ``index``;
+        ValueError naming a file that cannot be read."""
+        path = self.files[index]
         try:
-            tensor, _ = preprocess_image(read_rgb_image(files[index]), size)
+            tensor, _ = preprocess_image(read_rgb_image(path), self.size)
         except CorruptImageError as err:
-            raise ValueError(f"Cannot read calibration image {files[index]}: {err}") from err
-        image_sizes = np.array([tensor.shape[-2:]], dtype=np.int64)
-        batches.append((tensor[None].numpy(), image_sizes))
-    return batches
+            raise ValueError(f"Cannot read calibration image {path}: {err}") from err
+        return tensor[None].numpy(), np.array([tensor.shape[-2:]], dtype=np.int64)
 
 
 def calibration_files(
