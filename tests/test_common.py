@@ -114,6 +114,33 @@ def test_location_coords_dtype_device():
     assert out["p3"].dtype == torch.float64
 
 
+def test_weighted_bag_sum_gradient_matches_embedding_bag():
+    """The sort-based backward (a CPU table that needs a gradient, weights that do not) gives
+    embedding_bag's values and gradient, bit-for-bit the same on a second backward."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 20, (300, 16), generator=generator)  # rows 20-49 get no tap
+    weight = torch.rand(300, 16, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    ours = common.weighted_bag_sum(table, index, weight)
+    assert ours.grad_fn is not None and "TransposedBagSum" in type(ours.grad_fn).__name__
+    reference = torch.nn.functional.embedding_bag(
+        index, table, per_sample_weights=weight, mode="sum"
+    )
+    assert torch.equal(ours, reference)
+    (grad,) = torch.autograd.grad(ours, table, upstream)
+    (expected,) = torch.autograd.grad(reference, table, upstream)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-12)
+    assert (grad[20:] == 0).all()
+    (again,) = torch.autograd.grad(common.weighted_bag_sum(table, index, weight), table, upstream)
+    assert torch.equal(grad, again)
+    # Weights that need a gradient: embedding_bag itself, both gradients.
+    weight.requires_grad_(True)
+    plain = common.weighted_bag_sum(table, index, weight)
+    assert "TransposedBagSum" not in type(plain.grad_fn).__name__
+    assert torch.autograd.grad(plain, weight, upstream)[0].abs().sum() > 0
+
+
 def test_box_iou_matches_torchvision():
     g = torch.Generator().manual_seed(1)
     a, b = random_boxes(50, g), random_boxes(70, g)

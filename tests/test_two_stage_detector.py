@@ -440,6 +440,26 @@ def _roi_align_reference(feats, strides, boxes, valid, aligned=True):
     return out
 
 
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_matching_drops_gt_padding_without_changing_rows(monkeypatch, low_quality):
+    """On a CPU the matching compares anchors with the fullest image's valid GT rows only
+    (padding anywhere among them, as many pads as the notebook's 40); the rows it returns
+    are those of matching against every padded row."""
+    generator = torch.Generator().manual_seed(3)
+    anchors = torch.rand(500, 2, generator=generator) * 200
+    anchors = torch.cat([anchors, anchors + torch.rand(500, 2, generator=generator) * 60 + 4], 1)
+    gt = torch.full((3, 40, 5), -1.0)
+    for image, rows in enumerate(([0, 5, 6, 17], [2], [])):
+        boxes = anchors[torch.randint(0, 500, (len(rows),), generator=generator)] + 3.0
+        gt[image, rows, :4] = boxes
+        gt[image, rows, 4] = torch.arange(len(rows), dtype=torch.float32)
+    gt[0, 6, :4] = gt[0, 5, :4]  # two GT rows tie for every anchor
+    matched = rcnn_match_anchors_to_gt(anchors, gt, (0.3, 0.6), low_quality)
+    assert (matched[..., 4] >= 0).any() and (matched[2] == -1).all()
+    monkeypatch.setattr("two_stage_detector._drop_gt_padding", lambda gt_boxes: gt_boxes)
+    assert torch.equal(matched, rcnn_match_anchors_to_gt(anchors, gt, (0.3, 0.6), low_quality))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fpn_roi_align_matches_torchvision_values_and_gradients(seed):
     feats, strides, boxes, valid = _roi_align_case(seed)
