@@ -826,10 +826,10 @@ def fpn_roi_align(
 
     Same values as ``torchvision.ops.roi_align(..., aligned=True)`` on each box's level (the
     sampling grid of detectron2's ROIAlignV2): each output bin averages
-    ``sampling_ratio ** 2`` bilinear samples. It is written as a single weighted
-    ``F.embedding_bag`` over all levels' features stacked as rows (each output bin sums 16
-    weighted feature rows), so the backward pass is one scatter-add instead of a loop over RoIs
-    (timings against torchvision's kernel: ``bench/README.md``).
+    ``sampling_ratio ** 2`` bilinear samples. It is written as a single weighted bag sum
+    (``weighted_bag_sum``) over all levels' features stacked as rows (each output bin sums 16
+    weighted feature rows), so the backward pass is one more bag sum instead of a loop
+    over RoIs (timings against torchvision's kernel: ``bench/README.md``).
 
     Args:
         feats: ``{level: (B, C, H_l, W_l)}`` features, e.g. ``{"p3": ..., "p5": ...}``.

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import AQUARIUM, alternate, environment, write_json  # noqa: E402
+from harness import AQUARIUM, alternate, cpu_vector_flags, environment, write_json  # noqa: E402
 
 import recipe  # noqa: E402
 from eecs598.augment import PadCollate  # noqa: E402
@@ -218,7 +218,8 @@ def main() -> None:
               f"{row['detections_per_image']}): same counts and classes: {row['all_match']}, "
               f"largest box difference {row['max_box_px']:.2e} px, largest score difference "
               f"{row['max_score']:.2e}")  # fmt: skip
-    print(f"\nlatency, ms per image (batch of 8: {speed['batch_shape']}):")
+    print(f"\nlatency, ms per image (batch of 8: {speed['batch_shape']}; CPU flags: "
+          f"{cpu_vector_flags() or 'unknown'}):")  # fmt: skip
     for name, ms in speed["ms_per_image"].items():
         print(f"  {name:28s} {ms:8.1f}")
     if scores:

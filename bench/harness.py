@@ -95,6 +95,18 @@ def peak_rss_mib() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
+def cpu_vector_flags() -> str:
+    """The CPU's AVX flags (from ``/proc/cpuinfo``; empty elsewhere): int8 kernels gain most
+    with a VNNI flag (``avx512_vnni``, ``avx_vnni``), least with ``avx2`` alone."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])  # fmt: skip
+    return " ".join(sorted(flag for flag in flags if flag.startswith("avx") or "vnni" in flag))
+
+
 def environment(device: torch.device | str) -> dict[str, object]:
     info = {
         "python": platform.python_version(),
@@ -102,6 +114,7 @@ def environment(device: torch.device | str) -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        "cpu_vector_flags": cpu_vector_flags(),
         "device": str(device),
     }
     if torch.device(device).type == "cuda":
