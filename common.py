@@ -735,6 +735,22 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 1, expanded.expand(-1, -1, *values.shape[2:]))
 
 
+def drop_gt_padding(gt_boxes: torch.Tensor) -> torch.Tensor:
+    """``gt_boxes`` (..., M, 5) with each image's valid rows first, in their order, and only
+    as many rows as the fullest image has: (..., M', 5). Matching against these gives the same
+    rows as against all M, with M' IoU columns instead of M (the notebook pads to 40 boxes;
+    its images hold a few). Eager CPU tensors only: reading M' is a host-device sync on an
+    accelerator and a new shape for every batch under ``torch.compile``."""
+    if gt_boxes.device.type != "cpu" or torch.compiler.is_compiling() or exporting():
+        return gt_boxes
+    padding = gt_boxes[..., 4] == BACKGROUND  # (..., M)
+    rows = int((~padding).sum(dim=-1).max()) if padding.numel() else 0
+    if rows == gt_boxes.shape[-2]:
+        return gt_boxes
+    order = torch.sort(padding.to(torch.uint8), dim=-1, stable=True).indices[..., :rows]
+    return torch.gather(gt_boxes, -2, order[..., None].expand(*order.shape, 5))
+
+
 def unpad(
     values: torch.Tensor, mask: torch.Tensor, counts: list[int] | None = None
 ) -> list[torch.Tensor]:

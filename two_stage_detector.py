@@ -53,6 +53,7 @@ from common import (
     class_spec_nms,
     clip_boxes,
     constructor_config,
+    drop_gt_padding,
     exporting,
     fpn_roi_align,
     full_precision,
@@ -330,7 +331,7 @@ def rcnn_match_anchors_to_gt(
         (N, 5) matched GT rows, or (B, N, 5) for batched ``gt_boxes``.
     """
     checks.check_gt_boxes(gt_boxes)
-    gt_boxes = _drop_gt_padding(gt_boxes)
+    gt_boxes = drop_gt_padding(gt_boxes)
     valid_gt = gt_boxes[..., 4] != BACKGROUND  # (..., M)
     match_matrix = iou(anchor_boxes, gt_boxes[..., :4])  # (..., N, M)
     match_matrix = match_matrix.masked_fill(~valid_gt[..., None, :], -1.0)
@@ -351,22 +352,6 @@ def rcnn_match_anchors_to_gt(
     matched = torch.where(background[..., None], matched.new_tensor(BACKGROUND), matched)
     neutral = ~foreground & ~background
     return torch.where(neutral[..., None], matched.new_tensor(NEUTRAL), matched)
-
-
-def _drop_gt_padding(gt_boxes: torch.Tensor) -> torch.Tensor:
-    """``gt_boxes`` (..., M, 5) with each image's valid rows first, in their order, and only
-    as many rows as the fullest image has: (..., M', 5). Matching against these gives the same
-    rows as against all M, with M' IoU columns instead of M (the notebook pads to 40 boxes;
-    its images hold a few). Eager CPU tensors only: reading M' is a host-device sync on an
-    accelerator and a new shape for every batch under ``torch.compile``."""
-    if gt_boxes.device.type != "cpu" or torch.compiler.is_compiling() or exporting():
-        return gt_boxes
-    padding = gt_boxes[..., 4] == BACKGROUND  # (..., M)
-    rows = int((~padding).sum(dim=-1).max()) if padding.numel() else 0
-    if rows == gt_boxes.shape[-2]:
-        return gt_boxes
-    order = torch.sort(padding.to(torch.uint8), dim=-1, stable=True).indices[..., :rows]
-    return torch.gather(gt_boxes, -2, order[..., None].expand(*order.shape, 5))
 
 
 def rcnn_get_deltas_from_anchors(

@@ -29,7 +29,7 @@ Metadata. The ONNX file's ``metadata_props`` carry everything needed to use it:
 expects), ``mean`` and ``std`` (JSON lists, applied to RGB values divided by 255),
 ``score_thresh``, ``nms_thresh``, ``detections_per_image``, ``min_side``, ``config`` (the
 model's configuration, JSON) and ``precision`` (``float32``, or ``int8`` for a graph
-``quantize_onnx`` wrote, which also records ``calibration_images``).
+``quantize_onnx`` wrote, which also records ``calibration_images`` and ``weight_bits``).
 
 int8. ``quantize_onnx`` turns an exported float32 graph into an int8 one for CPUs
 (onnxruntime's static quantization, QDQ format, calibrated on images): convolutions and matrix
@@ -282,6 +282,7 @@ def quantize_onnx(
     source: str | os.PathLike,
     path: str | os.PathLike,
     calibration: Sequence[tuple[np.ndarray, np.ndarray]],
+    weight_bits: int = 7,
 ) -> Path:
     """Write an int8 copy of the float32 graph ``source`` (``export_onnx``'s) to ``path``.
 
@@ -300,14 +301,17 @@ def quantize_onnx(
             batches, e.g. a few hundred training images preprocessed as ``predict`` does;
             taken one at a time, so a sequence that reads each when asked keeps memory low.
             One image gives poor ranges (a warning says so).
+        weight_bits: 7 (weights in [-64, 64]) or 8. On x86 CPUs without VNNI onnxruntime's
+            int8 kernels add pairs of uint8 x int8 products in 16 bits, which 8-bit weights
+            can overflow (saturate); 7 bits cannot, on any CPU, at a slightly coarser step.
 
     Returns:
-        ``path``. Its metadata is ``source``'s plus ``precision`` ``int8`` and
-        ``calibration_images``.
+        ``path``. Its metadata is ``source``'s plus ``precision`` ``int8``,
+        ``calibration_images`` and ``weight_bits``.
 
     Raises:
         RuntimeError: the quantization tools missing, or the quantization failed.
-        ValueError: no calibration batches.
+        ValueError: no calibration batches, or ``weight_bits`` not 7 or 8.
     """
     require_quantizer()
     import onnx
@@ -319,6 +323,8 @@ def quantize_onnx(
         quantize_static,
     )
 
+    if weight_bits not in (7, 8):
+        raise ValueError(f"int8 weights have 7 or 8 bits, got weight_bits={weight_bits!r}")
     if not len(calibration):
         raise ValueError("int8 quantization needs at least one calibration image, got none")
     if len(calibration) == 1:
@@ -349,14 +355,15 @@ def quantize_onnx(
                     op_types_to_quantize=[*QUANTIZED_OPS, *FEATURE_OPS],
                     nodes_to_quantize=_quantized_nodes(onnx.load(str(optimised))),
                     per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
                 )  # fmt: skip
         except Exception as err:  # onnxruntime's tools raise many types
             raise RuntimeError(
                 f"int8 quantization of {source} failed: {first_line(err, 200)}"
             ) from err
         model = onnx.load(str(quantized))
-        metadata |= {"precision": "int8", "calibration_images": str(len(calibration))}
+        metadata |= {"precision": "int8", "calibration_images": str(len(calibration)),
+                     "weight_bits": str(weight_bits)}  # fmt: skip
         del model.metadata_props[:]
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)

@@ -70,8 +70,12 @@ def export(checkpoint: str | os.PathLike, settings: Settings | None = None) -> P
     else:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as work:
             source = export_onnx(model, Path(work) / EXPORT_NAME, metadata, *thresholds)
-            quantize_onnx(source, path, batches)
-    precision = f"int8 (calibrated on {len(batches)} images), " if batches else ""
+            quantize_onnx(source, path, batches, options.weight_bits)
+    precision = (
+        f"int8 ({options.weight_bits}-bit weights, calibrated on {len(batches)} images), "
+        if batches
+        else ""
+    )
     print(f"Exported {checkpoint} to {path} ({path.stat().st_size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.0f} s): ONNX opset {OPSET}, {precision}"
           f"{len(classes)} classes, short side {size} px. Run it with "

@@ -184,8 +184,11 @@ def test_predict_searches_folders_keeps_confident_detections_and_writes_coco(dem
         f"b/c/{source[2].name}",
     ]  # fmt: skip
     assert len(list((tmp_path / "all").rglob("*_pred.png"))) == 4
-    scores = sorted(d["score"] for r in everything for d in r["detections"])
-    conf = (scores[len(scores) // 2] + scores[len(scores) // 2 + 1]) / 2  # between two scores
+    # A threshold between two written scores and at least 7.5e-5 from each: they are written
+    # rounded to 4 decimals, so each true score lies on the same side of it as its written one.
+    scores = sorted({d["score"] for r in everything for d in r["detections"]})
+    half = scores[len(scores) // 2 :]
+    conf = next((a + b) / 2 for a, b in zip(half, half[1:], strict=False) if b - a >= 1.5e-4)
     assert detector_cli.main(["predict", checkpoint, str(tree), "--out", str(tmp_path / "conf"),
                               "--conf", str(conf), "--coco"]) == 0  # fmt: skip
     kept = json.loads((tmp_path / "conf" / "detections.json").read_text())

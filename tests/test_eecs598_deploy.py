@@ -324,6 +324,7 @@ def test_int8_graph_is_labelled_and_quantizes_only_the_feature_arithmetic(traced
     detector = deploy.OnnxDetector(quantized)
     assert detector.precision == "int8" and deploy.OnnxDetector(traced[1]).precision == "float32"
     assert detector.metadata["calibration_images"] == "8"
+    assert detector.metadata["weight_bits"] == "7"
     assert detector.class_names == CLASSES and detector.image_size == IMAGE_SIZE
     float_graph, int8_graph = onnx.load(str(traced[1])).graph, onnx.load(str(quantized)).graph
     ops = [node.op_type for node in int8_graph.node]
@@ -334,6 +335,11 @@ def test_int8_graph_is_labelled_and_quantizes_only_the_feature_arithmetic(traced
     dequantized = [n for n in int8_graph.node
                    if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights]  # fmt: skip
     assert len(dequantized) >= convs > 10
+    # 7-bit weights: a pair of uint8 x int8 products, 2 x 255 x 64 at most, fits the 16-bit
+    # sums of onnxruntime's AVX2 kernels.
+    largest = max(np.abs(onnx.numpy_helper.to_array(t).astype(int)).max()
+                  for t in int8_graph.initializer if t.name in int8_weights)  # fmt: skip
+    assert 60 <= largest <= 64 and 2 * 255 * largest <= 2**15 - 1
     # The NMS loop, the top-k and the RoI sampling's gather stay, in float.
     assert {"Loop", "TopK", "GatherND"} <= set(ops)
     # No quantized feature operator reads a tensor computed from the proposals (top-k, NMS
@@ -374,6 +380,8 @@ def test_int8_bad_calibration_and_a_failed_quantization_keep_the_previous_file(t
     target.write_bytes(b"previous")
     with pytest.raises(ValueError, match="at least one calibration image"):
         deploy.quantize_onnx(traced[1], target, [])
+    with pytest.raises(ValueError, match="7 or 8 bits, got weight_bits=4"):
+        deploy.quantize_onnx(traced[1], target, _calibration(2), weight_bits=4)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     with pytest.raises(RuntimeError, match=r"^int8 quantization of .*broken.onnx failed"):
@@ -397,10 +405,15 @@ def test_export_int8_from_the_command_line_and_predict_with_it(exported, tmp_pat
     out = tmp_path / "deploy"
     out.mkdir()
     argv = ["export", str(checkpoint), "--int8", "--calibration", str(folder), "--out", str(out)]
-    assert detector_cli.main([*argv, "--device", "cpu"]) == 0
-    assert "int8 (calibrated on 4 images)" in capsys.readouterr().out
+    assert detector_cli.main([*argv, "--weight-bits", "8", "--device", "cpu"]) == 0
+    assert "int8 (8-bit weights, calibrated on 4 images)" in capsys.readouterr().out
     path = out / "model-int8.onnx"
     assert deploy.OnnxDetector(path).precision == "int8"
+    assert deploy.OnnxDetector(path).metadata["weight_bits"] == "8"
+    graph = onnx.load(str(path)).graph
+    largest = max(np.abs(onnx.numpy_helper.to_array(t).astype(int)).max()
+                  for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)  # fmt: skip
+    assert largest > 120  # the full 8-bit range
     records = _predict(path, folder, tmp_path / "pred", "--conf", "0.05")
     assert len(records) == 4 and sum(len(r["detections"]) for r in records) > 0
 

@@ -456,7 +456,7 @@ def test_matching_drops_gt_padding_without_changing_rows(monkeypatch, low_qualit
     gt[0, 6, :4] = gt[0, 5, :4]  # two GT rows tie for every anchor
     matched = rcnn_match_anchors_to_gt(anchors, gt, (0.3, 0.6), low_quality)
     assert (matched[..., 4] >= 0).any() and (matched[2] == -1).all()
-    monkeypatch.setattr("two_stage_detector._drop_gt_padding", lambda gt_boxes: gt_boxes)
+    monkeypatch.setattr("two_stage_detector.drop_gt_padding", lambda gt_boxes: gt_boxes)
     assert torch.equal(matched, rcnn_match_anchors_to_gt(anchors, gt, (0.3, 0.6), low_quality))
 
 
